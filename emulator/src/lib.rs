@@ -1,0 +1,234 @@
+//! `hubspot-emulator`: a faithful local HubSpot for the `hubspot-sidecar` tests, demo and
+//! docker-compose (SPEC §8).
+//!
+//! It serves OAuth (authorize auto-approves), property groups and properties, contacts (batch
+//! read/update/create/upsert, search, single create/get/update), App Events v4 and timeline v3,
+//! under both the `/crm/v3/...` and date-versioned (`/crm/{objects|properties}/YYYY-MM/...`) paths,
+//! with HubSpot's error bodies, 207 multi-status shapes, a rolling per-portal burst limit,
+//! expiring OAuth tokens and fault injection. Tests drive and inspect it through [`Emulator`] or
+//! the unauthenticated `/_emulator/...` HTTP endpoints.
+//!
+//! ```no_run
+//! # async fn demo() -> std::io::Result<()> {
+//! use hubspot_emulator::{Emulator, EmulatorConfig};
+//! let emu = Emulator::start(EmulatorConfig::default()).await?;
+//! let (portal, token) = emu.create_portal();
+//! emu.add_contact(portal, "ada@example.com", &[("firstname", "Ada")]);
+//! // point the client at emu.base_url() with `Authorization: Bearer {token}`
+//! emu.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod auth;
+mod contacts;
+mod errors;
+mod http;
+mod inspect;
+mod limits;
+mod model;
+mod oauth;
+mod properties;
+mod routes;
+mod search;
+mod state;
+mod timeline;
+mod values;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub use model::{
+    Contact, CreatedBy, EventApi, Faults, PropertyDef, PropertyGroup, PropertyOption, RequestStats,
+    TimelineEvent,
+};
+
+use state::Shared;
+
+#[derive(Clone, Debug)]
+pub struct EmulatorConfig {
+    /// Requests per portal per rolling window (HubSpot: 110 per 10 s for OAuth apps).
+    pub rate_limit_per_10s: u32,
+    /// CRM search requests per portal per rolling second.
+    pub search_rate_per_s: u32,
+    /// Lifetime of OAuth access tokens (`expires_in`).
+    pub token_ttl: Duration,
+    pub client_id: String,
+    pub client_secret: String,
+    pub app_id: u64,
+    /// Developer API key (`?hapikey=`) for timeline v3 templates.
+    pub developer_api_key: String,
+    /// Length of the rolling rate-limit window: 10 s like HubSpot; tests may shorten it.
+    #[doc(hidden)]
+    pub rate_window: Duration,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            rate_limit_per_10s: 110,
+            search_rate_per_s: 5,
+            token_ttl: Duration::from_secs(1800),
+            client_id: "emulator-client-id".into(),
+            client_secret: "emulator-client-secret".into(),
+            app_id: 4242,
+            developer_api_key: "emulator-developer-key".into(),
+            rate_window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A running emulator. Dropping it (or [`Emulator::shutdown`]) stops the server.
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Emulator {
+    /// Starts on `127.0.0.1` with an ephemeral port.
+    pub async fn start(cfg: EmulatorConfig) -> std::io::Result<Emulator> {
+        Self::start_on(cfg, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    pub async fn start_on(cfg: EmulatorConfig, addr: SocketAddr) -> std::io::Result<Emulator> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let shared = Arc::new(Shared::new(cfg));
+        let app = http::router(shared.clone());
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "hubspot emulator server stopped with an error");
+            }
+        });
+        tracing::info!(addr = %local, "hubspot emulator listening");
+        Ok(Emulator {
+            shared,
+            addr: local,
+            stop: Some(tx),
+            task: Some(task),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://127.0.0.1:PORT` (no trailing slash); an unspecified bind address maps to loopback.
+    pub fn base_url(&self) -> String {
+        let ip = if self.addr.ip().is_unspecified() {
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        } else {
+            self.addr.ip()
+        };
+        format!("http://{}", SocketAddr::new(ip, self.addr.port()))
+    }
+
+    /// A new portal and a static service-key token (`pat-na1-…`) that never expires. Service keys
+    /// carry every CRM contacts scope but cannot create timeline events / app events (403).
+    pub fn create_portal(&self) -> (u64, String) {
+        self.shared.lock().create_portal_with_key()
+    }
+
+    /// Seeds a contact (created_by `Seed`, not validated); an existing email is updated instead.
+    /// Returns the record id.
+    pub fn add_contact(&self, portal: u64, email: &str, props: &[(&str, &str)]) -> String {
+        self.shared.lock().seed_contact(portal, email, props)
+    }
+
+    pub fn contacts(&self, portal: u64) -> Vec<Contact> {
+        self.shared.lock().contacts(portal)
+    }
+
+    /// Trimmed, case-insensitive match.
+    pub fn contact_by_email(&self, portal: u64, email: &str) -> Option<Contact> {
+        self.shared.lock().contact_by_email(portal, email)
+    }
+
+    /// Custom (non-HubSpot-defined) groups only.
+    pub fn property_groups(&self, portal: u64) -> Vec<PropertyGroup> {
+        self.shared.lock().property_groups(portal)
+    }
+
+    /// Custom properties only (not the built-in email/firstname/lastname/...).
+    pub fn properties(&self, portal: u64) -> Vec<PropertyDef> {
+        self.shared.lock().properties(portal)
+    }
+
+    pub fn timeline_events(&self, portal: u64) -> Vec<TimelineEvent> {
+        self.shared.lock().timeline_events(portal)
+    }
+
+    /// Accounting of the portal's requests. Portal `0` holds the app-level requests made with the
+    /// developer API key (timeline v3 templates).
+    pub fn request_stats(&self, portal: u64) -> RequestStats {
+        self.shared.lock().request_stats(portal)
+    }
+
+    /// `None` = all portals (also drops per-portal settings); `Faults::default()` clears.
+    pub fn set_faults(&self, portal: Option<u64>, faults: Faults) {
+        self.shared.set_faults(portal, faults);
+    }
+
+    /// Every token the portal has (access, refresh, service key) stops working: 401
+    /// INVALID_AUTHENTICATION / `invalid_grant` BAD_REFRESH_TOKEN. A later OAuth grant to the
+    /// portal (reinstall) gets fresh working tokens.
+    pub fn revoke_portal(&self, portal: u64) {
+        self.shared.lock().revoke_portal(portal);
+    }
+
+    /// The portal every following OAuth grant goes to (sticky until changed); `None`: a new
+    /// portal per grant.
+    pub fn set_next_grant_portal(&self, portal: Option<u64>) {
+        self.shared.lock().next_grant_portal = portal;
+    }
+
+    /// The portal's current OAuth access tokens expire now (401 EXPIRED_AUTHENTICATION).
+    pub fn expire_access_tokens(&self, portal: u64) {
+        self.shared.lock().expire_access_tokens(portal);
+    }
+
+    /// Forgets all portals, tokens, templates and faults (ids keep counting up).
+    pub fn reset(&self) {
+        self.shared.lock().reset();
+        self.shared.set_faults(None, Faults::default());
+    }
+
+    /// Stops accepting, answers hung requests with 503 and waits (up to 5 s) for the server.
+    pub async fn shutdown(mut self) {
+        self.signal_stop();
+        if let Some(task) = self.task.take() {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+
+    fn signal_stop(&mut self) {
+        self.shared.stop();
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.signal_stop();
+    }
+}

@@ -1,0 +1,89 @@
+//! Per-portal rolling-window limiter.
+//!
+//! HubSpot counts requests in a rolling 10-second window. A token bucket with
+//! burst = limit would allow twice the limit inside one window, so this keeps
+//! the send times of the last `limit` requests and waits until the oldest
+//! leaves the window. No crate we found implements a strict sliding log.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+
+pub const WINDOW: Duration = Duration::from_secs(10);
+
+pub struct RateLimiter {
+    limit: usize,
+    window: Duration,
+    sent: Mutex<VecDeque<Instant>>,
+}
+
+impl RateLimiter {
+    pub fn new(limit: u32) -> Self {
+        Self::with_window(limit, WINDOW)
+    }
+
+    pub fn with_window(limit: u32, window: Duration) -> Self {
+        RateLimiter {
+            limit: limit.max(1) as usize,
+            window,
+            sent: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Waits until one more request fits in the window, then records it.
+    /// Returns how long it waited.
+    pub async fn acquire(&self) -> Duration {
+        let started = Instant::now();
+        let mut sent = self.sent.lock().await;
+        loop {
+            let now = Instant::now();
+            while sent
+                .front()
+                .is_some_and(|t| now.duration_since(*t) >= self.window)
+            {
+                sent.pop_front();
+            }
+            if sent.len() < self.limit {
+                sent.push_back(now);
+                return now.duration_since(started);
+            }
+            let oldest = sent.front().copied().unwrap_or(now);
+            // A little margin so that our clock and HubSpot's never disagree at the edge.
+            tokio::time::sleep_until(oldest + self.window + Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Pushes every slot to "just used": after a 429 the window is treated as full.
+    pub async fn saturate(&self) {
+        let mut sent = self.sent.lock().await;
+        let now = Instant::now();
+        sent.clear();
+        sent.extend(std::iter::repeat_n(now, self.limit));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn never_more_than_limit_in_any_window() {
+        let rl = RateLimiter::new(5);
+        let mut times = Vec::new();
+        for _ in 0..17 {
+            rl.acquire().await;
+            times.push(Instant::now());
+        }
+        for (i, t) in times.iter().enumerate() {
+            let in_window = times[i..]
+                .iter()
+                .filter(|u| u.duration_since(*t) < WINDOW)
+                .count();
+            assert!(in_window <= 5, "{in_window} requests within 10 s");
+        }
+        // 17 requests at 5 per window need three full windows of waiting.
+        assert!(times[16].duration_since(times[0]) >= WINDOW * 3);
+    }
+}

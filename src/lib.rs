@@ -1,0 +1,35 @@
+//! hubspot-sidecar: keeps MeltingSpot members in HubSpot CRM from Postgres
+//! logical replication.
+//!
+//! Data flows through the modules in this order:
+//! `replication` -> `translate` -> `store` -> `deliver` -> `hubspot`,
+//! with `http` (admin API, metrics, health) and `config` beside them.
+
+pub mod config;
+pub mod deliver;
+pub mod demo;
+pub mod http;
+pub mod hubspot;
+pub mod metrics;
+pub mod pg_cluster;
+pub mod replication;
+pub mod service;
+pub mod store;
+pub mod translate;
+
+/// Installs the log subscriber: JSON (default) or text, filtered by RUST_LOG.
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,85 @@
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hubspot_sidecar::{config, demo, service};
+
+#[derive(Parser)]
+#[command(
+    name = "hubspot-sidecar",
+    version,
+    about = "Postgres CDC sidecar that keeps MeltingSpot members in HubSpot"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the service.
+    Run(config::RunArgs),
+    /// Run a self-contained demo: throwaway Postgres, HubSpot emulator, a seeded Spot.
+    Demo(demo::DemoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hubspot-sidecar: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Run(args) => {
+            let cfg = match args.validate() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("hubspot-sidecar: configuration error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            hubspot_sidecar::init_logging(cfg.log_format);
+            rt.block_on(async {
+                let (tx, rx) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("shutdown requested");
+                    let _ = tx.send(true);
+                });
+                service::run(cfg, rx, None).await
+            })
+        }
+        Command::Demo(args) => rt.block_on(demo::run(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hubspot-sidecar: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

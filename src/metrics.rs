@@ -1,0 +1,230 @@
+//! Prometheus metrics. One registry per sidecar instance (tests run several in
+//! one process). No label ever carries a Spot id, an e-mail or a token.
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub replication_lag_bytes: IntGauge,
+    pub replication_lag_seconds: Gauge,
+    pub slot_retained_wal_bytes: IntGauge,
+    pub backlog_items: IntGaugeVec,
+    pub hubspot_requests: IntCounterVec,
+    pub hubspot_request_seconds: HistogramVec,
+    pub integrations: IntGaugeVec,
+    pub activities: IntCounterVec,
+    pub dead_letters: IntCounterVec,
+    pub values_truncated: IntCounter,
+    pub transactions: IntCounter,
+    pub row_changes: IntCounter,
+    pub handoffs: IntCounter,
+    pub handoff_seconds: Histogram,
+    pub acked_lsn: IntGauge,
+    pub contacts_written: IntCounter,
+    pub members_without_contact: IntCounter,
+    pub delivery_retries: IntCounterVec,
+    pub delivery_seconds: Histogram,
+    pub rate_limit_wait_seconds: prometheus::Counter,
+    pub stream_errors: IntCounter,
+}
+
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m.expect("metric definitions are static and valid");
+        $r.register(Box::new(m.clone()))
+            .expect("each metric is registered once");
+        m
+    }};
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let p = |n: &str| format!("hubspot_sidecar_{n}");
+        let m = Metrics {
+            replication_lag_bytes: reg!(
+                r,
+                IntGauge::new(
+                    p("replication_lag_bytes"),
+                    "pg_current_wal_lsn() minus the slot's confirmed_flush_lsn"
+                )
+            ),
+            replication_lag_seconds: reg!(
+                r,
+                Gauge::new(
+                    p("replication_lag_seconds"),
+                    "Age of the oldest committed transaction not yet handed off; 0 when caught up"
+                )
+            ),
+            slot_retained_wal_bytes: reg!(
+                r,
+                IntGauge::new(
+                    p("slot_retained_wal_bytes"),
+                    "WAL the slot holds on the primary (pg_current_wal_lsn() minus restart_lsn)"
+                )
+            ),
+            backlog_items: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(p("backlog_items"), "Work handed off but not yet delivered"),
+                    &["kind"]
+                )
+            ),
+            hubspot_requests: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("hubspot_requests_total"),
+                        "HubSpot API requests by operation and HTTP status (or error/timeout)"
+                    ),
+                    &["operation", "status"]
+                )
+            ),
+            hubspot_request_seconds: reg!(
+                r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        p("hubspot_request_duration_seconds"),
+                        "HubSpot request duration"
+                    ),
+                    &["operation"]
+                )
+            ),
+            integrations: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(p("integrations"), "Integrations by status"),
+                    &["status"]
+                )
+            ),
+            activities: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(p("activities_total"), "Timeline activities delivered"),
+                    &["category", "activity"]
+                )
+            ),
+            dead_letters: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(p("dead_letters_total"), "Items HubSpot rejected, by reason"),
+                    &["reason"]
+                )
+            ),
+            values_truncated: reg!(
+                r,
+                IntCounter::new(
+                    p("values_truncated_total"),
+                    "String values cut to HubSpot's 65,536-character limit"
+                )
+            ),
+            transactions: reg!(
+                r,
+                IntCounter::new(
+                    p("transactions_total"),
+                    "Committed transactions decoded from the slot"
+                )
+            ),
+            row_changes: reg!(
+                r,
+                IntCounter::new(p("row_changes_total"), "Row changes decoded from the slot")
+            ),
+            handoffs: reg!(
+                r,
+                IntCounter::new(
+                    p("handoffs_total"),
+                    "Hand-off transactions committed (outbox + checkpoint)"
+                )
+            ),
+            handoff_seconds: reg!(
+                r,
+                Histogram::with_opts(HistogramOpts::new(
+                    p("handoff_duration_seconds"),
+                    "Duration of one hand-off transaction"
+                ))
+            ),
+            acked_lsn: reg!(
+                r,
+                IntGauge::new(p("acknowledged_lsn"), "Last LSN acknowledged to the slot")
+            ),
+            contacts_written: reg!(
+                r,
+                IntCounter::new(
+                    p("contacts_written_total"),
+                    "Contact property writes accepted by HubSpot"
+                )
+            ),
+            members_without_contact: reg!(
+                r,
+                IntCounter::new(
+                    p("members_without_contact_total"),
+                    "Member changes skipped because no HubSpot contact has the member's e-mail"
+                )
+            ),
+            delivery_retries: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("delivery_retries_total"),
+                        "Delivery attempts postponed, by cause"
+                    ),
+                    &["cause"]
+                )
+            ),
+            delivery_seconds: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        p("delivery_latency_seconds"),
+                        "From hand-off to HubSpot acceptance"
+                    )
+                    .buckets(vec![
+                        0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0
+                    ])
+                )
+            ),
+            rate_limit_wait_seconds: reg!(
+                r,
+                prometheus::Counter::new(
+                    p("rate_limit_wait_seconds_total"),
+                    "Time spent waiting for the per-portal rate limit"
+                )
+            ),
+            stream_errors: reg!(
+                r,
+                IntCounter::new(
+                    p("replication_stream_errors_total"),
+                    "Replication stream failures (each followed by a reconnect)"
+                )
+            ),
+            registry: r,
+        };
+        #[cfg(target_os = "linux")]
+        {
+            let pc = prometheus::process_collector::ProcessCollector::for_self();
+            let _ = m.registry.register(Box::new(pc));
+        }
+        for kind in ["properties", "activities"] {
+            m.backlog_items.with_label_values(&[kind]).set(0);
+        }
+        for status in ["inactive", "active", "failed"] {
+            m.integrations.with_label_values(&[status]).set(0);
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,551 @@
+//! Replication stage: the slot, the pgoutput stream, and decoding it into
+//! committed transactions of typed row changes.
+//!
+//! pgwire-replication owns the transport and standby feedback; this module owns
+//! the slot's lifecycle, the relation cache and the assembly of transactions.
+
+pub mod pgoutput;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+
+use pgoutput::{Message, OldKind, Relation, Tuple, Value};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error("replication connection: {0}")]
+    Wire(#[from] pgwire_replication::PgWireError),
+    #[error("SQL: {0}")]
+    Sql(#[from] tokio_postgres::Error),
+    #[error(transparent)]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("row change for relation {0} arrived before its Relation message")]
+    UnknownRelation(u32),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("DATABASE_URL: {0}")]
+    Url(String),
+}
+
+/// A column value of a decoded row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Field<'a> {
+    /// The relation has no column of that name.
+    Absent,
+    Null,
+    /// Unchanged TOAST value: the column keeps its previous value.
+    Unchanged,
+    Text(&'a str),
+}
+
+/// A decoded row: values mapped to the column names of the latest Relation message.
+#[derive(Debug, Clone)]
+pub struct Row {
+    relation: Arc<Relation>,
+    values: Vec<Value>,
+}
+
+impl Row {
+    pub fn get(&self, column: &str) -> Field<'_> {
+        let Some(i) = self.relation.columns.iter().position(|c| c.name == column) else {
+            return Field::Absent;
+        };
+        match self.values.get(i) {
+            None => Field::Absent,
+            Some(Value::Null) => Field::Null,
+            Some(Value::UnchangedToast) => Field::Unchanged,
+            // Binary format is never requested, so a value is text; non-UTF-8 is treated as absent.
+            Some(Value::Text(b)) | Some(Value::Binary(b)) => std::str::from_utf8(b)
+                .map(Field::Text)
+                .unwrap_or(Field::Absent),
+        }
+    }
+
+    pub fn i64(&self, column: &str) -> Option<i64> {
+        match self.get(column) {
+            Field::Text(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+
+    pub fn text(&self, column: &str) -> Option<&str> {
+        match self.get(column) {
+            Field::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Insert,
+    Update,
+    Delete,
+}
+
+#[derive(Debug, Clone)]
+pub struct RowChange {
+    pub schema: Arc<str>,
+    pub table: Arc<str>,
+    pub op: Op,
+    /// The new row (Insert, Update).
+    pub new: Option<Row>,
+    /// The old key or full old row (Update with a changed key or FULL identity, Delete).
+    pub old: Option<Row>,
+    pub old_kind: Option<OldKind>,
+}
+
+/// An item of a transaction, in stream order.
+#[derive(Debug, Clone)]
+pub enum TxItem {
+    Change(RowChange),
+    Truncate {
+        schema: Arc<str>,
+        table: Arc<str>,
+    },
+    /// A transactional `pg_logical_emit_message`.
+    Message {
+        prefix: String,
+        content: bytes::Bytes,
+    },
+}
+
+/// One committed transaction.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub xid: u32,
+    pub commit_lsn: u64,
+    pub end_lsn: u64,
+    pub commit_time: DateTime<Utc>,
+    pub items: Vec<TxItem>,
+}
+
+/// Relation cache keyed by OID; every Relation message replaces the entry, so a
+/// column added or renamed is picked up before the rows that use it.
+#[derive(Default)]
+pub struct Assembler {
+    relations: HashMap<u32, Arc<Relation>>,
+    open: Option<Transaction>,
+}
+
+impl Assembler {
+    pub fn in_transaction(&self) -> bool {
+        self.open.is_some()
+    }
+
+    fn row(&self, relation_id: u32, tuple: Tuple) -> Result<Row, ReplicationError> {
+        let relation = self
+            .relations
+            .get(&relation_id)
+            .cloned()
+            .ok_or(ReplicationError::UnknownRelation(relation_id))?;
+        Ok(Row {
+            relation,
+            values: tuple.0,
+        })
+    }
+
+    fn change(
+        &self,
+        relation_id: u32,
+        op: Op,
+        new: Option<Tuple>,
+        old: Option<pgoutput::OldTuple>,
+    ) -> Result<TxItem, ReplicationError> {
+        let relation = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ReplicationError::UnknownRelation(relation_id))?;
+        let old_kind = old.as_ref().map(|o| o.kind);
+        Ok(TxItem::Change(RowChange {
+            schema: relation.namespace.as_str().into(),
+            table: relation.name.as_str().into(),
+            op,
+            new: new.map(|t| self.row(relation_id, t)).transpose()?,
+            old: old.map(|o| self.row(relation_id, o.tuple)).transpose()?,
+            old_kind,
+        }))
+    }
+
+    /// Feed one decoded message; returns a transaction when its Commit arrives.
+    pub fn push(&mut self, msg: Message) -> Result<Option<Transaction>, ReplicationError> {
+        let item = match msg {
+            Message::Begin(b) => {
+                self.open = Some(Transaction {
+                    xid: b.xid,
+                    commit_lsn: b.final_lsn,
+                    end_lsn: 0,
+                    commit_time: pg_time(b.commit_time),
+                    items: Vec::new(),
+                });
+                return Ok(None);
+            }
+            Message::Commit(c) => {
+                let mut tx = self
+                    .open
+                    .take()
+                    .ok_or_else(|| ReplicationError::Protocol("Commit without Begin".into()))?;
+                tx.commit_lsn = c.commit_lsn;
+                tx.end_lsn = c.end_lsn;
+                tx.commit_time = pg_time(c.commit_time);
+                return Ok(Some(tx));
+            }
+            Message::Relation(r) => {
+                self.relations.insert(r.id, Arc::new(r));
+                return Ok(None);
+            }
+            Message::Origin { .. } | Message::Type { .. } => return Ok(None),
+            Message::Insert { relation_id, new } => {
+                self.change(relation_id, Op::Insert, Some(new), None)?
+            }
+            Message::Update {
+                relation_id,
+                old,
+                new,
+            } => self.change(relation_id, Op::Update, Some(new), old)?,
+            Message::Delete { relation_id, old } => {
+                self.change(relation_id, Op::Delete, None, Some(old))?
+            }
+            Message::Truncate { relation_ids, .. } => {
+                let tx = self.open.as_mut().ok_or_else(|| {
+                    ReplicationError::Protocol("Truncate outside a transaction".into())
+                })?;
+                for id in relation_ids {
+                    let r = self
+                        .relations
+                        .get(&id)
+                        .ok_or(ReplicationError::UnknownRelation(id))?;
+                    tx.items.push(TxItem::Truncate {
+                        schema: r.namespace.as_str().into(),
+                        table: r.name.as_str().into(),
+                    });
+                }
+                return Ok(None);
+            }
+            Message::LogicalMessage {
+                transactional,
+                prefix,
+                content,
+                ..
+            } => {
+                if !transactional {
+                    return Ok(None);
+                }
+                TxItem::Message { prefix, content }
+            }
+        };
+        let tx = self
+            .open
+            .as_mut()
+            .ok_or_else(|| ReplicationError::Protocol("row change outside a transaction".into()))?;
+        tx.items.push(item);
+        Ok(None)
+    }
+}
+
+/// Postgres timestamps count microseconds from 2000-01-01 UTC.
+pub fn pg_time(micros: i64) -> DateTime<Utc> {
+    const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+    DateTime::from_timestamp_micros(micros.saturating_add(PG_EPOCH_UNIX_MICROS)).unwrap_or_default()
+}
+
+/// What the stream hands to the pipeline.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Transaction(Transaction),
+    /// A keepalive with nothing open: everything up to `wal_end` has been
+    /// sent to us, so it may be acknowledged once no work is in flight.
+    Idle {
+        wal_end: u64,
+    },
+}
+
+/// Connection parameters taken from DATABASE_URL.
+#[derive(Clone, Debug)]
+pub struct ConnParams {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub dbname: String,
+    pub ssl_mode: tokio_postgres::config::SslMode,
+}
+
+impl ConnParams {
+    pub fn from_url(url: &str) -> Result<Self, ReplicationError> {
+        let cfg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| ReplicationError::Url(e.to_string()))?;
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.to_string_lossy().into_owned(),
+            None => "localhost".into(),
+        };
+        let user = cfg
+            .get_user()
+            .ok_or_else(|| ReplicationError::Url("no user in the URL".into()))?
+            .to_string();
+        Ok(ConnParams {
+            host,
+            port: cfg.get_ports().first().copied().unwrap_or(5432),
+            dbname: cfg.get_dbname().unwrap_or(&user).to_string(),
+            password: cfg
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default(),
+            user,
+            ssl_mode: cfg.get_ssl_mode(),
+        })
+    }
+}
+
+/// Creates the logical slot with pgoutput if it does not exist yet.
+/// Returns true when it created one.
+pub async fn ensure_slot(
+    db: &tokio_postgres::Client,
+    slot: &str,
+) -> Result<bool, ReplicationError> {
+    let exists = db
+        .query_opt(
+            "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await?;
+    if let Some(row) = exists {
+        let plugin: Option<String> = row.get(0);
+        if plugin.as_deref() != Some("pgoutput") {
+            return Err(ReplicationError::Protocol(format!(
+                "slot {slot} exists with plugin {plugin:?}, not pgoutput: drop it or choose another SIDECAR_SLOT"
+            )));
+        }
+        return Ok(false);
+    }
+    db.execute(
+        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+        &[&slot],
+    )
+    .await?;
+    Ok(true)
+}
+
+/// The slot's stream, decoded into committed transactions.
+pub struct Source {
+    client: ReplicationClient,
+    assembler: Assembler,
+}
+
+impl Source {
+    /// Starts streaming from `start_lsn` (the stored checkpoint; the server starts
+    /// at its `confirmed_flush_lsn` when that is later).
+    pub async fn start(
+        params: &ConnParams,
+        slot: &str,
+        publication: &str,
+        start_lsn: u64,
+    ) -> Result<Self, ReplicationError> {
+        use tokio_postgres::config::SslMode;
+        let tls = match params.ssl_mode {
+            SslMode::Require => TlsConfig::require(),
+            _ => TlsConfig::disabled(),
+        };
+        let cfg = ReplicationConfig::new(
+            params.host.clone(),
+            params.user.clone(),
+            params.password.clone(),
+            params.dbname.clone(),
+            slot.to_string(),
+            publication.to_string(),
+        )
+        .with_port(params.port)
+        .with_tls(tls)
+        .with_start_lsn(Lsn(start_lsn))
+        // Acknowledged positions reach the server within a second; well under
+        // any sane wal_sender_timeout (doctor checks it).
+        .with_status_interval(Duration::from_secs(1))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_application_name("hubspot-sidecar")
+        // Times in the stream render like those we read over SQL.
+        .with_options("-c datestyle=ISO -c timezone=UTC");
+        let client = ReplicationClient::connect(cfg).await?;
+        Ok(Source {
+            client,
+            assembler: Assembler::default(),
+        })
+    }
+
+    /// The next committed transaction or idle keepalive. Cancel-safe: partial
+    /// transactions stay in the assembler between calls.
+    pub async fn next(&mut self) -> Result<Option<SourceEvent>, ReplicationError> {
+        loop {
+            let Some(ev) = self.client.recv().await? else {
+                return Ok(None);
+            };
+            match ev {
+                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                    if !self.assembler.in_transaction() {
+                        return Ok(Some(SourceEvent::Idle { wal_end: wal_end.0 }));
+                    }
+                }
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => {
+                    self.assembler.push(Message::Begin(pgoutput::Begin {
+                        final_lsn: final_lsn.0,
+                        commit_time: commit_time_micros,
+                        xid,
+                    }))?;
+                }
+                ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                } => {
+                    if let Some(tx) = self.assembler.push(Message::Commit(pgoutput::Commit {
+                        flags: 0,
+                        commit_lsn: lsn.0,
+                        end_lsn: end_lsn.0,
+                        commit_time: commit_time_micros,
+                    }))? {
+                        return Ok(Some(SourceEvent::Transaction(tx)));
+                    }
+                }
+                ReplicationEvent::Message {
+                    transactional,
+                    lsn,
+                    prefix,
+                    content,
+                } => {
+                    self.assembler.push(Message::LogicalMessage {
+                        transactional,
+                        lsn: lsn.0,
+                        prefix,
+                        content,
+                    })?;
+                }
+                ReplicationEvent::XLogData { data, .. } => {
+                    let msg = pgoutput::decode(&data)?;
+                    self.assembler.push(msg)?;
+                }
+                ReplicationEvent::StoppedAt { .. } => return Ok(None),
+            }
+        }
+    }
+
+    /// Everything up to `lsn` is durable on our side; the slot may release it.
+    pub fn ack(&self, lsn: u64) {
+        self.client.update_applied_lsn(Lsn(lsn));
+    }
+
+    pub fn last_acked(&self) -> u64 {
+        self.client.metrics().last_applied_lsn().0
+    }
+
+    pub async fn shutdown(mut self) {
+        let _ = self.client.shutdown().await;
+    }
+}
+
+pub fn lsn_to_string(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use pgoutput::RelationColumn;
+
+    fn rel() -> Message {
+        Message::Relation(Relation {
+            id: 1,
+            namespace: "public".into(),
+            name: "members".into(),
+            replica_identity: b'd',
+            columns: ["id", "bio", "headline"]
+                .iter()
+                .map(|n| RelationColumn {
+                    flags: u8::from(*n == "id"),
+                    name: n.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
+                })
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn assembles_a_transaction_and_keeps_toast_unchanged() {
+        let mut a = Assembler::default();
+        a.push(Message::Begin(pgoutput::Begin {
+            final_lsn: 10,
+            commit_time: 0,
+            xid: 5,
+        }))
+        .unwrap();
+        a.push(rel()).unwrap();
+        a.push(Message::Update {
+            relation_id: 1,
+            old: None,
+            new: Tuple(vec![
+                Value::Text(Bytes::from_static(b"42")),
+                Value::UnchangedToast,
+                Value::Text(Bytes::from_static(b"hi")),
+            ]),
+        })
+        .unwrap();
+        let tx = a
+            .push(Message::Commit(pgoutput::Commit {
+                flags: 0,
+                commit_lsn: 10,
+                end_lsn: 20,
+                commit_time: 0,
+            }))
+            .unwrap()
+            .expect("commit yields the transaction");
+        assert_eq!(tx.end_lsn, 20);
+        let TxItem::Change(c) = &tx.items[0] else {
+            panic!()
+        };
+        let new = c.new.as_ref().unwrap();
+        assert_eq!(new.i64("id"), Some(42));
+        assert_eq!(new.get("bio"), Field::Unchanged);
+        assert_eq!(new.get("headline"), Field::Text("hi"));
+        assert_eq!(new.get("nope"), Field::Absent);
+    }
+
+    #[test]
+    fn change_before_relation_is_an_error() {
+        let mut a = Assembler::default();
+        a.push(Message::Begin(pgoutput::Begin {
+            final_lsn: 1,
+            commit_time: 0,
+            xid: 1,
+        }))
+        .unwrap();
+        let err = a
+            .push(Message::Insert {
+                relation_id: 9,
+                new: Tuple(vec![]),
+            })
+            .unwrap_err();
+        assert!(matches!(err, ReplicationError::UnknownRelation(9)));
+    }
+
+    #[test]
+    fn lsn_text_roundtrip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(lsn_to_string(0x16_B374_D848), "16/B374D848");
+    }
+}

@@ -1,0 +1,355 @@
+//! `hubspot-sidecar run`: wires the stages together.
+//!
+//! replication (Source) -> translate -> store::hand_off (outbox + checkpoint in
+//! one transaction) -> ack the slot; deliver::supervise drains the outbox;
+//! http serves the admin API, metrics and health.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::Utc;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::config::Config;
+use crate::deliver::{self, DeliverContext};
+use crate::http::{self, AppState, Health};
+use crate::hubspot::HubSpotClient;
+use crate::metrics::Metrics;
+use crate::replication::{self, ConnParams, Source, SourceEvent};
+use crate::store::{self, secrets::Sealer};
+use crate::translate::{self, PropertyWork};
+
+/// Hand off at the latest this long after the first buffered transaction…
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// …or once this many transactions are buffered.
+const FLUSH_TXS: usize = 2000;
+
+/// Handles a running sidecar exposes (tests and the demo use them).
+#[derive(Clone)]
+pub struct Running {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub listen_addr: std::net::SocketAddr,
+}
+
+/// Runs until `shutdown` turns true; then finishes the in-flight hand-off,
+/// acknowledges it and returns.
+pub async fn run(
+    cfg: Config,
+    shutdown: watch::Receiver<bool>,
+    started: Option<tokio::sync::oneshot::Sender<Running>>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::default());
+    let sealer = Sealer::new(&cfg.secret_key);
+    let wake = Arc::new(Notify::new());
+    let hubspot = HubSpotClient::new(
+        &cfg.hubspot.api_base,
+        &cfg.hubspot.api_version,
+        metrics.clone(),
+    );
+
+    let mut db = store::connect(&cfg.database_url)
+        .await
+        .context("connecting to DATABASE_URL")?;
+    store::migrate(&mut db)
+        .await
+        .context("applying hubspot_sync migrations")?;
+    health.migrated.store(true, Ordering::Relaxed);
+    if replication::ensure_slot(&db, &cfg.slot).await? {
+        info!(slot = %cfg.slot, "created replication slot");
+    }
+    let params = ConnParams::from_url(&cfg.database_url)?;
+
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("SIDECAR_LISTEN={}: cannot listen there", cfg.listen))?;
+    let listen_addr = listener.local_addr()?;
+    let app = http::router(AppState {
+        db: Arc::new(store::connect(&cfg.database_url).await?),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        admin_token: cfg.admin_token.as_str().into(),
+        sealer: sealer.clone(),
+        hubspot: hubspot.clone(),
+        wake: wake.clone(),
+    });
+    let mut http_shutdown = shutdown.clone();
+    let http_task = tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = http_shutdown.wait_for(|s| *s).await;
+            })
+            .await;
+    });
+    info!(%listen_addr, "HTTP listening");
+
+    let deliver_task = tokio::spawn(
+        deliver::supervise(
+            DeliverContext {
+                database_url: cfg.database_url.clone(),
+                client: hubspot,
+                sealer,
+                metrics: metrics.clone(),
+                rate_limit: cfg.hubspot.rate_limit,
+                wake: wake.clone(),
+            },
+            shutdown.clone(),
+        )
+        .instrument(tracing::info_span!("deliver")),
+    );
+
+    let oldest_pending = Arc::new(AtomicI64::new(0));
+    let sampler = tokio::spawn(sample_lag(
+        cfg.database_url.clone(),
+        cfg.slot.clone(),
+        metrics.clone(),
+        oldest_pending.clone(),
+        shutdown.clone(),
+    ));
+
+    if let Some(tx) = started {
+        let _ = tx.send(Running {
+            metrics: metrics.clone(),
+            health: health.clone(),
+            listen_addr,
+        });
+    }
+
+    let capture = Capture {
+        cfg: &cfg,
+        params,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        wake,
+        oldest_pending,
+    };
+    let mut failures = 0u32;
+    let mut shutdown_rx = shutdown.clone();
+    loop {
+        match capture.stream(&mut db, shutdown.clone()).await {
+            Ok(()) => break,
+            Err(e) => {
+                health.streaming.store(false, Ordering::Relaxed);
+                metrics.stream_errors.inc();
+                failures += 1;
+                let pause = Duration::from_millis(250) * 2u32.pow(failures.min(6));
+                warn!(
+                    error = format!("{e:#}"),
+                    retry_in_ms = pause.as_millis() as u64,
+                    "replication stream failed; resuming from the checkpoint"
+                );
+                tokio::select! {
+                    _ = stopped(&mut shutdown_rx) => break,
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                // The SQL connection may be the thing that broke.
+                if db.is_closed() {
+                    match store::connect(&cfg.database_url).await {
+                        Ok(c) => db = c,
+                        Err(e) => warn!(error = %e, "database reconnect failed"),
+                    }
+                }
+            }
+        }
+    }
+    let _ = deliver_task.await;
+    let _ = sampler.await;
+    let _ = http_task.await;
+    info!("stopped");
+    Ok(())
+}
+
+struct Capture<'a> {
+    cfg: &'a Config,
+    params: ConnParams,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    wake: Arc<Notify>,
+    oldest_pending: Arc<AtomicI64>,
+}
+
+/// Transactions decoded but not yet handed off.
+#[derive(Default)]
+struct Pending {
+    work: PropertyWork,
+    end_lsn: u64,
+    txs: usize,
+    since: Option<Instant>,
+}
+
+impl Capture<'_> {
+    /// Streams until shutdown (Ok) or a failure (Err; the caller resumes).
+    async fn stream(
+        &self,
+        db: &mut tokio_postgres::Client,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let start = store::load_checkpoint(db, &self.cfg.slot)
+            .await?
+            .unwrap_or(0);
+        let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
+            .await
+            .context("starting replication")?;
+        self.health.streaming.store(true, Ordering::Relaxed);
+        info!(start_lsn = %replication::lsn_to_string(start), slot = %self.cfg.slot, "streaming");
+        let mut pending = Pending::default();
+        let result = loop {
+            let deadline = pending.since.map(|t| t + FLUSH_AFTER);
+            tokio::select! {
+                biased;
+                _ = stopped(&mut shutdown) => {
+                    // Finish the in-flight hand-off and acknowledge it before leaving.
+                    let r = self.flush(db, &source, &mut pending).await;
+                    break r;
+                }
+                _ = sleep_until_opt(deadline) => {
+                    if let Err(e) = self.flush(db, &source, &mut pending).await { break Err(e) }
+                }
+                ev = source.next() => match ev {
+                    Ok(Some(SourceEvent::Transaction(tx))) => {
+                        self.metrics.transactions.inc();
+                        self.metrics.row_changes.inc_by(tx.items.len() as u64);
+                        let work = translate::translate(&tx);
+                        if pending.since.is_none() {
+                            pending.since = Some(Instant::now());
+                            self.oldest_pending.store(tx.commit_time.timestamp_micros(), Ordering::Relaxed);
+                        }
+                        pending.work.merge(work);
+                        pending.end_lsn = tx.end_lsn;
+                        pending.txs += 1;
+                        if pending.txs >= FLUSH_TXS {
+                            if let Err(e) = self.flush(db, &source, &mut pending).await { break Err(e) }
+                        }
+                    }
+                    Ok(Some(SourceEvent::Idle { wal_end })) => {
+                        if pending.txs == 0 {
+                            // Nothing open or in flight: everything before wal_end is
+                            // done, so idle or unpublished tables never hold WAL (G3).
+                            source.ack(wal_end);
+                            self.metrics.acked_lsn.set(wal_end as i64);
+                        } else if let Err(e) = self.flush(db, &source, &mut pending).await {
+                            break Err(e);
+                        }
+                    }
+                    Ok(None) => break Err(anyhow::anyhow!("replication stream ended")),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+        };
+        self.health.streaming.store(false, Ordering::Relaxed);
+        source.shutdown().await;
+        result
+    }
+
+    async fn flush(
+        &self,
+        db: &mut tokio_postgres::Client,
+        source: &Source,
+        pending: &mut Pending,
+    ) -> anyhow::Result<()> {
+        if pending.txs == 0 {
+            return Ok(());
+        }
+        let span = tracing::debug_span!("hand_off", txs = pending.txs, end_lsn = %replication::lsn_to_string(pending.end_lsn));
+        let started = std::time::Instant::now();
+        let touched = store::hand_off(db, &self.cfg.slot, &pending.work, pending.end_lsn)
+            .instrument(span)
+            .await
+            .context("hand-off to hubspot_sync")?;
+        self.metrics
+            .handoff_seconds
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.handoffs.inc();
+        // Durable: only now may the slot release this WAL.
+        source.ack(pending.end_lsn);
+        self.metrics.acked_lsn.set(pending.end_lsn as i64);
+        debug!(txs = pending.txs, touched, "handed off");
+        if touched > 0 {
+            self.wake.notify_waiters();
+        }
+        *pending = Pending::default();
+        self.oldest_pending.store(0, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Resolves once shutdown is requested (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Samples the slot's lag from the database, and the integrations by status.
+async fn sample_lag(
+    url: String,
+    slot: String,
+    metrics: Arc<Metrics>,
+    oldest_pending: Arc<AtomicI64>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut db = None;
+    loop {
+        let oldest = oldest_pending.load(Ordering::Relaxed);
+        let age = if oldest == 0 {
+            0.0
+        } else {
+            ((Utc::now().timestamp_micros() - oldest) as f64 / 1e6).max(0.0)
+        };
+        metrics.replication_lag_seconds.set(age);
+        if db
+            .as_ref()
+            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
+        {
+            db = store::connect(&url).await.ok();
+        }
+        if let Some(c) = &db {
+            if let Ok(Some(row)) = c
+                .query_opt(
+                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
+                            (pg_current_wal_lsn() - restart_lsn)::bigint
+                       FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+            {
+                metrics
+                    .replication_lag_bytes
+                    .set(row.get::<_, Option<i64>>(0).unwrap_or(0));
+                metrics
+                    .slot_retained_wal_bytes
+                    .set(row.get::<_, Option<i64>>(1).unwrap_or(0));
+            }
+            if let Ok(rows) = c
+                .query(
+                    "SELECT status, count(*) FROM hubspot_sync.integrations GROUP BY status",
+                    &[],
+                )
+                .await
+            {
+                for status in ["inactive", "active", "failed"] {
+                    let n = rows
+                        .iter()
+                        .find(|r| r.get::<_, String>(0) == status)
+                        .map(|r| r.get::<_, i64>(1))
+                        .unwrap_or(0);
+                    metrics.integrations.with_label_values(&[status]).set(n);
+                }
+            }
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown) => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Crash safety (G1, G6): kill -9 of the real sidecar process mid-stream.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn spawn_sidecar(db_url: &str, slot: &str, hubspot: &str, listen: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
+        .arg("run")
+        .env("DATABASE_URL", db_url)
+        .env("SIDECAR_SLOT", slot)
+        .env("SIDECAR_LISTEN", listen)
+        .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
+        .env("HUBSPOT_API_BASE", hubspot)
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn hubspot-sidecar")
+}
+
+async fn wait_ready(http: &reqwest::Client, listen: &str) {
+    wait_for("sidecar /readyz", 30 * SECOND, || async {
+        http.get(format!("http://{listen}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_2000_updates_then_restart_converges() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let http = reqwest::Client::new();
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let spot = seed_spot(&db, "Crash").await;
+    let (portal, token) = emu.create_portal();
+    for i in 0..100 {
+        emu.add_contact(portal, &format!("c{i}@example.com"), &[]);
+    }
+    db.execute(
+        "INSERT INTO members (spot_id, email, status) SELECT $1, 'c' || g || '@example.com', 'accepted' FROM generate_series(0, 99) g",
+        &[&spot],
+    )
+    .await
+    .unwrap();
+
+    let mut child = spawn_sidecar(&url, &name, &emu.base_url(), &listen);
+    wait_ready(&http, &listen).await;
+    let (status, body) = api_call(
+        &http,
+        &format!("http://{listen}/api/spots/{spot}/hubspot/connect"),
+        reqwest::Method::POST,
+        Some(serde_json::json!({"access_token": token})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (confirmed_at_start, _) = slot_position(&db, &name).await;
+
+    // 2,000 single-row transactions; the sidecar dies by SIGKILL a quarter of the way in.
+    let ids: Vec<i64> = db
+        .query(
+            "SELECT id FROM members WHERE spot_id = $1 ORDER BY id",
+            &[&spot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for n in 0..2000usize {
+        let id = ids[n % ids.len()];
+        db.execute(
+            "UPDATE members SET headline = $1 WHERE id = $2",
+            &[&format!("v{n}"), &id],
+        )
+        .await
+        .unwrap();
+        if n == 500 {
+            child.kill().expect("kill -9");
+            child.wait().unwrap();
+        }
+    }
+    child = spawn_sidecar(&url, &name, &emu.base_url(), &listen);
+    wait_ready(&http, &listen).await;
+
+    let expected: Vec<(String, String)> = db
+        .query(
+            "SELECT lower(email), headline FROM members WHERE spot_id = $1",
+            &[&spot],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    wait_for(
+        "every contact holds the database's values",
+        120 * SECOND,
+        || async {
+            expected.iter().all(|(email, headline)| {
+                prop(&emu, portal, email, "meltingspot_headline").as_deref()
+                    == Some(headline.as_str())
+            })
+        },
+    )
+    .await;
+    let (_, committed) = slot_position(&db, &name).await;
+    wait_for(
+        "the slot's confirmed_flush_lsn reaches the last commit",
+        30 * SECOND,
+        || async { slot_position(&db, &name).await.0 >= committed },
+    )
+    .await;
+    assert!(slot_position(&db, &name).await.0 > confirmed_at_start);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
