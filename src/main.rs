@@ -17,7 +17,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the service.
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Run a self-contained demo: throwaway Postgres, HubSpot emulator, a seeded Spot.
     Demo(demo::DemoArgs),
 }

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::config::Config;
 use crate::deliver::{self, DeliverContext};
 use crate::http::{self, AppState, Health};
+use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::HubSpotClient;
 use crate::metrics::Metrics;
 use crate::replication::{self, ConnParams, Source, SourceEvent};
@@ -47,6 +48,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
     let wake = Arc::new(Notify::new());
+    let limiters = Limiters::new(cfg.hubspot.rate_limit);
     let hubspot = HubSpotClient::new(
         &cfg.hubspot.api_base,
         &cfg.hubspot.api_version,
@@ -77,6 +79,7 @@ pub async fn run(
         sealer: sealer.clone(),
         hubspot: hubspot.clone(),
         wake: wake.clone(),
+        limiters: limiters.clone(),
     });
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
@@ -95,7 +98,7 @@ pub async fn run(
                 client: hubspot,
                 sealer,
                 metrics: metrics.clone(),
-                rate_limit: cfg.hubspot.rate_limit,
+                limiters,
                 wake: wake.clone(),
             },
             shutdown.clone(),
@@ -131,9 +134,14 @@ pub async fn run(
     let mut failures = 0u32;
     let mut shutdown_rx = shutdown.clone();
     loop {
+        let attempt = Instant::now();
         match capture.stream(&mut db, shutdown.clone()).await {
             Ok(()) => break,
             Err(e) => {
+                // A stream that ran for a while was healthy: start backing off afresh.
+                if attempt.elapsed() > Duration::from_secs(30) {
+                    failures = 0;
+                }
                 health.streaming.store(false, Ordering::Relaxed);
                 metrics.stream_errors.inc();
                 failures += 1;

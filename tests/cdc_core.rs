@@ -176,9 +176,14 @@ async fn a_large_bio_survives_an_update_of_the_headline_only() {
     emu.add_contact(portal, "toast@example.com", &[]);
 
     // 20 kB of barely compressible text is stored out of line (TOAST).
-    let bio: String = (0..20_000)
-        .map(|i| char::from(b'a' + ((i * 7919 + i / 13) % 26) as u8))
-        .collect();
+    let bio: String = {
+        use rand::{distributions::Alphanumeric, Rng};
+        rand::thread_rng()
+            .sample_iter(&Alphanumeric)
+            .take(20_000)
+            .map(char::from)
+            .collect()
+    };
     db.execute("UPDATE members SET bio = $1 WHERE id = $2", &[&bio, &m])
         .await
         .unwrap();

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
 use crate::hubspot::properties::{derive, normalize_email};
-use crate::hubspot::ratelimit::RateLimiter;
+use crate::hubspot::ratelimit::{Limiters, RateLimiter};
 use crate::hubspot::{HubSpotClient, HubSpotError, Portal, BATCH_LIMIT};
 use crate::metrics::Metrics;
 use crate::store::secrets::Sealer;
@@ -27,7 +27,7 @@ pub struct DeliverContext {
     pub client: HubSpotClient,
     pub sealer: Sealer,
     pub metrics: Arc<Metrics>,
-    pub rate_limit: u32,
+    pub limiters: Limiters,
     /// Signalled by the hand-off when new work was stored.
     pub wake: Arc<Notify>,
 }
@@ -81,7 +81,7 @@ pub async fn supervise(
                 }
                 None => {
                     let (tx, rx) = watch::channel(spots);
-                    let worker = PortalWorker::new(ctx.clone(), rx);
+                    let worker = PortalWorker::new(ctx.clone(), ctx.limiters.portal(portal), rx);
                     let span = tracing::info_span!("portal_worker", portal);
                     let handle = tokio::spawn(worker.run(shutdown.clone()).instrument(span));
                     workers.insert(portal, (tx, handle));
@@ -111,7 +111,18 @@ struct PortalWorker {
     spots: watch::Receiver<Vec<LiveIntegration>>,
     limiter: Arc<RateLimiter>,
     failures: u32,
+    /// Activations this worker has initialized, until the supervisor's view catches up.
+    initialized: HashSet<(i64, i64)>,
 }
+
+/// A contact write waiting for the batch update: marker index, record id,
+/// the changed properties, and every derived value (remembered on success).
+type PendingUpdate = (
+    usize,
+    String,
+    BTreeMap<String, String>,
+    BTreeMap<String, String>,
+);
 
 /// How one input of a batch update ended.
 enum ItemResult {
@@ -121,13 +132,17 @@ enum ItemResult {
 }
 
 impl PortalWorker {
-    fn new(ctx: DeliverContext, spots: watch::Receiver<Vec<LiveIntegration>>) -> Self {
-        let limiter = Arc::new(RateLimiter::new(ctx.rate_limit));
+    fn new(
+        ctx: DeliverContext,
+        limiter: Arc<RateLimiter>,
+        spots: watch::Receiver<Vec<LiveIntegration>>,
+    ) -> Self {
         PortalWorker {
             ctx,
             spots,
             limiter,
             failures: 0,
+            initialized: HashSet::new(),
         }
     }
 
@@ -148,17 +163,24 @@ impl PortalWorker {
             if spots.is_empty() {
                 break;
             }
-            let pause = match self.step(&mut db, &spots).await {
-                Ok(true) => Duration::ZERO,
-                Ok(false) => Duration::from_millis(500),
-                Err(e) => self.on_error(&db, &spots, e).await,
-            };
-            if !pause.is_zero() {
-                tokio::select! {
+            match self.step(&mut db, &spots).await {
+                Ok(true) => {}
+                // Idle: new work or a settings change ends the wait early.
+                Ok(false) => tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = self.spots.changed() => {}
                     _ = self.ctx.wake.notified() => {}
-                    _ = tokio::time::sleep(pause) => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                },
+                // Backing off: new work must not end the wait, or an outage would
+                // be hammered once per change.
+                Err(e) => {
+                    let pause = self.on_error(&db, &spots, e).await;
+                    tokio::select! {
+                        _ = shutdown.changed() => {}
+                        _ = self.spots.changed() => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
@@ -211,7 +233,7 @@ impl PortalWorker {
                     .inc();
                 let _ = store::record_outcome(db, &spot_ids, Some(&other.to_string())).await;
                 let base = Duration::from_millis(500) * 2u32.saturating_pow(self.failures.min(7));
-                let pause = base.min(Duration::from_secs(60));
+                let pause = base.min(Duration::from_secs(30));
                 let jitter = rand::thread_rng().gen_range(0.8..1.2);
                 let pause = pause.mul_f64(jitter);
                 warn!(error = %other, retry_in_ms = pause.as_millis() as u64, "delivery failed");
@@ -227,22 +249,21 @@ impl PortalWorker {
         spots: &[LiveIntegration],
     ) -> Result<bool, DeliverError> {
         let portal = self.portal(spots)?;
-        let uninitialized: Vec<i64> = spots
+        let uninitialized: Vec<&LiveIntegration> = spots
             .iter()
-            .filter(|s| !s.initialized)
-            .map(|s| s.spot_id)
+            .filter(|s| !s.initialized && !self.initialized.contains(&(s.spot_id, s.activation)))
             .collect();
         if !uninitialized.is_empty() {
             portal.ensure_schema().await?;
             for s in &uninitialized {
-                store::mark_initialized(db, *s).await?;
+                store::mark_initialized(db, s.spot_id).await?;
+                self.initialized.insert((s.spot_id, s.activation));
             }
             info!(
                 spots = uninitialized.len(),
                 "property group and properties are in place"
             );
-            // Wait for the supervisor to see the change so we do not initialize twice.
-            return Ok(false);
+            return Ok(true);
         }
         let spot_ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
         let markers = store::due_markers(db, &spot_ids, BATCH_LIMIT as i64).await?;
@@ -264,7 +285,7 @@ impl PortalWorker {
                 if !matches!(e, DeliverError::HubSpot(HubSpotError::RateLimited { .. })) {
                     let delay =
                         Duration::from_millis(500) * 2u32.saturating_pow(self.failures.min(7));
-                    store::postpone(db, &markers, delay.min(Duration::from_secs(60))).await?;
+                    store::postpone(db, &markers, delay.min(Duration::from_secs(30))).await?;
                 }
                 Err(e)
             }
@@ -309,12 +330,7 @@ impl PortalWorker {
         };
 
         let mut completions = Vec::with_capacity(markers.len());
-        let mut updates: Vec<(
-            usize,
-            String,
-            BTreeMap<String, String>,
-            BTreeMap<String, String>,
-        )> = Vec::new();
+        let mut updates: Vec<PendingUpdate> = Vec::new();
         for (i, mk) in markers.iter().enumerate() {
             // A marker whose member is gone, or belongs to another Spot, writes nothing (G4).
             let Some(rec) = records

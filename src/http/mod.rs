@@ -11,6 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::metrics::Metrics;
 use crate::store::{self, secrets::Sealer};
@@ -32,6 +33,7 @@ pub struct AppState {
     pub sealer: Sealer,
     pub hubspot: HubSpotClient,
     pub wake: Arc<tokio::sync::Notify>,
+    pub limiters: Limiters,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -180,6 +182,8 @@ async fn connect(
             ))
         }
     };
+    // That call counted against the portal's budget like any other.
+    s.limiters.portal(portal_id).record_unthrottled().await;
     store::connect_with_token(&s.db, id, portal_id, &s.sealer.seal(&token)).await?;
     tracing::info!(
         spot_id = id,

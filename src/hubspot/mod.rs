@@ -53,7 +53,7 @@ pub enum HubSpotError {
     },
     /// 4xx that retrying cannot fix: the input is wrong.
     #[error("rejected ({status} {}): {}", .error.category, .error.message)]
-    Rejected { status: u16, error: ApiError },
+    Rejected { status: u16, error: Box<ApiError> },
     /// 5xx, timeouts, resets: retry with backoff.
     #[error("transient failure: {0}")]
     Transient(String),
@@ -189,7 +189,7 @@ impl HubSpotClient {
             ))),
             _ => Err(HubSpotError::Rejected {
                 status,
-                error: error(),
+                error: Box::new(error()),
             }),
         }
     }
@@ -325,7 +325,7 @@ impl Portal {
                 if category != "OBJECT_ALREADY_EXISTS" && category != "CONFLICT" {
                     return Err(HubSpotError::Rejected {
                         status: 207,
-                        error: serde_json::from_value(err.clone()).unwrap_or_default(),
+                        error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
                     });
                 }
             }

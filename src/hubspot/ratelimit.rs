@@ -55,12 +55,43 @@ impl RateLimiter {
         }
     }
 
+    /// Records a request that was sent without waiting (one made before the
+    /// portal was known), so that the window still counts it.
+    pub async fn record_unthrottled(&self) {
+        self.sent.lock().await.push_back(Instant::now());
+    }
+
     /// Pushes every slot to "just used": after a 429 the window is treated as full.
     pub async fn saturate(&self) {
         let mut sent = self.sent.lock().await;
         let now = Instant::now();
         sent.clear();
         sent.extend(std::iter::repeat_n(now, self.limit));
+    }
+}
+
+/// One limiter per portal, shared by every part of the process that calls HubSpot.
+#[derive(Clone)]
+pub struct Limiters {
+    limit: u32,
+    by_portal: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<RateLimiter>>>,
+    >,
+}
+
+impl Limiters {
+    pub fn new(limit: u32) -> Self {
+        Limiters {
+            limit,
+            by_portal: Default::default(),
+        }
+    }
+
+    pub fn portal(&self, portal_id: i64) -> std::sync::Arc<RateLimiter> {
+        let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(portal_id)
+            .or_insert_with(|| std::sync::Arc::new(RateLimiter::new(self.limit)))
+            .clone()
     }
 }
 

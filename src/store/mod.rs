@@ -106,11 +106,11 @@ pub async fn hand_off(
                    JOIN public.members m ON m.id = ids.id
                    JOIN hubspot_sync.integrations i
                      ON i.spot_id = m.spot_id AND i.status IN ('active', 'failed')
+                  -- One lock order for every writer of the outbox: no deadlocks.
+                  ORDER BY m.spot_id, m.id
                  ON CONFLICT (spot_id, member_id) DO UPDATE
                     SET version = nextval('hubspot_sync.outbox_version'),
-                        lsn = GREATEST(o.lsn, excluded.lsn),
-                        attempts = 0,
-                        next_attempt_at = now()",
+                        lsn = GREATEST(o.lsn, excluded.lsn)",
                 &[&members, &groups, &tags, &roles, &work.all_members, &lsn],
             )
             .await?;
@@ -132,12 +132,15 @@ pub struct LiveIntegration {
     pub portal_id: i64,
     pub access_token_enc: Vec<u8>,
     pub initialized: bool,
+    /// Identifies one activation (connect): initialization runs once per activation.
+    pub activation: i64,
 }
 
 pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, DbError> {
     let rows = db
         .query(
-            "SELECT spot_id, portal_id, access_token_enc, initialized_at IS NOT NULL
+            "SELECT spot_id, portal_id, access_token_enc, initialized_at IS NOT NULL,
+                    (extract(epoch FROM connected_at) * 1000000)::bigint
                FROM hubspot_sync.integrations
               WHERE status = 'active' AND portal_id IS NOT NULL AND access_token_enc IS NOT NULL
               ORDER BY spot_id",
@@ -151,6 +154,7 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
             portal_id: r.get(1),
             access_token_enc: r.get(2),
             initialized: r.get(3),
+            activation: r.get::<_, Option<i64>>(4).unwrap_or(0),
         })
         .collect())
 }
@@ -449,9 +453,23 @@ pub enum Completion {
     },
 }
 
+impl Completion {
+    fn key(&self) -> (i64, i64) {
+        let m = match self {
+            Completion::Written { marker, .. }
+            | Completion::NoContact { marker, .. }
+            | Completion::DeadLetter { marker, .. } => marker,
+        };
+        (m.spot_id, m.member_id)
+    }
+}
+
 /// Records completions and deletes their outbox rows, unless a newer change
 /// arrived meanwhile (the version moved on), in one transaction.
 pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbError> {
+    let mut done: Vec<&Completion> = done.iter().collect();
+    // Same lock order as the hand-off, so the two never deadlock.
+    done.sort_by_key(|c| c.key());
     let tx = db.transaction().await?;
     for c in done {
         let marker = match c {
@@ -536,9 +554,17 @@ pub async fn postpone(
     let members: Vec<i64> = markers.iter().map(|m| m.member_id).collect();
     let secs = delay.as_secs_f64();
     db.execute(
-        "UPDATE hubspot_sync.property_outbox o
+        "WITH k AS (
+             SELECT o.spot_id, o.member_id
+               FROM hubspot_sync.property_outbox o
+               JOIN unnest($1::bigint[], $2::bigint[]) u(spot_id, member_id)
+                 ON o.spot_id = u.spot_id AND o.member_id = u.member_id
+              ORDER BY o.spot_id, o.member_id
+                FOR UPDATE OF o
+         )
+         UPDATE hubspot_sync.property_outbox o
             SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $3)
-           FROM unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
+           FROM k
           WHERE o.spot_id = k.spot_id AND o.member_id = k.member_id",
         &[&spots, &members, &secs],
     )
