@@ -3,7 +3,6 @@
 //! member activity with live progress, and a summary. Ctrl-C or `--duration`
 //! ends it; the cluster's directory and processes are removed on the way out.
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -41,7 +40,8 @@ const STATUSES: [&str; 6] = [
 ];
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
-    crate::init_logging(LogFormat::Text);
+    // The demo prints its own progress; logs only for problems (RUST_LOG overrides).
+    crate::init_logging(LogFormat::Text, "warn");
     println!(
         "hubspot-sidecar demo: {} members, {} changes/s for {} s",
         args.members, args.rate, args.duration
@@ -116,7 +116,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         progress(started, changes, &emu, portal, &running.metrics);
-        summary(&db, &emu, portal, spot, changes).await?;
+        summary(
+            &db,
+            &emu,
+            portal,
+            spot,
+            changes,
+            running.metrics.contacts_written.get(),
+        )
+        .await?;
     } else {
         println!("• interrupted");
     }
@@ -294,6 +302,7 @@ async fn summary(
     portal: u64,
     spot: i64,
     changes: u64,
+    contact_writes: u64,
 ) -> anyhow::Result<()> {
     let ids: Vec<i64> = db
         .query("SELECT id FROM members WHERE spot_id = $1", &[&spot])
@@ -331,7 +340,7 @@ async fn summary(
         .into_iter()
         .filter(|c| c.properties.contains_key("meltingspot_member_id"))
         .collect();
-    let writes_minimum = updated.len().div_ceil(100);
+    let writes = calls("contacts.batch_update");
     println!("\nSummary");
     println!("  changes committed              {changes}");
     println!(
@@ -339,30 +348,30 @@ async fn summary(
         updated.len()
     );
     println!(
-        "  contacts created               {}",
-        emu.contacts(portal)
-            .iter()
-            .filter(|c| c.created_by != hubspot_emulator::CreatedBy::Seed)
-            .count()
+        "  contacts created               {} (contact creation is off: members without a contact get none)",
+        emu.contacts(portal).iter().filter(|c| c.created_by != hubspot_emulator::CreatedBy::Seed).count()
     );
     println!("  contacts matching the database {converged} of {with_contact}");
     println!(
-        "  HubSpot calls                  {} in all, 429s: {}, peak in 10 s: {}",
+        "  HubSpot calls                  {} in all; 429s: {}; peak in any 10 s: {} (limit 100)",
         stats.total, stats.rate_limited, stats.peak_in_10s
     );
-    let mut by_op: BTreeMap<&str, u64> = BTreeMap::new();
     for op in stats.by_operation.keys() {
-        by_op.insert(op.as_str(), calls(op));
-    }
-    for (op, n) in by_op {
-        println!("    {op:<28} {n}");
+        println!("    {op:<28} {}", calls(op));
     }
     println!(
-        "  batch updates                  {} (the minimum for {} contacts is {writes_minimum}; the sidecar writes as changes arrive, so it coalesces within each ~0.5 s delivery round)",
-        calls("contacts.batch_update"),
-        updated.len()
+        "  contact writes                 {} in {writes} batch updates ({:.1} per call; the minimum, with every write in a full batch of 100, is {} calls)",
+        contact_writes,
+        contact_writes as f64 / writes.max(1) as f64,
+        contact_writes.div_ceil(100),
     );
-    if let Some(c) = updated.first() {
+    // The contact with the most MeltingSpot values makes the best example.
+    if let Some(c) = updated.iter().max_by_key(|c| {
+        c.properties
+            .iter()
+            .filter(|(k, v)| k.starts_with("meltingspot_") && !v.is_empty())
+            .count()
+    }) {
         println!(
             "  one contact ({}):",
             c.properties.get("email").cloned().unwrap_or_default()

@@ -17,10 +17,12 @@ pub mod service;
 pub mod store;
 pub mod translate;
 
-/// Installs the log subscriber: JSON (default) or text, filtered by RUST_LOG.
-pub fn init_logging(format: config::LogFormat) {
+/// Installs the log subscriber: JSON (default) or text, filtered by RUST_LOG
+/// (else by `default_filter`).
+pub fn init_logging(format: config::LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            hubspot_sidecar::init_logging(cfg.log_format);
+            hubspot_sidecar::init_logging(cfg.log_format, "info");
             rt.block_on(async {
                 let (tx, rx) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {

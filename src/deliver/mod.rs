@@ -115,6 +115,20 @@ struct PortalWorker {
     initialized: HashSet<(i64, i64)>,
 }
 
+/// How long a partial batch waits for more work before the next round: the
+/// first change after a quiet spell goes out at once, a steady stream is
+/// coalesced into fewer, fuller batches.
+const LINGER: Duration = Duration::from_millis(250);
+
+enum Round {
+    /// A full batch went out; more may be due.
+    Full,
+    /// A partial batch went out.
+    Partial,
+    /// Nothing was due.
+    Idle,
+}
+
 /// A contact write waiting for the batch update: marker index, record id,
 /// the changed properties, and every derived value (remembered on success).
 type PendingUpdate = (
@@ -164,9 +178,14 @@ impl PortalWorker {
                 break;
             }
             match self.step(&mut db, &spots).await {
-                Ok(true) => {}
+                Ok(Round::Full) => {}
+                // A partial batch: let the next one gather what arrives meanwhile.
+                Ok(Round::Partial) => tokio::select! {
+                    _ = shutdown.changed() => {}
+                    _ = tokio::time::sleep(LINGER) => {}
+                },
                 // Idle: new work or a settings change ends the wait early.
-                Ok(false) => tokio::select! {
+                Ok(Round::Idle) => tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = self.spots.changed() => {}
                     _ = self.ctx.wake.notified() => {}
@@ -242,12 +261,12 @@ impl PortalWorker {
         }
     }
 
-    /// One unit of work. Returns true when it did something (loop again at once).
+    /// One unit of work.
     async fn step(
         &mut self,
         db: &mut tokio_postgres::Client,
         spots: &[LiveIntegration],
-    ) -> Result<bool, DeliverError> {
+    ) -> Result<Round, DeliverError> {
         let portal = self.portal(spots)?;
         let uninitialized: Vec<&LiveIntegration> = spots
             .iter()
@@ -263,13 +282,21 @@ impl PortalWorker {
                 spots = uninitialized.len(),
                 "property group and properties are in place"
             );
-            return Ok(true);
+            return Ok(Round::Full);
         }
+        // A round costs at most two calls (read, update); wait for room first, so
+        // that while the portal is throttled the batch grows instead of the call count.
+        self.limiter.wait_available(2).await;
         let spot_ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
         let markers = store::due_markers(db, &spot_ids, BATCH_LIMIT as i64).await?;
         if markers.is_empty() {
-            return Ok(false);
+            return Ok(Round::Idle);
         }
+        let round = if markers.len() == BATCH_LIMIT {
+            Round::Full
+        } else {
+            Round::Partial
+        };
         let span = tracing::debug_span!("delivery_batch", items = markers.len());
         let done = self.deliver(db, &portal, &markers).instrument(span).await;
         match done {
@@ -279,7 +306,7 @@ impl PortalWorker {
                     self.failures = 0;
                     store::record_outcome(db, &spot_ids, None).await?;
                 }
-                Ok(true)
+                Ok(round)
             }
             Err(e) => {
                 if !matches!(e, DeliverError::HubSpot(HubSpotError::RateLimited { .. })) {

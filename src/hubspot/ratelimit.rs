@@ -55,6 +55,29 @@ impl RateLimiter {
         }
     }
 
+    /// Waits until `n` more requests would fit in the window, without taking
+    /// them: the caller then gathers its batch, which grows while we wait.
+    pub async fn wait_available(&self, n: usize) {
+        let n = n.min(self.limit);
+        loop {
+            let wake_at = {
+                let mut sent = self.sent.lock().await;
+                let now = Instant::now();
+                while sent
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) >= self.window)
+                {
+                    sent.pop_front();
+                }
+                if sent.len() + n <= self.limit {
+                    return;
+                }
+                sent[sent.len() + n - self.limit - 1] + self.window + Duration::from_millis(5)
+            };
+            tokio::time::sleep_until(wake_at).await;
+        }
+    }
+
     /// Records a request that was sent without waiting (one made before the
     /// portal was known), so that the window still counts it.
     pub async fn record_unthrottled(&self) {

@@ -24,7 +24,7 @@ pub async fn cluster() -> &'static PgCluster {
     CLUSTER
         .get_or_init(|| async {
             if std::env::var_os("TEST_LOG").is_some() {
-                hubspot_sidecar::init_logging(LogFormat::Text);
+                hubspot_sidecar::init_logging(LogFormat::Text, "info");
             }
             PgCluster::start()
                 .await
