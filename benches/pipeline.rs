@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use hubspot_emulator::{Emulator, EmulatorConfig};
-use hubspot_sidecar::config::{ActivityApi, Config, HubSpotConfig, LogFormat};
+use hubspot_sidecar::config::{Config, LogFormat};
 use hubspot_sidecar::pg_cluster::PgCluster;
 use hubspot_sidecar::service;
 use hubspot_sidecar::store::{self, secrets::Sealer};
@@ -94,7 +94,13 @@ async fn main() -> anyhow::Result<()> {
         emu.add_contact(portal, &format!("b{g}@example.com"), &[]);
     }
     let key = [9u8; 32];
-    store::connect_with_token(&db, spot, portal as i64, &Sealer::new(&key).seal(&token)).await?;
+    let creds = store::Credentials {
+        kind: store::AuthKind::Token,
+        access_token_enc: Sealer::new(&key).seal(&token),
+        refresh_token_enc: None,
+        expires_at: None,
+    };
+    store::activate(&mut db, spot, portal as i64, &creds).await?;
     for slot in ["bench_sidecar", "bench_recvlogical"] {
         db.execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -174,32 +180,8 @@ async fn main() -> anyhow::Result<()> {
     let recv_secs = t.elapsed().as_secs_f64();
 
     // 2. The sidecar, from the same starting point to the same end, durably handed off.
-    let cfg = Config {
-        database_url: url.clone(),
-        slot: "bench_sidecar".into(),
-        publication: "hubspot_sidecar".into(),
-        listen: "127.0.0.1:0".into(),
-        public_url: "http://localhost".into(),
-        admin_token: "bench".into(),
-        secret_key: key,
-        hubspot: HubSpotConfig {
-            api_base: emu.base_url(),
-            auth_base: emu.base_url(),
-            api_version: "2026-03".into(),
-            client_id: None,
-            client_secret: None,
-            app_id: None,
-            developer_api_key: None,
-            activity_api: ActivityApi::AppEvents,
-            app_event_prefix: String::new(),
-            rate_limit: a.rate_limit,
-        },
-        fail_after: Duration::from_secs(900),
-        failed_retention: Duration::from_secs(86_400),
-        smtp_url: None,
-        smtp_from: None,
-        log_format: LogFormat::Text,
-    };
+    let mut cfg = Config::local(&url, "bench_sidecar", &emu.base_url(), "bench", key);
+    cfg.hubspot.rate_limit = a.rate_limit;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let t = Instant::now();

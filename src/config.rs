@@ -152,6 +152,45 @@ pub enum LogFormat {
     Text,
 }
 
+impl Config {
+    /// The defaults of SPEC §6 around a database and a HubSpot base URL, listening
+    /// on a free loopback port: what the demo, the tests and the benchmark run with.
+    pub fn local(
+        database_url: &str,
+        slot: &str,
+        hubspot_base: &str,
+        admin_token: &str,
+        secret_key: [u8; 32],
+    ) -> Config {
+        Config {
+            database_url: database_url.to_string(),
+            slot: slot.to_string(),
+            publication: "hubspot_sidecar".into(),
+            listen: "127.0.0.1:0".into(),
+            public_url: "http://localhost:9187".into(),
+            admin_token: admin_token.to_string(),
+            secret_key,
+            hubspot: HubSpotConfig {
+                api_base: hubspot_base.to_string(),
+                auth_base: hubspot_base.to_string(),
+                api_version: "2026-03".into(),
+                client_id: None,
+                client_secret: None,
+                app_id: None,
+                developer_api_key: None,
+                activity_api: ActivityApi::AppEvents,
+                app_event_prefix: String::new(),
+                rate_limit: 100,
+            },
+            fail_after: Duration::from_secs(15 * 60),
+            failed_retention: Duration::from_secs(7 * 86_400),
+            smtp_url: None,
+            smtp_from: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
 impl RunArgs {
     pub fn validate(self) -> Result<Config, ConfigError> {
         let database_url = self.database_url.ok_or(ConfigError::Missing {

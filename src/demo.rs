@@ -11,7 +11,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
-use crate::config::{ActivityApi, Config, HubSpotConfig, LogFormat};
+use crate::config::{Config, LogFormat};
 use crate::hubspot::properties::{derive, normalize_email};
 use crate::pg_cluster::PgCluster;
 use crate::service;
@@ -137,33 +137,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn demo_config(url: &str, hubspot: &str) -> Config {
-    let secret: [u8; 32] = rand::random();
-    Config {
-        database_url: url.to_string(),
-        slot: "hubspot_sidecar".into(),
-        publication: "hubspot_sidecar".into(),
-        listen: "127.0.0.1:0".into(),
-        public_url: "http://localhost:9187".into(),
-        admin_token: hex::encode(rand::random::<[u8; 16]>()),
-        secret_key: secret,
-        hubspot: HubSpotConfig {
-            api_base: hubspot.to_string(),
-            auth_base: hubspot.to_string(),
-            api_version: "2026-03".into(),
-            client_id: None,
-            client_secret: None,
-            app_id: None,
-            developer_api_key: None,
-            activity_api: ActivityApi::AppEvents,
-            app_event_prefix: String::new(),
-            rate_limit: 100,
-        },
-        fail_after: Duration::from_secs(900),
-        failed_retention: Duration::from_secs(7 * 86_400),
-        smtp_url: None,
-        smtp_from: None,
-        log_format: LogFormat::Text,
-    }
+    Config::local(
+        url,
+        "hubspot_sidecar",
+        hubspot,
+        &hex::encode(rand::random::<[u8; 16]>()),
+        rand::random(),
+    )
 }
 
 async fn seed(

@@ -25,6 +25,13 @@ pub struct Metrics {
     pub acked_lsn: IntGauge,
     pub contacts_written: IntCounter,
     pub members_without_contact: IntCounter,
+    pub contacts_created: IntCounter,
+    pub backfill_queued: IntCounter,
+    pub backfills_running: IntGauge,
+    pub token_refreshes: IntCounterVec,
+    pub integrations_failed: IntCounterVec,
+    pub notifications_sent: IntCounterVec,
+    pub slot_active: IntGauge,
     pub delivery_retries: IntCounterVec,
     pub delivery_seconds: Histogram,
     pub rate_limit_wait_seconds: prometheus::Counter,
@@ -198,6 +205,64 @@ impl Metrics {
                 IntCounter::new(
                     p("replication_stream_errors_total"),
                     "Replication stream failures (each followed by a reconnect)"
+                )
+            ),
+            contacts_created: reg!(
+                r,
+                IntCounter::new(
+                    p("contacts_created_total"),
+                    "Contacts created under contact creation (SPEC §4.4)"
+                )
+            ),
+            backfill_queued: reg!(
+                r,
+                IntCounter::new(
+                    p("backfill_members_queued_total"),
+                    "Members queued by initialization backfills"
+                )
+            ),
+            backfills_running: reg!(
+                r,
+                IntGauge::new(
+                    p("backfills_running"),
+                    "Spots whose backfill is still queueing members"
+                )
+            ),
+            token_refreshes: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("token_refreshes_total"),
+                        "OAuth token refreshes by result"
+                    ),
+                    &["result"]
+                )
+            ),
+            integrations_failed: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("integration_failures_total"),
+                        "Integrations that entered `failed`, by cause"
+                    ),
+                    &["cause"]
+                )
+            ),
+            notifications_sent: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("notification_emails_total"),
+                        "Failure e-mails sent through SMTP_URL, by result"
+                    ),
+                    &["result"]
+                )
+            ),
+            slot_active: reg!(
+                r,
+                IntGauge::new(
+                    p("slot_active"),
+                    "1 while the replication slot is active (a reader is attached)"
                 )
             ),
             registry: r,

@@ -15,9 +15,11 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::config::Config;
+use crate::deliver::mailer::Mailer;
 use crate::deliver::{self, DeliverContext};
 use crate::http::{self, AppState, Health};
-use crate::hubspot::ratelimit::Limiters;
+use crate::hubspot::oauth::OAuthApp;
+use crate::hubspot::ratelimit::Gates;
 use crate::hubspot::HubSpotClient;
 use crate::metrics::Metrics;
 use crate::replication::{self, ConnParams, Source, SourceEvent};
@@ -48,7 +50,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
     let wake = Arc::new(Notify::new());
-    let limiters = Limiters::new(cfg.hubspot.rate_limit);
+    let gates = Gates::new(cfg.hubspot.rate_limit);
     let hubspot = HubSpotClient::new(
         &cfg.hubspot.api_base,
         &cfg.hubspot.api_version,
@@ -71,6 +73,16 @@ pub async fn run(
         .await
         .with_context(|| format!("SIDECAR_LISTEN={}: cannot listen there", cfg.listen))?;
     let listen_addr = listener.local_addr()?;
+    let oauth = match (&cfg.hubspot.client_id, &cfg.hubspot.client_secret) {
+        (Some(id), Some(secret)) => Some(OAuthApp {
+            client_id: id.clone(),
+            client_secret: secret.clone(),
+            redirect_uri: format!("{}/oauth/hubspot/callback", cfg.public_url),
+            auth_base: cfg.hubspot.auth_base.clone(),
+        }),
+        _ => None,
+    };
+    let notify = Arc::new(Notify::new());
     let app = http::router(AppState {
         db: Arc::new(store::connect(&cfg.database_url).await?),
         metrics: metrics.clone(),
@@ -79,7 +91,10 @@ pub async fn run(
         sealer: sealer.clone(),
         hubspot: hubspot.clone(),
         wake: wake.clone(),
-        limiters: limiters.clone(),
+        gates: gates.clone(),
+        oauth: oauth.clone(),
+        secret_key: cfg.secret_key,
+        database_url: cfg.database_url.as_str().into(),
     });
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
@@ -96,15 +111,32 @@ pub async fn run(
             DeliverContext {
                 database_url: cfg.database_url.clone(),
                 client: hubspot,
+                oauth,
                 sealer,
                 metrics: metrics.clone(),
-                limiters,
+                gates,
+                fail_after: cfg.fail_after,
+                failed_retention: cfg.failed_retention,
                 wake: wake.clone(),
+                notify: notify.clone(),
             },
             shutdown.clone(),
         )
         .instrument(tracing::info_span!("deliver")),
     );
+
+    let mailer_task = match &cfg.smtp_url {
+        Some(url) => {
+            let mailer = Mailer::new(url, cfg.smtp_from.as_deref())?;
+            Some(tokio::spawn(mailer.run(
+                cfg.database_url.clone(),
+                metrics.clone(),
+                notify.clone(),
+                shutdown.clone(),
+            )))
+        }
+        None => None,
+    };
 
     let oldest_pending = Arc::new(AtomicI64::new(0));
     let sampler = tokio::spawn(sample_lag(
@@ -166,6 +198,9 @@ pub async fn run(
         }
     }
     let _ = deliver_task.await;
+    if let Some(t) = mailer_task {
+        let _ = t.await;
+    }
     let _ = sampler.await;
     let _ = http_task.await;
     info!("stopped");
@@ -185,6 +220,7 @@ struct Capture<'a> {
 #[derive(Default)]
 struct Pending {
     work: PropertyWork,
+    xids: Vec<u32>,
     end_lsn: u64,
     txs: usize,
     since: Option<Instant>,
@@ -200,6 +236,8 @@ impl Capture<'_> {
         let start = store::load_checkpoint(db, &self.cfg.slot)
             .await?
             .unwrap_or(0);
+        // Settings as of the checkpoint: the stream re-applies later changes in order.
+        let mut settings = store::load_stream_settings(db).await?;
         let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
             .await
             .context("starting replication")?;
@@ -222,12 +260,13 @@ impl Capture<'_> {
                     Ok(Some(SourceEvent::Transaction(tx))) => {
                         self.metrics.transactions.inc();
                         self.metrics.row_changes.inc_by(tx.items.len() as u64);
-                        let work = translate::translate(&tx);
+                        let work = translate::translate(&mut settings, &tx);
                         if pending.since.is_none() {
                             pending.since = Some(Instant::now());
                             self.oldest_pending.store(tx.commit_time.timestamp_micros(), Ordering::Relaxed);
                         }
                         pending.work.merge(work);
+                        pending.xids.push(tx.xid);
                         pending.end_lsn = tx.end_lsn;
                         pending.txs += 1;
                         if pending.txs >= FLUSH_TXS {
@@ -265,10 +304,16 @@ impl Capture<'_> {
         }
         let span = tracing::debug_span!("hand_off", txs = pending.txs, end_lsn = %replication::lsn_to_string(pending.end_lsn));
         let started = std::time::Instant::now();
-        let touched = store::hand_off(db, &self.cfg.slot, &pending.work, pending.end_lsn)
-            .instrument(span)
-            .await
-            .context("hand-off to hubspot_sync")?;
+        let touched = store::hand_off(
+            db,
+            &self.cfg.slot,
+            &pending.work,
+            &pending.xids,
+            pending.end_lsn,
+        )
+        .instrument(span)
+        .await
+        .context("hand-off to hubspot_sync")?;
         self.metrics
             .handoff_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -276,7 +321,13 @@ impl Capture<'_> {
         // Durable: only now may the slot release this WAL.
         source.ack(pending.end_lsn);
         self.metrics.acked_lsn.set(pending.end_lsn as i64);
-        debug!(txs = pending.txs, touched, "handed off");
+        debug!(
+            slot = %self.cfg.slot,
+            txs = pending.txs,
+            members = pending.work.members.len(),
+            touched,
+            "handed off"
+        );
         if touched > 0 {
             self.wake.notify_waiters();
         }
@@ -325,12 +376,13 @@ async fn sample_lag(
             if let Ok(Some(row)) = c
                 .query_opt(
                     "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
-                            (pg_current_wal_lsn() - restart_lsn)::bigint
+                            (pg_current_wal_lsn() - restart_lsn)::bigint, active
                        FROM pg_replication_slots WHERE slot_name = $1",
                     &[&slot],
                 )
                 .await
             {
+                metrics.slot_active.set(i64::from(row.get::<_, bool>(2)));
                 metrics
                     .replication_lag_bytes
                     .set(row.get::<_, Option<i64>>(0).unwrap_or(0));

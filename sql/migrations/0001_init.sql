@@ -1,7 +1,7 @@
 -- hubspot_sync: state owned by hubspot-sidecar. Applied at start (embedded in
--- the binary); kept here for DBAs who review or apply it by hand.
-
-CREATE SCHEMA IF NOT EXISTS hubspot_sync;
+-- the binary); kept here for DBAs who review or apply it by hand. The schema
+-- itself comes from sql/role.sql (owned by the sidecar's role), or is created
+-- by the sidecar when it may.
 
 -- One row per Spot that was ever connected.
 CREATE TABLE IF NOT EXISTS hubspot_sync.integrations (

@@ -1,6 +1,7 @@
 //! HubSpot stage: the REST client, per-portal rate limiting and the schema
 //! (property group and properties) the sidecar writes into.
 
+pub mod oauth;
 pub mod properties;
 pub mod ratelimit;
 
@@ -34,6 +35,9 @@ pub struct ApiError {
     pub errors: Vec<Value>,
     #[serde(default)]
     pub context: Option<Value>,
+    /// OAuth endpoints: `invalid_grant`, `invalid_client`, ...
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,8 +76,8 @@ impl HubSpotError {
 #[derive(Clone)]
 pub struct HubSpotClient {
     http: reqwest::Client,
-    base: String,
-    version: String,
+    pub(crate) base: String,
+    pub(crate) version: String,
     metrics: Arc<Metrics>,
 }
 
@@ -93,7 +97,7 @@ impl HubSpotClient {
         }
     }
 
-    fn dated(&self) -> bool {
+    pub(crate) fn dated(&self) -> bool {
         self.version != "v3"
     }
 
@@ -117,7 +121,8 @@ impl HubSpotClient {
         }
     }
 
-    /// Sends one request and classifies the answer. 207 is a success with errors.
+    /// Sends one JSON request with a bearer token and classifies the answer.
+    /// 207 is a success with errors.
     async fn send(
         &self,
         operation: &'static str,
@@ -130,6 +135,52 @@ impl HubSpotClient {
         if let Some(b) = body {
             req = req.json(b);
         }
+        self.execute(operation, req).await
+    }
+
+    /// Sends a form-encoded request (the OAuth endpoints).
+    pub(crate) async fn send_form(
+        &self,
+        operation: &'static str,
+        method: reqwest::Method,
+        url: &str,
+        form: &[(&str, &str)],
+    ) -> Result<(u16, Value), HubSpotError> {
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let req = self
+            .http
+            .request(method, url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body);
+        match self.execute(operation, req).await {
+            // The token endpoint answers a refused grant with 400 invalid_grant:
+            // that is an authorization failure, not bad input.
+            Err(HubSpotError::Rejected { status: 400, error })
+                if matches!(
+                    error.error.as_deref(),
+                    Some("invalid_grant" | "invalid_client")
+                ) =>
+            {
+                Err(HubSpotError::Auth {
+                    status: 400,
+                    category: error.category.clone(),
+                    message: error.message.clone(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn execute(
+        &self,
+        operation: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value), HubSpotError> {
         let started = std::time::Instant::now();
         let result = req.send().await;
         self.metrics
@@ -167,7 +218,16 @@ impl HubSpotClient {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        let error = || serde_json::from_value::<ApiError>(json.clone()).unwrap_or_default();
+        let error = || {
+            let mut e = serde_json::from_value::<ApiError>(json.clone()).unwrap_or_default();
+            // OAuth errors carry the HubSpot category in `status` (e.g. BAD_REFRESH_TOKEN).
+            if e.category.is_empty() {
+                if let Some(s) = json.get("status").and_then(Value::as_str) {
+                    e.category = s.to_string();
+                }
+            }
+            e
+        };
         match status {
             200..=299 => Ok((status, json)),
             429 => Err(HubSpotError::RateLimited {
@@ -215,6 +275,25 @@ pub struct Portal {
     pub client: HubSpotClient,
     pub token: String,
     pub limiter: Arc<RateLimiter>,
+}
+
+/// What happened to one input of a batch create.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateResult {
+    Created(String),
+    /// A contact with that e-mail exists already: its record id.
+    Exists(String),
+    Rejected {
+        category: String,
+        message: String,
+    },
+}
+
+/// The record id in HubSpot's "Contact already exists. Existing ID: 123".
+fn existing_id(message: &str) -> Option<String> {
+    let rest = message.split("Existing ID:").nth(1)?.trim_start();
+    let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    (!id.is_empty()).then_some(id)
 }
 
 /// What a batch update did.
@@ -392,6 +471,75 @@ impl Portal {
                 Some((properties::normalize_email(email), id))
             })
             .collect())
+    }
+
+    /// Creates contacts (≤100), each with an `objectWriteTraceId` so that HubSpot
+    /// reports every input on its own (207) instead of failing the batch.
+    pub async fn create_contacts(
+        &self,
+        inputs: &[(String, BTreeMap<String, String>)],
+    ) -> Result<HashMap<String, CreateResult>, HubSpotError> {
+        let body: Vec<Value> = inputs
+            .iter()
+            .map(|(trace, props)| json!({"objectWriteTraceId": trace, "properties": props}))
+            .collect();
+        let (_, resp) = self
+            .call(
+                "contacts.batch_create",
+                reqwest::Method::POST,
+                &self.client.contacts_path("/batch/create"),
+                Some(&json!({"inputs": body})),
+            )
+            .await?;
+        let mut out = HashMap::new();
+        for r in resp
+            .get("results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let (Some(id), Some(trace)) = (
+                r.get("id").and_then(Value::as_str),
+                r.get("objectWriteTraceId").and_then(Value::as_str),
+            ) else {
+                continue;
+            };
+            out.insert(trace.to_string(), CreateResult::Created(id.to_string()));
+        }
+        for e in resp
+            .get("errors")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let message = e
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let category = e
+                .get("category")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let traces = e
+                .pointer("/context/objectWriteTraceId")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str);
+            for trace in traces {
+                let result = match existing_id(&message) {
+                    Some(id) => CreateResult::Exists(id),
+                    None => CreateResult::Rejected {
+                        category: category.clone(),
+                        message: message.clone(),
+                    },
+                };
+                out.insert(trace.to_string(), result);
+            }
+        }
+        Ok(out)
     }
 
     /// Updates contacts by record id (≤100).

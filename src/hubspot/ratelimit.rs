@@ -93,27 +93,40 @@ impl RateLimiter {
     }
 }
 
-/// One limiter per portal, shared by every part of the process that calls HubSpot.
+/// What every part of the process that calls a portal shares: its rate
+/// limiter, and the lock a delivery round holds, so that a disconnect can wait
+/// for the round in flight and no call for the Spot follows its commit.
+pub struct PortalGate {
+    pub limiter: std::sync::Arc<RateLimiter>,
+    pub round: tokio::sync::Mutex<()>,
+}
+
+/// The gates of all portals, created on first use.
 #[derive(Clone)]
-pub struct Limiters {
+pub struct Gates {
     limit: u32,
     by_portal: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<RateLimiter>>>,
+        std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<PortalGate>>>,
     >,
 }
 
-impl Limiters {
+impl Gates {
     pub fn new(limit: u32) -> Self {
-        Limiters {
+        Gates {
             limit,
             by_portal: Default::default(),
         }
     }
 
-    pub fn portal(&self, portal_id: i64) -> std::sync::Arc<RateLimiter> {
+    pub fn portal(&self, portal_id: i64) -> std::sync::Arc<PortalGate> {
         let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(portal_id)
-            .or_insert_with(|| std::sync::Arc::new(RateLimiter::new(self.limit)))
+            .or_insert_with(|| {
+                std::sync::Arc::new(PortalGate {
+                    limiter: std::sync::Arc::new(RateLimiter::new(self.limit)),
+                    round: tokio::sync::Mutex::new(()),
+                })
+            })
             .clone()
     }
 }

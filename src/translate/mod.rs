@@ -7,9 +7,39 @@
 //! custom roles are recorded as fan-outs that the hand-off expands to members
 //! in the same database transaction that stores the checkpoint.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
 
 use crate::replication::{Op, RowChange, Transaction, TxItem};
+
+/// Prefix of the transactional logical messages that carry a Spot's settings
+/// in commit order (written with every settings change, see `store::integrations`).
+pub const SETTINGS_PREFIX: &str = "hubspot_sidecar.settings";
+
+/// A Spot's settings as the stream has seen them so far.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpotSettings {
+    pub spot_id: i64,
+    pub status: String,
+    pub create_contacts: bool,
+    #[serde(default)]
+    pub activities: Activities,
+}
+
+/// Activity categories (SPEC §3), all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Activities {
+    pub members: bool,
+    pub lives: bool,
+    pub discussions: bool,
+    pub collections: bool,
+    pub courses: bool,
+}
+
+/// Settings of every Spot, keyed by Spot id, as of the stream position.
+pub type StreamSettings = HashMap<i64, SpotSettings>;
 
 /// The tables the sidecar reads; everything else in the stream is ignored.
 pub const SCHEMA: &str = "public";
@@ -27,15 +57,24 @@ pub struct PropertyWork {
     pub custom_roles: BTreeSet<i64>,
     /// A truncate of a membership table: every member must be recomputed.
     pub all_members: bool,
+    /// Members inserted while their Spot's contact creation was on (stream order).
+    pub create_contacts: BTreeSet<i64>,
+    /// The latest settings each Spot's messages carried.
+    pub settings: BTreeMap<i64, SpotSettings>,
 }
 
 impl PropertyWork {
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
+    /// Whether some member's properties may have changed.
+    pub fn touches_members(&self) -> bool {
+        !(self.members.is_empty()
             && self.groups.is_empty()
             && self.tags.is_empty()
             && self.custom_roles.is_empty()
-            && !self.all_members
+            && !self.all_members)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        !self.touches_members() && self.settings.is_empty()
     }
 
     /// Coalesces another transaction's work into this one.
@@ -46,15 +85,39 @@ impl PropertyWork {
         self.tags.extend(other.tags);
         self.custom_roles.extend(other.custom_roles);
         self.all_members |= other.all_members;
+        self.create_contacts.extend(other.create_contacts);
+        self.settings.extend(other.settings);
     }
 }
 
-/// The work one transaction implies.
-pub fn translate(tx: &Transaction) -> PropertyWork {
+/// The work one transaction implies. Settings messages update `settings` in
+/// place, so a toggle governs exactly the changes after it in commit order.
+pub fn translate(settings: &mut StreamSettings, tx: &Transaction) -> PropertyWork {
     let mut work = PropertyWork::default();
     for item in &tx.items {
         match item {
-            TxItem::Change(c) if &*c.schema == SCHEMA => property_change(c, &mut work),
+            TxItem::Message { prefix, content } if prefix == SETTINGS_PREFIX => {
+                match serde_json::from_slice::<SpotSettings>(content) {
+                    Ok(s) => {
+                        settings.insert(s.spot_id, s.clone());
+                        work.settings.insert(s.spot_id, s);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed settings message"),
+                }
+            }
+            TxItem::Change(c) if &*c.schema == SCHEMA => {
+                property_change(c, &mut work);
+                if c.op == Op::Insert && &*c.table == "members" {
+                    let new = c.new.as_ref();
+                    let spot = new.and_then(|r| r.i64("spot_id"));
+                    let creating = spot
+                        .and_then(|s| settings.get(&s))
+                        .is_some_and(|s| s.create_contacts && s.status == "active");
+                    if let (true, Some(id)) = (creating, new.and_then(|r| r.i64("id"))) {
+                        work.create_contacts.insert(id);
+                    }
+                }
+            }
             TxItem::Truncate { schema, table } if &**schema == SCHEMA => {
                 if matches!(
                     &**table,
@@ -167,47 +230,50 @@ mod tests {
 
     #[test]
     fn members_memberships_and_renames() {
-        let work = translate(&tx(vec![
-            relation(1, "members", &["id", "spot_id"]),
-            relation(2, "group_members", &["group_id", "member_id"]),
-            relation(3, "groups", &["id", "spot_id", "name"]),
-            relation(4, "custom_roles", &["id", "spot_id", "name"]),
-            relation(5, "lives", &["id"]),
-            Message::Insert {
-                relation_id: 1,
-                new: t(&["10", "1"]),
-            },
-            Message::Update {
-                relation_id: 1,
-                old: None,
-                new: t(&["11", "1"]),
-            },
-            Message::Delete {
-                relation_id: 2,
-                old: OldTuple {
-                    kind: OldKind::Key,
-                    tuple: t(&["7", "12"]),
+        let work = translate(
+            &mut StreamSettings::new(),
+            &tx(vec![
+                relation(1, "members", &["id", "spot_id"]),
+                relation(2, "group_members", &["group_id", "member_id"]),
+                relation(3, "groups", &["id", "spot_id", "name"]),
+                relation(4, "custom_roles", &["id", "spot_id", "name"]),
+                relation(5, "lives", &["id"]),
+                Message::Insert {
+                    relation_id: 1,
+                    new: t(&["10", "1"]),
                 },
-            },
-            Message::Update {
-                relation_id: 3,
-                old: None,
-                new: t(&["7", "1", "Renamed"]),
-            },
-            Message::Insert {
-                relation_id: 3,
-                new: t(&["8", "1", "New group"]),
-            },
-            Message::Update {
-                relation_id: 4,
-                old: None,
-                new: t(&["3", "1", "Champion"]),
-            },
-            Message::Insert {
-                relation_id: 5,
-                new: t(&["99"]),
-            },
-        ]));
+                Message::Update {
+                    relation_id: 1,
+                    old: None,
+                    new: t(&["11", "1"]),
+                },
+                Message::Delete {
+                    relation_id: 2,
+                    old: OldTuple {
+                        kind: OldKind::Key,
+                        tuple: t(&["7", "12"]),
+                    },
+                },
+                Message::Update {
+                    relation_id: 3,
+                    old: None,
+                    new: t(&["7", "1", "Renamed"]),
+                },
+                Message::Insert {
+                    relation_id: 3,
+                    new: t(&["8", "1", "New group"]),
+                },
+                Message::Update {
+                    relation_id: 4,
+                    old: None,
+                    new: t(&["3", "1", "Champion"]),
+                },
+                Message::Insert {
+                    relation_id: 5,
+                    new: t(&["99"]),
+                },
+            ]),
+        );
         assert_eq!(
             work.members.iter().copied().collect::<Vec<_>>(),
             vec![10, 11, 12]
@@ -230,34 +296,78 @@ mod tests {
         if let Message::Relation(r) = &mut other {
             r.namespace = "archive".into();
         }
-        let work = translate(&tx(vec![
-            relation(1, "members", &["id", "spot_id"]),
-            other,
-            Message::Delete {
-                relation_id: 1,
-                old: OldTuple {
-                    kind: OldKind::Key,
-                    tuple: t(&["10"]),
+        let work = translate(
+            &mut StreamSettings::new(),
+            &tx(vec![
+                relation(1, "members", &["id", "spot_id"]),
+                other,
+                Message::Delete {
+                    relation_id: 1,
+                    old: OldTuple {
+                        kind: OldKind::Key,
+                        tuple: t(&["10"]),
+                    },
                 },
-            },
-            Message::Insert {
-                relation_id: 9,
-                new: t(&["11", "1"]),
-            },
-        ]));
+                Message::Insert {
+                    relation_id: 9,
+                    new: t(&["11", "1"]),
+                },
+            ]),
+        );
         assert!(work.is_empty());
     }
 
     #[test]
     fn truncating_a_membership_table_recomputes_everyone() {
-        let work = translate(&tx(vec![
-            relation(2, "member_tags", &["member_id", "tag_id"]),
-            Message::Truncate {
-                options: 0,
-                relation_ids: vec![2],
-            },
-        ]));
+        let work = translate(
+            &mut StreamSettings::new(),
+            &tx(vec![
+                relation(2, "member_tags", &["member_id", "tag_id"]),
+                Message::Truncate {
+                    options: 0,
+                    relation_ids: vec![2],
+                },
+            ]),
+        );
         assert!(work.all_members);
         assert!(!work.is_empty());
+    }
+
+    #[test]
+    fn contact_creation_follows_the_toggle_in_commit_order() {
+        let on = serde_json::json!({"spot_id": 1, "status": "active", "create_contacts": true});
+        let message = Message::LogicalMessage {
+            transactional: true,
+            lsn: 1,
+            prefix: SETTINGS_PREFIX.into(),
+            content: Bytes::from(on.to_string()),
+        };
+        let mut settings = StreamSettings::new();
+        let work = translate(
+            &mut settings,
+            &tx(vec![
+                relation(1, "members", &["id", "spot_id"]),
+                Message::Insert {
+                    relation_id: 1,
+                    new: t(&["10", "1"]),
+                },
+                message,
+                Message::Insert {
+                    relation_id: 1,
+                    new: t(&["11", "1"]),
+                },
+                Message::Insert {
+                    relation_id: 1,
+                    new: t(&["12", "2"]),
+                },
+            ]),
+        );
+        assert_eq!(
+            work.create_contacts.iter().copied().collect::<Vec<_>>(),
+            vec![11]
+        );
+        assert!(settings[&1].create_contacts);
+        assert_eq!(settings[&1].activities, Activities::default());
+        assert!(work.settings.contains_key(&1));
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use hubspot_emulator::{Emulator, EmulatorConfig};
-use hubspot_sidecar::config::{ActivityApi, Config, HubSpotConfig, LogFormat};
+use hubspot_sidecar::config::{Config, LogFormat};
 use hubspot_sidecar::pg_cluster::PgCluster;
 use hubspot_sidecar::service::{self, Running};
 use tokio::sync::{watch, OnceCell};
@@ -64,32 +64,7 @@ pub async fn emulator() -> Emulator {
 }
 
 pub fn config(db_url: &str, slot: &str, hubspot_base: &str) -> Config {
-    Config {
-        database_url: db_url.to_string(),
-        slot: slot.to_string(),
-        publication: "hubspot_sidecar".into(),
-        listen: "127.0.0.1:0".into(),
-        public_url: "http://localhost".into(),
-        admin_token: ADMIN_TOKEN.into(),
-        secret_key: SECRET_KEY,
-        hubspot: HubSpotConfig {
-            api_base: hubspot_base.to_string(),
-            auth_base: hubspot_base.to_string(),
-            api_version: "2026-03".into(),
-            client_id: None,
-            client_secret: None,
-            app_id: None,
-            developer_api_key: None,
-            activity_api: ActivityApi::AppEvents,
-            app_event_prefix: String::new(),
-            rate_limit: 100,
-        },
-        fail_after: Duration::from_secs(900),
-        failed_retention: Duration::from_secs(7 * 86_400),
-        smtp_url: None,
-        smtp_from: None,
-        log_format: LogFormat::Text,
-    }
+    Config::local(db_url, slot, hubspot_base, ADMIN_TOKEN, SECRET_KEY)
 }
 
 /// An in-process sidecar.
@@ -231,4 +206,121 @@ pub async fn seed_member(db: &Client, spot_id: i64, email: &str, status: &str) -
 pub fn prop(emu: &Emulator, portal: u64, email: &str, name: &str) -> Option<String> {
     emu.contact_by_email(portal, email)
         .and_then(|c| c.properties.get(name).cloned())
+}
+
+/// A config for OAuth: the sidecar listens on a port chosen now, so that its
+/// public URL (the redirect URI) is known before it starts.
+pub fn oauth_config(db_url: &str, slot: &str, emu: &Emulator) -> Config {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let mut cfg = config(db_url, slot, &emu.base_url());
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.public_url = format!("http://127.0.0.1:{port}");
+    let defaults = EmulatorConfig::default();
+    cfg.hubspot.client_id = Some(defaults.client_id);
+    cfg.hubspot.client_secret = Some(defaults.client_secret);
+    cfg.hubspot.app_id = Some(defaults.app_id.to_string());
+    cfg
+}
+
+/// The whole OAuth dance as a browser would do it: connect `{}`, follow the
+/// authorize URL to the emulator, which redirects to the sidecar's callback.
+/// Returns the callback's status and page.
+pub async fn oauth_connect(sidecar: &Sidecar, spot_id: i64) -> (u16, String) {
+    let (status, body) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot_id}/hubspot/connect"),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "connect {{}} answered {body}");
+    let authorize = body["authorize_url"]
+        .as_str()
+        .expect("authorize_url")
+        .to_string();
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let resp = browser.get(&authorize).send().await.expect("authorize");
+    assert_eq!(resp.status().as_u16(), 302, "authorize redirects");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location")
+        .to_string();
+    assert!(
+        location.starts_with(&sidecar.url("/oauth/hubspot/callback")),
+        "{location}"
+    );
+    let resp = browser.get(&location).send().await.expect("callback");
+    (
+        resp.status().as_u16(),
+        resp.text().await.unwrap_or_default(),
+    )
+}
+
+/// A local SMTP listener that accepts every message and keeps its text.
+pub struct SmtpSink {
+    pub port: u16,
+    messages: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    pub async fn start() -> SmtpSink {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = messages.clone();
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = sock.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut envelope = String::new();
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let upper = line.to_ascii_uppercase();
+                        let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO")
+                        {
+                            b"250 sink\r\n"
+                        } else if upper.starts_with("MAIL") || upper.starts_with("RCPT") {
+                            envelope.push_str(&line);
+                            envelope.push('\n');
+                            b"250 OK\r\n"
+                        } else if upper.starts_with("DATA") {
+                            let _ = w.write_all(b"354 go ahead\r\n").await;
+                            let mut data = std::mem::take(&mut envelope);
+                            while let Ok(Some(l)) = lines.next_line().await {
+                                if l == "." {
+                                    break;
+                                }
+                                data.push_str(&l);
+                                data.push('\n');
+                            }
+                            store.lock().unwrap().push(data);
+                            b"250 queued\r\n"
+                        } else if upper.starts_with("QUIT") {
+                            let _ = w.write_all(b"221 bye\r\n").await;
+                            break;
+                        } else {
+                            b"250 OK\r\n"
+                        };
+                        let _ = w.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        SmtpSink { port, messages }
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        self.messages.lock().unwrap().clone()
+    }
 }

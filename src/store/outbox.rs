@@ -1,0 +1,324 @@
+//! The outbox as delivery sees it: due rows, the members' current values,
+//! what is known of their contacts, and the completion of a delivery round.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Client;
+
+use super::DbError;
+
+/// A due outbox row.
+#[derive(Clone, Debug)]
+pub struct Marker {
+    pub spot_id: i64,
+    pub member_id: i64,
+    pub version: i64,
+    /// The member was inserted while contact creation was on.
+    pub create_contact: bool,
+    pub enqueued_at: DateTime<Utc>,
+}
+
+pub async fn due_markers(
+    db: &Client,
+    spot_ids: &[i64],
+    limit: i64,
+) -> Result<Vec<Marker>, DbError> {
+    let rows = db
+        .query(
+            "SELECT spot_id, member_id, version, create_contact, enqueued_at FROM hubspot_sync.property_outbox
+              WHERE spot_id = ANY($1) AND next_attempt_at <= now()
+              ORDER BY next_attempt_at, version LIMIT $2",
+            &[&spot_ids, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Marker {
+            spot_id: r.get(0),
+            member_id: r.get(1),
+            version: r.get(2),
+            create_contact: r.get(3),
+            enqueued_at: r.get(4),
+        })
+        .collect())
+}
+
+pub async fn spot_backlog(db: &Client, spot_id: i64) -> Result<i64, DbError> {
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = $1",
+            &[&spot_id],
+        )
+        .await?
+        .get(0))
+}
+
+pub async fn backlog_size(db: &Client) -> Result<i64, DbError> {
+    Ok(db
+        .query_one("SELECT count(*) FROM hubspot_sync.property_outbox", &[])
+        .await?
+        .get(0))
+}
+
+/// A member's source values, read at delivery time.
+#[derive(Clone, Debug)]
+pub struct MemberRecord {
+    pub spot_id: i64,
+    pub member_id: i64,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub status: String,
+    pub role: String,
+    pub custom_role: Option<String>,
+    pub invited_at: Option<DateTime<Utc>>,
+    pub registered_at: Option<DateTime<Utc>>,
+    pub groups: Vec<String>,
+    pub tags: Vec<String>,
+    pub headline: Option<String>,
+    pub bio: Option<String>,
+}
+
+pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<MemberRecord>, DbError> {
+    let rows = db
+        .query(
+            "SELECT m.spot_id, m.id, m.email, m.first_name, m.last_name, m.status, m.role, cr.name,
+                    m.invited_at, m.registered_at, m.headline, m.bio,
+                    ARRAY(SELECT g.name FROM public.group_members gm JOIN public.groups g ON g.id = gm.group_id
+                           WHERE gm.member_id = m.id),
+                    ARRAY(SELECT t.name FROM public.member_tags mt JOIN public.tags t ON t.id = mt.tag_id
+                           WHERE mt.member_id = m.id)
+               FROM public.members m
+               LEFT JOIN public.custom_roles cr ON cr.id = m.custom_role_id
+              WHERE m.id = ANY($1)",
+            &[&member_ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| MemberRecord {
+            spot_id: r.get(0),
+            member_id: r.get(1),
+            email: r.get(2),
+            first_name: r.get(3),
+            last_name: r.get(4),
+            status: r.get(5),
+            role: r.get(6),
+            custom_role: r.get(7),
+            invited_at: r.get(8),
+            registered_at: r.get(9),
+            headline: r.get(10),
+            bio: r.get(11),
+            groups: r.get(12),
+            tags: r.get(13),
+        })
+        .collect())
+}
+
+/// What is known of a member's contact.
+#[derive(Clone, Debug, Default)]
+pub struct ContactState {
+    pub email: String,
+    pub contact_id: Option<String>,
+    pub written: HashMap<String, String>,
+}
+
+pub async fn contact_states(
+    db: &Client,
+    keys: &[(i64, i64)],
+) -> Result<HashMap<(i64, i64), ContactState>, DbError> {
+    let spots: Vec<i64> = keys.iter().map(|k| k.0).collect();
+    let members: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    let rows = db
+        .query(
+            "SELECT c.spot_id, c.member_id, c.email, c.contact_id, c.written
+               FROM hubspot_sync.contact_map c
+               JOIN unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
+                 ON k.spot_id = c.spot_id AND k.member_id = c.member_id",
+            &[&spots, &members],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let written: serde_json::Value = r.get(4);
+            let written = serde_json::from_value(written).unwrap_or_default();
+            (
+                (r.get(0), r.get(1)),
+                ContactState {
+                    email: r.get(2),
+                    contact_id: r.get(3),
+                    written,
+                },
+            )
+        })
+        .collect())
+}
+
+/// The result of delivering one member's marker.
+#[derive(Clone, Debug)]
+pub enum Completion {
+    /// Written (or nothing to write): remember the contact and the values now in HubSpot.
+    Written {
+        marker: Marker,
+        email: String,
+        contact_id: String,
+        written: HashMap<String, String>,
+    },
+    /// The member has no contact, or no longer exists: nothing is written.
+    NoContact {
+        marker: Marker,
+        email: Option<String>,
+    },
+    /// The contact turned out to exist under another id (a 409 on creation):
+    /// remember it and deliver the row again as an update.
+    Remap {
+        marker: Marker,
+        email: String,
+        contact_id: String,
+    },
+    /// HubSpot rejected the write: dead-letter it; the next change writes again.
+    DeadLetter {
+        marker: Marker,
+        email: String,
+        contact_id: Option<String>,
+        payload: serde_json::Value,
+        reason: String,
+    },
+}
+
+impl Completion {
+    fn key(&self) -> (i64, i64) {
+        let m = match self {
+            Completion::Written { marker, .. }
+            | Completion::NoContact { marker, .. }
+            | Completion::Remap { marker, .. }
+            | Completion::DeadLetter { marker, .. } => marker,
+        };
+        (m.spot_id, m.member_id)
+    }
+}
+
+/// Records completions and deletes their outbox rows, unless a newer change
+/// arrived meanwhile (the version moved on), in one transaction.
+pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbError> {
+    let mut done: Vec<&Completion> = done.iter().collect();
+    // Same lock order as the hand-off, so the two never deadlock.
+    done.sort_by_key(|c| c.key());
+    let tx = db.transaction().await?;
+    for c in done {
+        let marker = match c {
+            Completion::Written {
+                marker,
+                email,
+                contact_id,
+                written,
+            } => {
+                let written = serde_json::to_value(written).unwrap_or_default();
+                tx.execute(
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at)
+                     VALUES ($1, $2, $3, $4, $5, now())
+                     ON CONFLICT (spot_id, member_id) DO UPDATE
+                        SET email = $3, contact_id = $4, written = $5, updated_at = now()",
+                    &[&marker.spot_id, &marker.member_id, email, contact_id, &written],
+                )
+                .await?;
+                marker
+            }
+            Completion::NoContact { marker, email } => {
+                match email {
+                    Some(email) => tx
+                        .execute(
+                            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
+                             VALUES ($1, $2, $3, NULL, '{}')
+                             ON CONFLICT (spot_id, member_id) DO UPDATE
+                                SET email = $3, contact_id = NULL, written = '{}', updated_at = now()",
+                            &[&marker.spot_id, &marker.member_id, email],
+                        )
+                        .await?,
+                    None => tx
+                        .execute(
+                            "DELETE FROM hubspot_sync.contact_map WHERE spot_id = $1 AND member_id = $2",
+                            &[&marker.spot_id, &marker.member_id],
+                        )
+                        .await?,
+                };
+                marker
+            }
+            Completion::Remap {
+                marker,
+                email,
+                contact_id,
+            } => {
+                tx.execute(
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
+                     VALUES ($1, $2, $3, $4, '{}')
+                     ON CONFLICT (spot_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
+                    &[&marker.spot_id, &marker.member_id, email, contact_id],
+                )
+                .await?;
+                // The outbox row stays: the next round writes the properties.
+                continue;
+            }
+            Completion::DeadLetter {
+                marker,
+                email,
+                contact_id,
+                payload,
+                reason,
+            } => {
+                tx.execute(
+                    "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
+                     VALUES ($1, $2, 'contact_properties', $3, $4)",
+                    &[&marker.spot_id, &marker.member_id, payload, reason],
+                )
+                .await?;
+                // Keep the mapping but forget what was written, so the next
+                // change sends every property again.
+                tx.execute(
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
+                     VALUES ($1, $2, $3, $4, '{}')
+                     ON CONFLICT (spot_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
+                    &[&marker.spot_id, &marker.member_id, email, contact_id],
+                )
+                .await?;
+                marker
+            }
+        };
+        tx.execute(
+            "DELETE FROM hubspot_sync.property_outbox WHERE spot_id = $1 AND member_id = $2 AND version = $3",
+            &[&marker.spot_id, &marker.member_id, &marker.version],
+        )
+        .await?;
+    }
+    tx.commit().await
+}
+
+/// Pushes markers back after a transient failure.
+pub async fn postpone(
+    db: &Client,
+    markers: &[Marker],
+    delay: std::time::Duration,
+) -> Result<(), DbError> {
+    let spots: Vec<i64> = markers.iter().map(|m| m.spot_id).collect();
+    let members: Vec<i64> = markers.iter().map(|m| m.member_id).collect();
+    let secs = delay.as_secs_f64();
+    db.execute(
+        "WITH k AS (
+             SELECT o.spot_id, o.member_id
+               FROM hubspot_sync.property_outbox o
+               JOIN unnest($1::bigint[], $2::bigint[]) u(spot_id, member_id)
+                 ON o.spot_id = u.spot_id AND o.member_id = u.member_id
+              ORDER BY o.spot_id, o.member_id
+                FOR UPDATE OF o
+         )
+         UPDATE hubspot_sync.property_outbox o
+            SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $3)
+           FROM k
+          WHERE o.spot_id = k.spot_id AND o.member_id = k.member_id",
+        &[&spots, &members, &secs],
+    )
+    .await?;
+    Ok(())
+}
