@@ -8,6 +8,7 @@
 pub mod config;
 pub mod deliver;
 pub mod demo;
+pub mod doctor;
 pub mod http;
 pub mod hubspot;
 pub mod metrics;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hubspot_sidecar::{config, demo, service};
+use hubspot_sidecar::{config, demo, doctor, service};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +20,8 @@ enum Command {
     Run(Box<config::RunArgs>),
     /// Run a self-contained demo: throwaway Postgres, HubSpot emulator, a seeded Spot.
     Demo(demo::DemoArgs),
+    /// Check that the database is ready for the sidecar; prints PASS/WARN/FAIL with fixes.
+    Doctor(doctor::DoctorArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
             })
         }
         Command::Demo(args) => rt.block_on(demo::run(args)),
+        Command::Doctor(args) => return rt.block_on(doctor::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
