@@ -4,6 +4,7 @@
 pub mod oauth;
 pub mod properties;
 pub mod ratelimit;
+pub mod timeline;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
