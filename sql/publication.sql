@@ -9,8 +9,11 @@
 -- default replica identity, so UPDATE and DELETE keep working for the
 -- application and deletes carry the key the sidecar needs (for
 -- group_members and member_tags the key is both columns, so a delete names
--- the member). The activity tables use FULL so that an update tells whether
--- attended_at / started_at / completed_at *became* non-null.
+-- the member). members, live_registrations and course_progress use FULL so
+-- that an update tells whether members.status, attended_at, started_at or
+-- completed_at *became* what triggers an activity. FULL writes the old row
+-- into the WAL on every UPDATE of those tables (the price of exact
+-- activities; members' bio is the largest column).
 
 CREATE PUBLICATION hubspot_sidecar FOR TABLE
     public.members,
@@ -27,7 +30,7 @@ CREATE PUBLICATION hubspot_sidecar FOR TABLE
     public.course_progress
     WITH (publish = 'insert, update, delete, truncate');
 
-ALTER TABLE public.members            REPLICA IDENTITY DEFAULT;
+ALTER TABLE public.members            REPLICA IDENTITY FULL;
 ALTER TABLE public.custom_roles       REPLICA IDENTITY DEFAULT;
 ALTER TABLE public.groups             REPLICA IDENTITY DEFAULT;
 ALTER TABLE public.group_members      REPLICA IDENTITY DEFAULT;

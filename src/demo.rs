@@ -54,7 +54,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let db = store::connect(&url).await?;
     println!("• starting the HubSpot emulator …");
     let emu = Emulator::start(EmulatorConfig::default()).await?;
-    let (portal, token) = emu.create_portal();
+    let (portal, _service_key) = emu.create_portal();
 
     let spot = seed(&db, &emu, portal, args.members).await?;
     println!(
@@ -63,7 +63,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         emu.contacts(portal).len()
     );
 
-    let cfg = demo_config(&url, &emu.base_url());
+    let cfg = demo_config(&url, &emu.base_url())?;
     let admin = cfg.admin_token.clone();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -71,10 +71,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let running = started_rx.await.context("the sidecar failed to start")?;
     let api = format!("http://{}", running.listen_addr);
     let http = reqwest::Client::new();
+
+    // The real OAuth flow: the admin API hands out the authorize URL, the
+    // "browser" follows it to the emulator, which redirects to our callback.
+    emu.set_next_grant_portal(Some(portal));
     let resp = http
         .post(format!("{api}/api/spots/{spot}/hubspot/connect"))
         .bearer_auth(&admin)
-        .json(&serde_json::json!({"access_token": token}))
+        .json(&serde_json::json!({}))
         .send()
         .await?;
     anyhow::ensure!(
@@ -82,7 +86,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "connect failed: {}",
         resp.text().await?
     );
-    println!("• connected the Spot to HubSpot portal {portal} through the admin API ({api})");
+    let authorize: serde_json::Value = resp.json().await?;
+    let authorize = authorize["authorize_url"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let page = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()?
+        .get(&authorize)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        page.status().is_success(),
+        "the OAuth callback answered {}",
+        page.status()
+    );
+    println!("• connected the Spot to HubSpot portal {portal} through OAuth ({api}/oauth/hubspot/callback)");
+    let resp = http
+        .patch(format!("{api}/api/spots/{spot}/hubspot/settings"))
+        .bearer_auth(&admin)
+        .json(&serde_json::json!({"create_contacts": true, "activities": {
+            "members": true, "lives": true, "discussions": true, "collections": true, "courses": true}}))
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "settings failed: {}",
+        resp.text().await?
+    );
+    println!("• turned on contact creation and every activity category");
 
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(7);
@@ -136,14 +169,24 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn demo_config(url: &str, hubspot: &str) -> Config {
-    Config::local(
+fn demo_config(url: &str, hubspot: &str) -> anyhow::Result<Config> {
+    // The redirect URI must be known before the sidecar starts: choose the port now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut cfg = Config::local(
         url,
         "hubspot_sidecar",
         hubspot,
         &hex::encode(rand::random::<[u8; 16]>()),
         rand::random(),
-    )
+    );
+    let app = EmulatorConfig::default();
+    cfg.listen = format!("127.0.0.1:{port}");
+    cfg.public_url = format!("http://127.0.0.1:{port}");
+    cfg.hubspot.client_id = Some(app.client_id);
+    cfg.hubspot.client_secret = Some(app.client_secret);
+    Ok(cfg)
 }
 
 async fn seed(
@@ -163,6 +206,13 @@ async fn seed(
         "INSERT INTO custom_roles (spot_id, name) VALUES ({spot}, 'Ambassador'), ({spot}, 'Mentor');
          INSERT INTO groups (spot_id, name) SELECT {spot}, n FROM unnest(ARRAY['Founders','Product','Growth','Design','Sales']) n;
          INSERT INTO tags (spot_id, name) SELECT {spot}, n FROM unnest(ARRAY['vip','speaker','early-adopter','partner']) n;
+         INSERT INTO lives (spot_id, title, starts_at) VALUES ({spot}, 'Community kickoff', now()), ({spot}, 'Growth AMA', now() + interval '1 day');
+         INSERT INTO topics (spot_id, author_member_id, title) VALUES ({spot}, NULL, 'What should we build next?'), ({spot}, NULL, 'Introduce yourself');
+         INSERT INTO documents (spot_id, kind, title, url) VALUES
+             ({spot}, 'page', 'Community guidelines', 'https://example.com/guidelines'),
+             ({spot}, 'link', 'Growth playbook', 'https://example.com/playbook'),
+             ({spot}, 'file', 'Brand kit', 'https://example.com/brand.zip');
+         INSERT INTO courses (spot_id, title) VALUES ({spot}, 'Onboarding 101'), ({spot}, 'Advanced growth');
          INSERT INTO members (spot_id, email, first_name, last_name, status, role, invited_at, registered_at)
               SELECT {spot}, 'member' || g || '@example.com', 'First' || g, 'Last' || g,
                      (ARRAY['invited','accepted','pending','left','declined','deactivated'])[1 + g % 6],
@@ -188,56 +238,134 @@ async fn change(
     rng: &mut StdRng,
 ) -> anyhow::Result<()> {
     let email = format!("member{}@example.com", rng.gen_range(1..=members));
+    let member = "(SELECT id FROM members WHERE spot_id = $1 AND email = $2)";
+    let pick = |table: &str| {
+        format!("(SELECT id FROM {table} WHERE spot_id = $1 ORDER BY random() LIMIT 1)")
+    };
     match rng.gen_range(0..100) {
-        0..=34 => {
+        0..=19 => {
             let headline = format!("Headline #{}", rng.gen_range(0..10_000));
             db.execute(
-                "UPDATE members SET headline = $1, updated_at = now() WHERE spot_id = $2 AND email = $3",
-                &[&headline, &spot, &email],
+                "UPDATE members SET headline = $3, updated_at = now() WHERE spot_id = $1 AND email = $2",
+                &[&spot, &email, &headline],
             )
             .await?;
         }
-        35..=49 => {
+        20..=27 => {
             let status = STATUSES[rng.gen_range(0..STATUSES.len())];
             db.execute(
-                "UPDATE members SET status = $1, updated_at = now() WHERE spot_id = $2 AND email = $3",
-                &[&status, &spot, &email],
+                "UPDATE members SET status = $3, updated_at = now() WHERE spot_id = $1 AND email = $2",
+                &[&spot, &email, &status],
             )
             .await?;
         }
-        50..=69 => {
+        28..=37 => {
             db.execute(
-                "INSERT INTO group_members (group_id, member_id)
-                 SELECT (SELECT id FROM groups WHERE spot_id = $1 ORDER BY random() LIMIT 1), id
-                   FROM members WHERE spot_id = $1 AND email = $2 ON CONFLICT DO NOTHING",
+                &format!("INSERT INTO group_members (group_id, member_id) SELECT {}, {member} ON CONFLICT DO NOTHING", pick("groups")),
                 &[&spot, &email],
             )
             .await?;
         }
-        70..=79 => {
+        38..=42 => {
             db.execute(
-                "DELETE FROM group_members WHERE member_id = (SELECT id FROM members WHERE spot_id = $1 AND email = $2)",
+                &format!("DELETE FROM group_members WHERE member_id = {member}"),
                 &[&spot, &email],
             )
             .await?;
         }
-        80..=94 => {
+        43..=49 => {
             db.execute(
-                "INSERT INTO member_tags (member_id, tag_id)
-                 SELECT id, (SELECT id FROM tags WHERE spot_id = $1 ORDER BY random() LIMIT 1)
-                   FROM members WHERE spot_id = $1 AND email = $2 ON CONFLICT DO NOTHING",
+                &format!("INSERT INTO member_tags (member_id, tag_id) SELECT {member}, {} ON CONFLICT DO NOTHING", pick("tags")),
                 &[&spot, &email],
             )
             .await?;
         }
-        95..=97 => {
-            let bio = format!(
-                "Writes about community building. Joined cohort {}.",
-                rng.gen_range(1..40)
-            );
+        50..=54 => {
+            // A newcomer: with contact creation on, it gets a contact, then its activities.
+            let n: u32 = rng.gen_range(0..1_000_000);
+            let status = if rng.gen_bool(0.7) {
+                "accepted"
+            } else {
+                "pending"
+            };
             db.execute(
-                "UPDATE members SET bio = $1 WHERE spot_id = $2 AND email = $3",
-                &[&bio, &spot, &email],
+                "INSERT INTO members (spot_id, email, first_name, last_name, status, registered_at)
+                 VALUES ($1, $2, 'New', 'Member', $3, now()) ON CONFLICT DO NOTHING",
+                &[&spot, &format!("newcomer{n}@example.com"), &status],
+            )
+            .await?;
+        }
+        55..=64 => {
+            db.execute(
+                &format!(
+                    "INSERT INTO live_registrations (live_id, member_id) SELECT {}, {member}",
+                    pick("lives")
+                ),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        65..=69 => {
+            db.execute(
+                &format!("UPDATE live_registrations SET attended_at = now() WHERE attended_at IS NULL AND member_id = {member}"),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        70..=74 => {
+            db.execute(
+                &format!(
+                    "INSERT INTO replay_views (live_id, member_id) SELECT {}, {member}",
+                    pick("lives")
+                ),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        75..=79 => {
+            db.execute(
+                &format!(
+                    "INSERT INTO topic_votes (topic_id, member_id) SELECT {}, {member}",
+                    pick("topics")
+                ),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        80..=81 => {
+            let title = format!("Question #{}", rng.gen_range(0..10_000));
+            db.execute(
+                &format!(
+                    "INSERT INTO topics (spot_id, author_member_id, title) SELECT $1, {member}, $3"
+                ),
+                &[&spot, &email, &title],
+            )
+            .await?;
+        }
+        82..=89 => {
+            db.execute(
+                &format!(
+                    "INSERT INTO document_opens (document_id, member_id) SELECT {}, {member}",
+                    pick("documents")
+                ),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        90..=95 => {
+            db.execute(
+                &format!(
+                    "INSERT INTO course_progress (course_id, member_id, started_at) SELECT {}, {member}, now()",
+                    pick("courses")
+                ),
+                &[&spot, &email],
+            )
+            .await?;
+        }
+        96..=97 => {
+            db.execute(
+                &format!("UPDATE course_progress SET completed_at = now() WHERE completed_at IS NULL AND member_id = {member}"),
+                &[&spot, &email],
             )
             .await?;
         }
@@ -328,7 +456,7 @@ async fn summary(
         updated.len()
     );
     println!(
-        "  contacts created               {} (contact creation is off: members without a contact get none)",
+        "  contacts created               {} (contact creation is on for members who joined during the demo)",
         emu.contacts(portal).iter().filter(|c| c.created_by != hubspot_emulator::CreatedBy::Seed).count()
     );
     println!("  contacts matching the database {converged} of {with_contact}");
@@ -345,6 +473,15 @@ async fn summary(
         contact_writes as f64 / writes.max(1) as f64,
         contact_writes.div_ceil(100),
     );
+    let events = emu.timeline_events(portal);
+    let mut by_type: std::collections::BTreeMap<&str, usize> = std::collections::BTreeMap::new();
+    for e in &events {
+        *by_type.entry(e.event_type.as_str()).or_default() += 1;
+    }
+    println!("  timeline events                {} in all", events.len());
+    for (t, n) in &by_type {
+        println!("    {t:<28} {n}");
+    }
     // The contact with the most MeltingSpot values makes the best example.
     if let Some(c) = updated.iter().max_by_key(|c| {
         c.properties
@@ -362,6 +499,26 @@ async fn summary(
             .filter(|(k, _)| k.starts_with("meltingspot_"))
         {
             println!("    {k:<36} {v}");
+        }
+    }
+    // The busiest timeline.
+    let mut per_contact: std::collections::HashMap<&str, Vec<&hubspot_emulator::TimelineEvent>> =
+        Default::default();
+    for e in &events {
+        per_contact.entry(e.object_id.as_str()).or_default().push(e);
+    }
+    if let Some((id, mut timeline)) = per_contact.into_iter().max_by_key(|(_, v)| v.len()) {
+        timeline.sort_by(|a, b| a.timestamp.cmp(&b.timestamp));
+        let email = emu
+            .contacts(portal)
+            .into_iter()
+            .find(|c| c.id == id)
+            .and_then(|c| c.properties.get("email").cloned())
+            .unwrap_or_default();
+        println!("  one contact's timeline ({email}):");
+        for e in timeline {
+            let title = e.properties.get("title").map(String::as_str).unwrap_or("");
+            println!("    {}  {:<22} {title}", e.timestamp, e.event_type);
         }
     }
     Ok(())

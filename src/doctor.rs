@@ -31,7 +31,7 @@ pub const REQUIRED_TABLES: [&str; 12] = [
 
 /// Published tables whose UPDATEs must carry the old row, so that the sidecar
 /// can tell that attended_at / started_at / completed_at *became* non-null.
-pub const FULL_IDENTITY_TABLES: [&str; 2] = ["live_registrations", "course_progress"];
+pub const FULL_IDENTITY_TABLES: [&str; 3] = ["members", "live_registrations", "course_progress"];
 
 /// Tables the sidecar only reads (names and titles), never through the slot.
 pub const LOOKUP_TABLES: [&str; 5] = ["spots", "lives", "topics", "documents", "courses"];
@@ -845,8 +845,8 @@ pub fn check_replica_identities(s: &Snapshot) -> Vec<Check> {
             {
                 out.push(Check::warn(
                     name,
-                    "not FULL: an UPDATE does not carry the old row, so a timestamp that becomes non-null \
-                     cannot be told from one that was already set (activities may repeat or be missed)",
+                    "not FULL: an UPDATE does not carry the old row, so a status or timestamp that changes \
+                     cannot be told from one that was already set (member activities are missed, others may repeat)",
                     format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
                 ))
             }

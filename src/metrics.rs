@@ -26,6 +26,7 @@ pub struct Metrics {
     pub contacts_written: IntCounter,
     pub members_without_contact: IntCounter,
     pub contacts_created: IntCounter,
+    pub activities_without_contact: IntCounter,
     pub backfill_queued: IntCounter,
     pub backfills_running: IntGauge,
     pub token_refreshes: IntCounterVec,
@@ -263,6 +264,13 @@ impl Metrics {
                 IntGauge::new(
                     p("slot_active"),
                     "1 while the replication slot is active (a reader is attached)"
+                )
+            ),
+            activities_without_contact: reg!(
+                r,
+                IntCounter::new(
+                    p("activities_without_contact_total"),
+                    "Activities dropped because the member has no HubSpot contact"
                 )
             ),
             registry: r,

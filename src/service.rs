@@ -20,11 +20,12 @@ use crate::deliver::{self, DeliverContext};
 use crate::http::{self, AppState, Health};
 use crate::hubspot::oauth::OAuthApp;
 use crate::hubspot::ratelimit::Gates;
+use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::HubSpotClient;
 use crate::metrics::Metrics;
 use crate::replication::{self, ConnParams, Source, SourceEvent};
 use crate::store::{self, secrets::Sealer};
-use crate::translate::{self, PropertyWork};
+use crate::translate::{self, Work};
 
 /// Hand off at the latest this long after the first buffered transaction…
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -112,6 +113,7 @@ pub async fn run(
                 database_url: cfg.database_url.clone(),
                 client: hubspot,
                 oauth,
+                sink: ActivitySink::from_config(&cfg.hubspot)?,
                 sealer,
                 metrics: metrics.clone(),
                 gates,
@@ -219,7 +221,7 @@ struct Capture<'a> {
 /// Transactions decoded but not yet handed off.
 #[derive(Default)]
 struct Pending {
-    work: PropertyWork,
+    work: Work,
     xids: Vec<u32>,
     end_lsn: u64,
     txs: usize,
@@ -237,7 +239,7 @@ impl Capture<'_> {
             .await?
             .unwrap_or(0);
         // Settings as of the checkpoint: the stream re-applies later changes in order.
-        let mut settings = store::load_stream_settings(db).await?;
+        let mut settings = Arc::new(store::load_stream_settings(db).await?);
         let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
             .await
             .context("starting replication")?;

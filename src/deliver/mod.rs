@@ -21,6 +21,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::hubspot::oauth::OAuthApp;
 use crate::hubspot::ratelimit::Gates;
+use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::metrics::Metrics;
 use crate::store::secrets::Sealer;
@@ -33,6 +34,8 @@ pub struct DeliverContext {
     pub database_url: String,
     pub client: HubSpotClient,
     pub oauth: Option<OAuthApp>,
+    /// How timeline events reach HubSpot (HUBSPOT_ACTIVITY_API).
+    pub sink: ActivitySink,
     pub sealer: Sealer,
     pub metrics: Arc<Metrics>,
     pub gates: Gates,

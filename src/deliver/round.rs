@@ -320,3 +320,120 @@ fn named_ids(error: &crate::hubspot::ApiError) -> HashSet<String> {
     }
     out
 }
+
+/// Delivers up to 100 queued timeline events: each needs its member's contact
+/// (by record id, never by e-mail, which would create one); a member without
+/// a contact yields no event, unless contact creation is still creating it.
+pub(super) async fn deliver_activities(
+    metrics: &Metrics,
+    db: &tokio_postgres::Client,
+    portal: &Portal,
+    sink: &crate::hubspot::timeline::ActivitySink,
+    queued: Vec<store::QueuedActivity>,
+) -> Result<Vec<store::ActivityDone>, DeliverError> {
+    use crate::hubspot::timeline::{ActivityEvent, EventOutcome};
+    use store::ActivityDone;
+
+    let mut member_ids: Vec<i64> = queued.iter().map(|q| q.member_id).collect();
+    member_ids.sort_unstable();
+    member_ids.dedup();
+    let records: HashMap<i64, MemberRecord> = store::member_records(db, &member_ids)
+        .await?
+        .into_iter()
+        .map(|r| (r.member_id, r))
+        .collect();
+    let keys: Vec<(i64, i64)> = queued.iter().map(|q| (q.spot_id, q.member_id)).collect();
+    let states = store::contact_states(db, &keys).await?;
+    let creating: HashSet<(i64, i64)> = store::pending_creations(db, &keys)
+        .await?
+        .into_iter()
+        .collect();
+
+    let mut lookups = Vec::new();
+    let mut seen = HashSet::new();
+    for q in &queued {
+        let Some(rec) = records.get(&q.member_id) else {
+            continue;
+        };
+        let email = normalize_email(&rec.email);
+        let known = states
+            .get(&(q.spot_id, q.member_id))
+            .is_some_and(|s| s.contact_id.is_some() && s.email == email);
+        if !known && seen.insert(email.clone()) {
+            lookups.push(email);
+        }
+    }
+    let found = if lookups.is_empty() {
+        HashMap::new()
+    } else {
+        portal.read_contacts_by_email(&lookups).await?
+    };
+
+    let mut done = Vec::with_capacity(queued.len());
+    let mut events = Vec::new();
+    let mut by_id: HashMap<String, (store::QueuedActivity, String)> = HashMap::new();
+    for q in queued {
+        // A member of another Spot never reaches this Spot's portal (G4).
+        let Some(rec) = records.get(&q.member_id).filter(|r| r.spot_id == q.spot_id) else {
+            done.push(ActivityDone::NoContact(q.event_id));
+            continue;
+        };
+        let email = normalize_email(&rec.email);
+        let contact = states
+            .get(&(q.spot_id, q.member_id))
+            .filter(|s| s.email == email)
+            .and_then(|s| s.contact_id.clone())
+            .or_else(|| found.get(&email).cloned());
+        let Some(contact) = contact else {
+            if creating.contains(&(q.spot_id, q.member_id)) {
+                done.push(ActivityDone::Later(
+                    q.event_id,
+                    std::time::Duration::from_secs(1),
+                ));
+            } else {
+                metrics.activities_without_contact.inc();
+                done.push(ActivityDone::NoContact(q.event_id));
+            }
+            continue;
+        };
+        events.push(ActivityEvent {
+            id: q.event_id.clone(),
+            activity: q.activity,
+            object_id: contact.clone(),
+            timestamp: q.occurred_at,
+            spot_name: q.spot_name.clone(),
+            title: q.title.clone(),
+            url: q.url.clone(),
+        });
+        by_id.insert(q.event_id.clone(), (q, contact));
+    }
+    if events.is_empty() {
+        return Ok(done);
+    }
+    let outcomes = portal.send_events(sink, &events).await?;
+    for (id, (q, contact)) in by_id {
+        match outcomes.get(&id) {
+            Some(EventOutcome::Sent) | Some(EventOutcome::Duplicate) => {
+                metrics
+                    .activities
+                    .with_label_values(&[q.activity.category().name(), q.activity.name()])
+                    .inc();
+                done.push(ActivityDone::Delivered(id));
+            }
+            Some(EventOutcome::Rejected { category, message }) => {
+                metrics
+                    .dead_letters
+                    .with_label_values(&[&reason_label(category)])
+                    .inc();
+                warn!(member_id = q.member_id, activity = q.activity.name(), %category, "HubSpot rejected an event; dead-lettered");
+                done.push(ActivityDone::Rejected {
+                    event: q,
+                    contact_id: Some(contact),
+                    reason: message.clone(),
+                });
+            }
+            None => done.push(ActivityDone::Later(id, std::time::Duration::from_secs(1))),
+        }
+    }
+    Ok(done)
+}

@@ -51,6 +51,8 @@ pub(super) struct PortalWorker {
     /// A 401 asks for one refresh before the integration is failed.
     force_refresh: bool,
     refreshed_after_401: bool,
+    /// timeline-v3 templates exist (checked once per worker).
+    templates_ready: bool,
 }
 
 #[derive(Clone)]
@@ -76,6 +78,7 @@ impl PortalWorker {
             tokens: HashMap::new(),
             force_refresh: false,
             refreshed_after_401: false,
+            templates_ready: false,
         }
     }
 
@@ -354,13 +357,28 @@ impl PortalWorker {
         // of the number of calls.
         self.gate.limiter.wait_available(3).await;
         let spot_ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
-        let markers = store::due_markers(db, &spot_ids, BATCH_LIMIT as i64).await?;
+        let properties = self.property_round(db, &portal, &spot_ids).await?;
+        let activities = self.activity_round(db, &portal, &spot_ids).await?;
+        Ok(match (properties, activities) {
+            (Round::Full, _) | (_, Round::Full) => Round::Full,
+            (Round::Partial, _) | (_, Round::Partial) => Round::Partial,
+            _ => Round::Idle,
+        })
+    }
+
+    async fn property_round(
+        &mut self,
+        db: &mut tokio_postgres::Client,
+        portal: &Portal,
+        spot_ids: &[i64],
+    ) -> Result<Round, DeliverError> {
+        let markers = store::due_markers(db, spot_ids, BATCH_LIMIT as i64).await?;
         if markers.is_empty() {
             return Ok(Round::Idle);
         }
         let full = markers.len() == BATCH_LIMIT;
         let span = tracing::debug_span!("delivery_batch", items = markers.len());
-        match round::deliver(&self.ctx.metrics, db, &portal, &markers)
+        match round::deliver(&self.ctx.metrics, db, portal, &markers)
             .instrument(span)
             .await
         {
@@ -371,21 +389,69 @@ impl PortalWorker {
                     let age = (now - m.enqueued_at).to_std().unwrap_or_default();
                     self.ctx.metrics.delivery_seconds.observe(age.as_secs_f64());
                 }
-                if self.failures > 0 || self.refreshed_after_401 {
-                    self.failures = 0;
-                    self.refreshed_after_401 = false;
-                    store::record_outcome(db, &spot_ids, None).await?;
-                }
+                self.succeeded(db, spot_ids).await?;
                 Ok(if full { Round::Full } else { Round::Partial })
             }
             Err(e) => {
                 if !matches!(e, DeliverError::HubSpot(HubSpotError::RateLimited { .. })) {
-                    let delay =
-                        Duration::from_millis(500) * 2u32.saturating_pow(self.failures.min(6));
-                    store::postpone(db, &markers, delay).await?;
+                    store::postpone(db, &markers, self.retry_delay()).await?;
                 }
                 Err(e)
             }
         }
+    }
+
+    async fn activity_round(
+        &mut self,
+        db: &mut tokio_postgres::Client,
+        portal: &Portal,
+        spot_ids: &[i64],
+    ) -> Result<Round, DeliverError> {
+        let due = store::due_activities(db, spot_ids, BATCH_LIMIT as i64).await?;
+        if due.is_empty() {
+            return Ok(Round::Idle);
+        }
+        if !self.templates_ready {
+            self.ctx.sink.ensure_templates(&self.ctx.client).await?;
+            self.templates_ready = true;
+        }
+        self.gate.limiter.wait_available(2).await;
+        let full = due.len() == BATCH_LIMIT;
+        let ids: Vec<String> = due.iter().map(|q| q.event_id.clone()).collect();
+        let span = tracing::debug_span!("activity_batch", items = due.len());
+        match round::deliver_activities(&self.ctx.metrics, db, portal, &self.ctx.sink, due)
+            .instrument(span)
+            .await
+        {
+            Ok(done) => {
+                store::complete_activities(db, &done).await?;
+                self.succeeded(db, spot_ids).await?;
+                Ok(if full { Round::Full } else { Round::Partial })
+            }
+            Err(e) => {
+                if !matches!(e, DeliverError::HubSpot(HubSpotError::RateLimited { .. })) {
+                    store::postpone_activities(db, &ids, self.retry_delay()).await?;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn retry_delay(&self) -> Duration {
+        Duration::from_millis(500) * 2u32.saturating_pow(self.failures.min(6))
+    }
+
+    /// A success ends a failure streak (and the clock towards `failed`).
+    async fn succeeded(
+        &mut self,
+        db: &tokio_postgres::Client,
+        spot_ids: &[i64],
+    ) -> Result<(), DeliverError> {
+        if self.failures > 0 || self.refreshed_after_401 {
+            self.failures = 0;
+            self.refreshed_after_401 = false;
+            store::record_outcome(db, spot_ids, None).await?;
+        }
+        Ok(())
     }
 }

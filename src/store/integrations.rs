@@ -109,7 +109,8 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
     let row = db
         .query_opt(
             "SELECT status, portal_id, create_contacts, activities, last_error, auth_kind,
-                    (SELECT count(*) FROM hubspot_sync.property_outbox o WHERE o.spot_id = i.spot_id)
+                    (SELECT count(*) FROM hubspot_sync.property_outbox o WHERE o.spot_id = i.spot_id),
+                    (SELECT count(*) FROM hubspot_sync.activity_outbox a WHERE a.spot_id = i.spot_id)
                FROM hubspot_sync.integrations i WHERE spot_id = $1",
             &[&spot_id],
         )
@@ -125,7 +126,7 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
             auth_kind: r.get(5),
             backlog: Backlog {
                 properties: r.get(6),
-                activities: 0,
+                activities: r.get(7),
             },
         },
         None => IntegrationView {
@@ -412,14 +413,22 @@ pub async fn purge_expired_backlog(
     db: &Client,
     retention: std::time::Duration,
 ) -> Result<u64, DbError> {
-    db.execute(
-        "DELETE FROM hubspot_sync.property_outbox o
-          USING hubspot_sync.integrations i
-          WHERE i.spot_id = o.spot_id AND i.status = 'failed'
-            AND o.enqueued_at < now() - make_interval(secs => $1)",
-        &[&retention.as_secs_f64()],
-    )
-    .await
+    let secs = retention.as_secs_f64();
+    let mut n = 0;
+    for table in ["property_outbox", "activity_outbox"] {
+        n += db
+            .execute(
+                &format!(
+                    "DELETE FROM hubspot_sync.{table} o
+                      USING hubspot_sync.integrations i
+                      WHERE i.spot_id = o.spot_id AND i.status = 'failed'
+                        AND o.enqueued_at < now() - make_interval(secs => $1)"
+                ),
+                &[&secs],
+            )
+            .await?;
+    }
+    Ok(n)
 }
 
 /// Remembers an issued OAuth state nonce.

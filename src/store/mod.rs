@@ -2,23 +2,26 @@
 //! hand-off (outbox + checkpoint in one transaction), the contact map, the
 //! integrations and the dead letters.
 
+pub mod activities;
 pub mod integrations;
 pub mod outbox;
 pub mod secrets;
 
+pub use activities::*;
 pub use integrations::*;
 pub use outbox::*;
 
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, NoTls};
 
-use crate::translate::{PropertyWork, SpotSettings, StreamSettings};
+use crate::translate::{SpotSettings, StreamSettings, Work};
 
 pub type DbError = tokio_postgres::Error;
 
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/migrations/0001_init.sql")),
     (2, include_str!("../../sql/migrations/0002_lifecycle.sql")),
+    (3, include_str!("../../sql/migrations/0003_activities.sql")),
 ];
 
 /// Opens a SQL connection; the connection task ends when the client is dropped.
@@ -92,15 +95,16 @@ pub async fn load_checkpoint(db: &Client, slot: &str) -> Result<Option<u64>, DbE
 pub async fn hand_off(
     db: &mut Client,
     slot: &str,
-    work: &PropertyWork,
+    work: &Work,
     xids: &[u32],
     end_lsn: u64,
 ) -> Result<u64, DbError> {
     let lsn = PgLsn::from(end_lsn);
-    if work.touches_members() {
+    if work.touches_members() || !work.activities.is_empty() {
         wait_visible(db, xids).await?;
     }
     let tx = db.transaction().await?;
+    let queued = queue_activities(&tx, &work.activities).await?;
     let mut touched = 0;
     if work.touches_members() {
         let members: Vec<i64> = work.members.iter().copied().collect();
@@ -157,7 +161,7 @@ pub async fn hand_off(
     )
     .await?;
     tx.commit().await?;
-    Ok(touched)
+    Ok(touched + queued)
 }
 
 /// Waits until these decoded transactions are visible to new snapshots.

@@ -7,11 +7,17 @@
 //! custom roles are recorded as fan-outs that the hand-off expands to members
 //! in the same database transaction that stores the checkpoint.
 
+pub mod activity;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::replication::{Op, RowChange, Transaction, TxItem};
+use crate::replication::{Field, Op, Row, RowChange, Transaction, TxItem};
+use activity::ActivityType;
 
 /// Prefix of the transactional logical messages that carry a Spot's settings
 /// in commit order (written with every settings change, see `store::integrations`).
@@ -45,8 +51,8 @@ pub type StreamSettings = HashMap<i64, SpotSettings>;
 pub const SCHEMA: &str = "public";
 
 /// Members whose derived properties may have changed.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct PropertyWork {
+#[derive(Debug, Default, Clone)]
+pub struct Work {
     /// Member ids whose own row or group/tag membership changed.
     pub members: BTreeSet<i64>,
     /// Members inserted in this work (contact creation applies only to them).
@@ -61,9 +67,71 @@ pub struct PropertyWork {
     pub create_contacts: BTreeSet<i64>,
     /// The latest settings each Spot's messages carried.
     pub settings: BTreeMap<i64, SpotSettings>,
+    /// Activities that occurred, in stream order, before the Spot and
+    /// category filters (the hand-off resolves each one's Spot).
+    pub activities: Vec<ActivityCandidate>,
 }
 
-impl PropertyWork {
+/// What an activity is about, to be looked up by the hand-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectRef {
+    /// The member's Spot itself (member status activities).
+    Spot(i64),
+    Live(i64),
+    Topic(i64),
+    /// A document open: its kind decides page_opened, link_opened or nothing.
+    Document(i64),
+    Course(i64),
+}
+
+/// An activity seen in the stream.
+#[derive(Debug, Clone)]
+pub struct ActivityCandidate {
+    pub activity: ActivityType,
+    pub member_id: i64,
+    pub object: ObjectRef,
+    /// The row the activity comes from (its id makes the event id).
+    pub source_id: i64,
+    /// When it happened: the row's own column, else the commit time (SPEC §9).
+    pub occurred_at: DateTime<Utc>,
+    /// Member status activities can repeat: their event id includes the
+    /// commit LSN and the change's position in its transaction.
+    pub commit_lsn: u64,
+    pub ordinal: usize,
+    /// The settings in force at this point of the stream.
+    pub settings: Arc<StreamSettings>,
+}
+
+impl ActivityCandidate {
+    /// Deterministic: a replay produces the same id, so HubSpot never shows it twice.
+    pub fn event_id(&self, spot_id: i64) -> String {
+        let base = format!("ms-{spot_id}-{}-{}", self.activity.name(), self.source_id);
+        if self.activity.category() == activity::Category::Members {
+            format!("{base}-{:x}-{}", self.commit_lsn, self.ordinal)
+        } else {
+            base
+        }
+    }
+
+    /// Whether the Spot's settings at this point let the activity through.
+    pub fn enabled_for(&self, spot_id: i64) -> bool {
+        let Some(s) = self.settings.get(&spot_id) else {
+            return false;
+        };
+        let a = &s.activities;
+        let on = match self.activity.category() {
+            activity::Category::Members => a.members,
+            activity::Category::Lives => a.lives,
+            activity::Category::Discussions => a.discussions,
+            activity::Category::Collections => a.collections,
+            activity::Category::Courses => a.courses,
+        };
+        // While failed the work is retained for the reconnect (SPEC §4.7).
+        on && (s.status == "active" || s.status == "failed")
+    }
+}
+
+impl Work {
     /// Whether some member's properties may have changed.
     pub fn touches_members(&self) -> bool {
         !(self.members.is_empty()
@@ -74,11 +142,11 @@ impl PropertyWork {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.touches_members() && self.settings.is_empty()
+        !self.touches_members() && self.settings.is_empty() && self.activities.is_empty()
     }
 
     /// Coalesces another transaction's work into this one.
-    pub fn merge(&mut self, other: PropertyWork) {
+    pub fn merge(&mut self, other: Work) {
         self.members.extend(other.members);
         self.inserted_members.extend(other.inserted_members);
         self.groups.extend(other.groups);
@@ -87,19 +155,21 @@ impl PropertyWork {
         self.all_members |= other.all_members;
         self.create_contacts.extend(other.create_contacts);
         self.settings.extend(other.settings);
+        self.activities.extend(other.activities);
     }
 }
 
 /// The work one transaction implies. Settings messages update `settings` in
 /// place, so a toggle governs exactly the changes after it in commit order.
-pub fn translate(settings: &mut StreamSettings, tx: &Transaction) -> PropertyWork {
-    let mut work = PropertyWork::default();
-    for item in &tx.items {
+pub fn translate(settings: &mut Arc<StreamSettings>, tx: &Transaction) -> Work {
+    let mut work = Work::default();
+    for (ordinal, item) in tx.items.iter().enumerate() {
         match item {
             TxItem::Message { prefix, content } if prefix == SETTINGS_PREFIX => {
                 match serde_json::from_slice::<SpotSettings>(content) {
                     Ok(s) => {
-                        settings.insert(s.spot_id, s.clone());
+                        // Copy on write: activities already seen keep the settings of their time.
+                        Arc::make_mut(settings).insert(s.spot_id, s.clone());
                         work.settings.insert(s.spot_id, s);
                     }
                     Err(e) => tracing::warn!(error = %e, "ignoring a malformed settings message"),
@@ -107,6 +177,7 @@ pub fn translate(settings: &mut StreamSettings, tx: &Transaction) -> PropertyWor
             }
             TxItem::Change(c) if &*c.schema == SCHEMA => {
                 property_change(c, &mut work);
+                activity_change(c, tx, ordinal, settings, &mut work);
                 if c.op == Op::Insert && &*c.table == "members" {
                     let new = c.new.as_ref();
                     let spot = new.and_then(|r| r.i64("spot_id"));
@@ -132,7 +203,149 @@ pub fn translate(settings: &mut StreamSettings, tx: &Transaction) -> PropertyWor
     work
 }
 
-fn property_change(c: &RowChange, work: &mut PropertyWork) {
+/// A timestamp column as pgoutput renders it (ISO style, UTC session).
+fn time(row: &Row, column: &str) -> Option<DateTime<Utc>> {
+    let s = row.text(column)?;
+    DateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S%.f%#z")
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
+}
+
+/// Whether `column` became non-null in this change: an insert with a value,
+/// or an update from NULL (SPEC §9). Without the old row (identity not FULL)
+/// any non-null value counts; the deterministic event id absorbs repeats.
+fn became_non_null(c: &RowChange, column: &str) -> Option<DateTime<Utc>> {
+    let new = c.new.as_ref()?;
+    let value = time(new, column)?;
+    match (c.op, c.old.as_ref()) {
+        (Op::Insert, _) => Some(value),
+        (Op::Update, Some(old)) if old.get(column) != Field::Null => None,
+        (Op::Update, _) => Some(value),
+        _ => None,
+    }
+}
+
+fn activity_change(
+    c: &RowChange,
+    tx: &Transaction,
+    ordinal: usize,
+    settings: &Arc<StreamSettings>,
+    work: &mut Work,
+) {
+    if c.op == Op::Delete {
+        return;
+    }
+    let Some(new) = c.new.as_ref() else { return };
+    let Some(id) = new.i64("id") else { return };
+    let mut push = |activity: ActivityType,
+                    member_id: Option<i64>,
+                    object: Option<ObjectRef>,
+                    at: Option<DateTime<Utc>>| {
+        if let (Some(member_id), Some(object)) = (member_id, object) {
+            work.activities.push(ActivityCandidate {
+                activity,
+                member_id,
+                object,
+                source_id: id,
+                occurred_at: at.unwrap_or(tx.commit_time),
+                commit_lsn: tx.commit_lsn,
+                ordinal,
+                settings: settings.clone(),
+            });
+        }
+    };
+    let member = new.i64("member_id");
+    match &*c.table {
+        "members" => {
+            let Some(status) = new.text("status") else {
+                return;
+            };
+            let activity = match status {
+                "accepted" => ActivityType::SpotJoined,
+                "pending" => ActivityType::SpotJoinRequested,
+                "left" => ActivityType::SpotLeft,
+                _ => return,
+            };
+            // "Becomes": an insert, or an update from another status. Without the
+            // old row (members not REPLICA IDENTITY FULL) an update cannot tell.
+            let became = match (c.op, c.old.as_ref()) {
+                (Op::Insert, _) => true,
+                (Op::Update, Some(old)) => old.text("status") != Some(status),
+                _ => false,
+            };
+            if became {
+                push(
+                    activity,
+                    Some(id),
+                    new.i64("spot_id").map(ObjectRef::Spot),
+                    None,
+                );
+            }
+        }
+        "live_registrations" => {
+            let live = new.i64("live_id").map(ObjectRef::Live);
+            if c.op == Op::Insert {
+                push(
+                    ActivityType::LiveRegistered,
+                    member,
+                    live,
+                    time(new, "registered_at"),
+                );
+            }
+            if let Some(at) = became_non_null(c, "attended_at") {
+                push(ActivityType::LiveAttended, member, live, Some(at));
+            }
+        }
+        "replay_views" if c.op == Op::Insert => {
+            let live = new.i64("live_id").map(ObjectRef::Live);
+            push(
+                ActivityType::ReplayWatched,
+                member,
+                live,
+                time(new, "watched_at"),
+            );
+        }
+        "topic_votes" if c.op == Op::Insert => {
+            let topic = new.i64("topic_id").map(ObjectRef::Topic);
+            push(
+                ActivityType::TopicVoted,
+                member,
+                topic,
+                time(new, "created_at"),
+            );
+        }
+        "topics" if c.op == Op::Insert => {
+            push(
+                ActivityType::TopicCreated,
+                new.i64("author_member_id"),
+                Some(ObjectRef::Topic(id)),
+                time(new, "created_at"),
+            );
+        }
+        "document_opens" if c.op == Op::Insert => {
+            let doc = new.i64("document_id").map(ObjectRef::Document);
+            // Page or link is decided by the document's kind, at the hand-off.
+            push(
+                ActivityType::PageOpened,
+                member,
+                doc,
+                time(new, "opened_at"),
+            );
+        }
+        "course_progress" => {
+            let course = new.i64("course_id").map(ObjectRef::Course);
+            if let Some(at) = became_non_null(c, "started_at") {
+                push(ActivityType::CourseStarted, member, course, Some(at));
+            }
+            if let Some(at) = became_non_null(c, "completed_at") {
+                push(ActivityType::CourseCompleted, member, course, Some(at));
+            }
+        }
+        _ => {}
+    }
+}
+
+fn property_change(c: &RowChange, work: &mut Work) {
     // The row that identifies the entity: the new row, else the old key.
     let row = c.new.as_ref().or(c.old.as_ref());
     let Some(row) = row else { return };
@@ -231,7 +444,7 @@ mod tests {
     #[test]
     fn members_memberships_and_renames() {
         let work = translate(
-            &mut StreamSettings::new(),
+            &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(1, "members", &["id", "spot_id"]),
                 relation(2, "group_members", &["group_id", "member_id"]),
@@ -297,7 +510,7 @@ mod tests {
             r.namespace = "archive".into();
         }
         let work = translate(
-            &mut StreamSettings::new(),
+            &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(1, "members", &["id", "spot_id"]),
                 other,
@@ -320,7 +533,7 @@ mod tests {
     #[test]
     fn truncating_a_membership_table_recomputes_everyone() {
         let work = translate(
-            &mut StreamSettings::new(),
+            &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(2, "member_tags", &["member_id", "tag_id"]),
                 Message::Truncate {
@@ -342,7 +555,7 @@ mod tests {
             prefix: SETTINGS_PREFIX.into(),
             content: Bytes::from(on.to_string()),
         };
-        let mut settings = StreamSettings::new();
+        let mut settings = Arc::new(StreamSettings::new());
         let work = translate(
             &mut settings,
             &tx(vec![
@@ -369,5 +582,108 @@ mod tests {
         assert!(settings[&1].create_contacts);
         assert_eq!(settings[&1].activities, Activities::default());
         assert!(work.settings.contains_key(&1));
+    }
+
+    fn activities_of(messages: Vec<Message>) -> Vec<(ActivityType, i64)> {
+        translate(&mut Arc::new(StreamSettings::new()), &tx(messages))
+            .activities
+            .iter()
+            .map(|a| (a.activity, a.source_id))
+            .collect()
+    }
+
+    fn text_or_null(v: &[Option<&str>]) -> Tuple {
+        Tuple(
+            v.iter()
+                .map(|x| match x {
+                    Some(s) => Value::Text(Bytes::copy_from_slice(s.as_bytes())),
+                    None => Value::Null,
+                })
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn activities_fire_when_a_value_becomes_what_triggers_them() {
+        let regs = relation(
+            3,
+            "live_registrations",
+            &["id", "live_id", "member_id", "registered_at", "attended_at"],
+        );
+        let members = relation(1, "members", &["id", "spot_id", "status", "headline"]);
+        let t0 = Some("2026-05-01 10:00:00.123456+00");
+        let got = activities_of(vec![
+            regs,
+            members,
+            // Registered and attended in one insert: both.
+            Message::Insert {
+                relation_id: 3,
+                new: text_or_null(&[Some("1"), Some("9"), Some("5"), t0, t0]),
+            },
+            // attended_at from NULL: attended; already set: nothing.
+            Message::Update {
+                relation_id: 3,
+                old: Some(OldTuple {
+                    kind: OldKind::Full,
+                    tuple: text_or_null(&[Some("2"), Some("9"), Some("5"), t0, None]),
+                }),
+                new: text_or_null(&[Some("2"), Some("9"), Some("5"), t0, t0]),
+            },
+            Message::Update {
+                relation_id: 3,
+                old: Some(OldTuple {
+                    kind: OldKind::Full,
+                    tuple: text_or_null(&[Some("3"), Some("9"), Some("5"), t0, t0]),
+                }),
+                new: text_or_null(&[Some("3"), Some("9"), Some("5"), t0, t0]),
+            },
+            // A status that changes to accepted joins; a headline edit of an accepted member does not.
+            Message::Update {
+                relation_id: 1,
+                old: Some(OldTuple {
+                    kind: OldKind::Full,
+                    tuple: text_or_null(&[Some("5"), Some("1"), Some("pending"), None]),
+                }),
+                new: text_or_null(&[Some("5"), Some("1"), Some("accepted"), None]),
+            },
+            Message::Update {
+                relation_id: 1,
+                old: Some(OldTuple {
+                    kind: OldKind::Full,
+                    tuple: text_or_null(&[Some("5"), Some("1"), Some("accepted"), None]),
+                }),
+                new: text_or_null(&[Some("5"), Some("1"), Some("accepted"), Some("hi")]),
+            },
+        ]);
+        assert_eq!(
+            got,
+            vec![
+                (ActivityType::LiveRegistered, 1),
+                (ActivityType::LiveAttended, 1),
+                (ActivityType::LiveAttended, 2),
+                (ActivityType::SpotJoined, 5),
+            ]
+        );
+    }
+
+    #[test]
+    fn event_ids_are_deterministic_and_member_events_include_their_position() {
+        let members = relation(1, "members", &["id", "spot_id", "status"]);
+        let work = translate(
+            &mut Arc::new(StreamSettings::new()),
+            &tx(vec![
+                members,
+                Message::Insert {
+                    relation_id: 1,
+                    new: t(&["5", "1", "accepted"]),
+                },
+            ]),
+        );
+        let a = &work.activities[0];
+        assert_eq!(
+            a.event_id(1),
+            format!("ms-1-spot_joined-5-{:x}-0", a.commit_lsn)
+        );
+        assert!(!a.enabled_for(1), "no category is on by default");
     }
 }
