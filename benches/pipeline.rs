@@ -210,6 +210,57 @@ async fn main() -> anyhow::Result<()> {
     let calls = |op: &str| stats.count_op(op);
     let (reads, updates) = (calls("contacts.batch_read"), calls("contacts.batch_update"));
     let minimum = (changed as u64).div_ceil(100);
+
+    // 4. A backfill: a second Spot, all of whose members have a contact, connects now.
+    let spot2: i64 = db
+        .query_one(
+            "INSERT INTO spots (name, slug) VALUES ('Backfill', 'backfill') RETURNING id",
+            &[],
+        )
+        .await?
+        .get(0);
+    db.execute(
+        "INSERT INTO members (spot_id, email, status) SELECT $1, 'f' || g || '@example.com', 'accepted'
+           FROM generate_series(1, $2::int) g",
+        &[&spot2, &(a.members as i32)],
+    )
+    .await?;
+    let (portal2, token2) = emu.create_portal();
+    for g in 1..=a.members {
+        emu.add_contact(portal2, &format!("f{g}@example.com"), &[]);
+    }
+    let creds2 = store::Credentials {
+        kind: store::AuthKind::Token,
+        access_token_enc: Sealer::new(&key).seal(&token2),
+        refresh_token_enc: None,
+        expires_at: None,
+    };
+    let t = Instant::now();
+    store::activate(&mut db, spot2, portal2 as i64, &creds2).await?;
+    loop {
+        let row = db
+            .query_one(
+                "SELECT backfill_done_at IS NOT NULL,
+                        (SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = $1)
+                   FROM hubspot_sync.integrations WHERE spot_id = $1",
+                &[&spot2],
+            )
+            .await?;
+        if row.get::<_, bool>(0) && row.get::<_, i64>(1) == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(3600) {
+            anyhow::bail!("the backfill did not finish within an hour");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let backfill_secs = t.elapsed().as_secs_f64();
+    let stats2 = emu.request_stats(portal2);
+    let (reads2, updates2) = (
+        stats2.count_op("contacts.batch_read"),
+        stats2.count_op("contacts.batch_update"),
+    );
+    let minimum2 = (a.members as u64).div_ceil(100);
     let _ = stop_tx.send(true);
     let _ = sidecar.await;
 
@@ -258,6 +309,14 @@ async fn main() -> anyhow::Result<()> {
         2.0 * minimum as f64 * 1000.0 / changed.max(1) as f64,
         stats.peak_in_10s,
         stats.rate_limited
+    );
+    println!(
+        "\nBackfill ({} members, every one with a contact, limit {}/10 s)",
+        a.members, a.rate_limit
+    );
+    println!(
+        "  {backfill_secs:.1} s from activation to the last write: {:.0} members/s; batch reads {reads2}, batch updates {updates2} (minimum {minimum2} each)",
+        a.members as f64 / backfill_secs
     );
     emu.shutdown().await;
     drop(cluster);

@@ -85,7 +85,7 @@ pub async fn run(
     };
     let notify = Arc::new(Notify::new());
     let app = http::router(AppState {
-        db: Arc::new(store::connect(&cfg.database_url).await?),
+        db: Arc::new(store::Db::new(&cfg.database_url)),
         metrics: metrics.clone(),
         health: health.clone(),
         admin_token: cfg.admin_token.as_str().into(),

@@ -630,3 +630,72 @@ async fn the_backfill_never_overwrites_a_newer_value_from_the_stream() {
     assert!(sidecar.running.metrics.backfill_queued.get() >= 1500);
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_access_token_is_refreshed_and_the_rotated_refresh_token_stored() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let spot = seed_spot(&db, "Refresh").await;
+    let (portal, _) = emu.create_portal();
+    emu.set_next_grant_portal(Some(portal));
+    let m = seed_member(&db, spot, "fresh@example.com", "accepted").await;
+    emu.add_contact(portal, "fresh@example.com", &[]);
+    assert_eq!(oauth_connect(&sidecar, spot).await.0, 200);
+    wait_for("the backfill", 30 * SECOND, || async {
+        prop(
+            &emu,
+            portal,
+            "fresh@example.com",
+            "meltingspot_member_status",
+        )
+        .as_deref()
+            == Some("accepted")
+    })
+    .await;
+    let sealed = |db: tokio_postgres::Client| async move {
+        db.query_one(
+            "SELECT refresh_token_enc FROM hubspot_sync.integrations WHERE spot_id = $1",
+            &[&spot],
+        )
+        .await
+        .unwrap()
+        .get::<_, Vec<u8>>(0)
+    };
+    let before = sealed(sql(&url).await).await;
+
+    // HubSpot answers 401 EXPIRED_AUTHENTICATION from now on for the old token.
+    emu.expire_access_tokens(portal);
+    db.execute(
+        "UPDATE members SET headline = 'after expiry' WHERE id = $1",
+        &[&m],
+    )
+    .await
+    .unwrap();
+    wait_for("the write after a refresh", 30 * SECOND, || async {
+        prop(&emu, portal, "fresh@example.com", "meltingspot_headline").as_deref()
+            == Some("after expiry")
+    })
+    .await;
+    assert_ne!(
+        sealed(sql(&url).await).await,
+        before,
+        "the rotated refresh token is stored"
+    );
+    assert!(
+        sidecar
+            .running
+            .metrics
+            .token_refreshes
+            .with_label_values(&["ok"])
+            .get()
+            >= 1
+    );
+    assert_eq!(
+        view(&sidecar, spot).await["status"],
+        "active",
+        "an expired token is not a failure"
+    );
+    sidecar.stop().await;
+}

@@ -84,15 +84,24 @@ impl Mailer {
                 match store::pending_emails(c, 50).await {
                     Ok(pending) => {
                         for n in pending {
-                            let sent = match self.message(&n) {
-                                Some(m) => self
-                                    .transport
-                                    .send(m)
-                                    .await
-                                    .map(|_| ())
-                                    .map_err(|e| e.to_string()),
-                                None => Err("invalid recipient address".to_string()),
+                            let Some(message) = self.message(&n) else {
+                                // A bad address is permanent: skip it, never block the others.
+                                metrics
+                                    .notifications_sent
+                                    .with_label_values(&["invalid_address"])
+                                    .inc();
+                                warn!(
+                                    notification = n.id,
+                                    "failure e-mail has an invalid recipient; skipped"
+                                );
+                                continue;
                             };
+                            let sent = self
+                                .transport
+                                .send(message)
+                                .await
+                                .map(|_| ())
+                                .map_err(|e| e.to_string());
                             match sent {
                                 Ok(()) => {
                                     metrics

@@ -64,11 +64,27 @@ pub async fn supervise(
     ctx: DeliverContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliverError> {
-    let db = store::connect(&ctx.database_url).await?;
+    let mut db = store::connect(&ctx.database_url).await?;
     let mut workers: HashMap<i64, (watch::Sender<Vec<LiveIntegration>>, JoinHandle<()>)> =
         HashMap::new();
     loop {
-        let live = store::active_integrations(&db).await?;
+        // Survive a database restart: keep the workers, reconnect, try again.
+        let live = match store::active_integrations(&db).await {
+            Ok(live) => live,
+            Err(e) => {
+                warn!(error = %e, "delivery supervisor lost the database; reconnecting");
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                if db.is_closed() {
+                    if let Ok(c) = store::connect(&ctx.database_url).await {
+                        db = c;
+                    }
+                }
+                continue;
+            }
+        };
         let mut by_portal: HashMap<i64, Vec<LiveIntegration>> = HashMap::new();
         for i in live {
             by_portal.entry(i.portal_id).or_default().push(i);

@@ -47,25 +47,7 @@ pub(super) async fn deliver(
     let states = store::contact_states(db, &keys).await?;
 
     // Resolve e-mails we do not know yet, or that changed, in one batch read.
-    let mut lookups: Vec<String> = Vec::new();
-    let mut seen = HashSet::new();
-    for mk in markers {
-        let Some(rec) = records.get(&mk.member_id) else {
-            continue;
-        };
-        let email = normalize_email(&rec.email);
-        let known = states
-            .get(&(mk.spot_id, mk.member_id))
-            .is_some_and(|s| s.contact_id.is_some() && s.email == email);
-        if !known && seen.insert(email.clone()) {
-            lookups.push(email);
-        }
-    }
-    let found = if lookups.is_empty() {
-        HashMap::new()
-    } else {
-        portal.read_contacts_by_email(&lookups).await?
-    };
+    let found = lookup_unknown(portal, &records, &states, &keys).await?;
 
     let mut completions = Vec::with_capacity(markers.len());
     let mut updates: Vec<PendingUpdate> = Vec::new();
@@ -229,6 +211,35 @@ pub(super) async fn deliver(
     Ok(completions)
 }
 
+/// Batch-reads, in one call, the e-mails of the members (`(spot, member)`
+/// keys) whose contact is not known yet or whose e-mail changed.
+async fn lookup_unknown(
+    portal: &Portal,
+    records: &HashMap<i64, MemberRecord>,
+    states: &HashMap<(i64, i64), store::ContactState>,
+    keys: &[(i64, i64)],
+) -> Result<HashMap<String, String>, DeliverError> {
+    let mut lookups: Vec<String> = Vec::new();
+    let mut seen = HashSet::new();
+    for key in keys {
+        // Never look up another Spot's member in this portal (G4).
+        let Some(rec) = records.get(&key.1).filter(|r| r.spot_id == key.0) else {
+            continue;
+        };
+        let email = normalize_email(&rec.email);
+        let known = states
+            .get(key)
+            .is_some_and(|s| s.contact_id.is_some() && s.email == email);
+        if !known && seen.insert(email.clone()) {
+            lookups.push(email);
+        }
+    }
+    if lookups.is_empty() {
+        return Ok(HashMap::new());
+    }
+    Ok(portal.read_contacts_by_email(&lookups).await?)
+}
+
 /// How one input of a batch update ended.
 enum ItemResult {
     Ok,
@@ -349,25 +360,7 @@ pub(super) async fn deliver_activities(
         .into_iter()
         .collect();
 
-    let mut lookups = Vec::new();
-    let mut seen = HashSet::new();
-    for q in &queued {
-        let Some(rec) = records.get(&q.member_id) else {
-            continue;
-        };
-        let email = normalize_email(&rec.email);
-        let known = states
-            .get(&(q.spot_id, q.member_id))
-            .is_some_and(|s| s.contact_id.is_some() && s.email == email);
-        if !known && seen.insert(email.clone()) {
-            lookups.push(email);
-        }
-    }
-    let found = if lookups.is_empty() {
-        HashMap::new()
-    } else {
-        portal.read_contacts_by_email(&lookups).await?
-    };
+    let found = lookup_unknown(portal, &records, &states, &keys).await?;
 
     let mut done = Vec::with_capacity(queued.len());
     let mut events = Vec::new();

@@ -51,6 +51,9 @@ pub(super) struct PortalWorker {
     /// A 401 asks for one refresh before the integration is failed.
     force_refresh: bool,
     refreshed_after_401: bool,
+    /// A failure clock (`failing_since`) may be running from before this
+    /// worker started: the first success clears it.
+    clock_may_run: bool,
     /// timeline-v3 templates exist (checked once per worker).
     templates_ready: bool,
 }
@@ -78,6 +81,7 @@ impl PortalWorker {
             tokens: HashMap::new(),
             force_refresh: false,
             refreshed_after_401: false,
+            clock_may_run: true,
             templates_ready: false,
         }
     }
@@ -96,8 +100,22 @@ impl PortalWorker {
                 break;
             }
             let spots = self.spots.borrow_and_update().clone();
-            if spots.is_empty() {
+            if spots.is_empty() || self.spots.has_changed().is_err() {
+                // Disconnected, failed, or the supervisor is gone.
                 break;
+            }
+            if db.is_closed() {
+                match store::connect(&self.ctx.database_url).await {
+                    Ok(c) => db = c,
+                    Err(e) => {
+                        warn!(error = %e, "portal worker cannot reach the database; retrying");
+                        tokio::select! {
+                            _ = shutdown.changed() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        }
+                        continue;
+                    }
+                }
             }
             let result = {
                 // Held for the whole round: a disconnect waits for it, so that
@@ -322,7 +340,7 @@ impl PortalWorker {
         if !uninitialized.is_empty() {
             portal.ensure_schema().await?;
             for s in &uninitialized {
-                store::mark_initialized(db, s.spot_id).await?;
+                store::mark_initialized(db, s.spot_id, s.activation).await?;
                 self.initialized.insert((s.spot_id, s.activation));
             }
             info!(
@@ -341,7 +359,7 @@ impl PortalWorker {
                 continue;
             }
             let (queued, next_after, done) =
-                store::backfill_page(db, s.spot_id, after, BACKFILL_PAGE).await?;
+                store::backfill_page(db, s.spot_id, s.activation, after, BACKFILL_PAGE).await?;
             self.ctx.metrics.backfill_queued.inc_by(queued as u64);
             self.backfill.insert(key, (!done).then_some(next_after));
             info!(spot_id = s.spot_id, queued, done, "backfill progress");
@@ -447,9 +465,10 @@ impl PortalWorker {
         db: &tokio_postgres::Client,
         spot_ids: &[i64],
     ) -> Result<(), DeliverError> {
-        if self.failures > 0 || self.refreshed_after_401 {
+        if self.failures > 0 || self.refreshed_after_401 || self.clock_may_run {
             self.failures = 0;
             self.refreshed_after_401 = false;
+            self.clock_may_run = false;
             store::record_outcome(db, spot_ids, None).await?;
         }
         Ok(())

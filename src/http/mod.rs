@@ -29,7 +29,7 @@ pub struct Health {
 
 #[derive(Clone)]
 pub struct AppState {
-    pub db: Arc<tokio_postgres::Client>,
+    pub db: Arc<store::Db>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub admin_token: Arc<str>,
@@ -122,7 +122,10 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let migrated = s.health.migrated.load(Ordering::Relaxed);
     let streaming = s.health.streaming.load(Ordering::Relaxed);
-    let db_ok = s.db.simple_query("SELECT 1").await.is_ok();
+    let db_ok = match s.db.get().await {
+        Ok(db) => db.simple_query("SELECT 1").await.is_ok(),
+        Err(_) => false,
+    };
     let ready = migrated && streaming && db_ok;
     let code = if ready {
         StatusCode::OK
@@ -139,7 +142,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn list_spots(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
-    Ok(Json(store::list_integrations(&s.db).await?).into_response())
+    Ok(Json(store::list_integrations(&*s.db.get().await?).await?).into_response())
 }
 
 async fn get_integration(
@@ -149,7 +152,7 @@ async fn get_integration(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    Ok(Json(store::integration_view(&s.db, id).await?).into_response())
+    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -167,7 +170,7 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    if !store::spot_exists(&s.db, id).await? {
+    if !store::spot_exists(&*s.db.get().await?, id).await? {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("spot {id} does not exist"),
@@ -182,7 +185,7 @@ async fn connect(
             ));
         };
         let issued = oauth_state::issue(&s.secret_key, id);
-        store::issue_oauth_state(&s.db, &issued.nonce, id, issued.expires_at).await?;
+        store::issue_oauth_state(&*s.db.get().await?, &issued.nonce, id, issued.expires_at).await?;
         return Ok(
             Json(json!({"authorize_url": app.authorize_url(&issued.state)})).into_response(),
         );
@@ -211,6 +214,18 @@ async fn connect(
     };
     // That call counted against the portal's budget like any other.
     s.gates.portal(portal_id).limiter.record_unthrottled().await;
+    // Settings survive a disconnect; activities cannot run on a static token.
+    let current = store::integration_view(&*s.db.get().await?, id).await?;
+    if current
+        .activities
+        .as_object()
+        .is_some_and(|a| a.values().any(|v| v.as_bool() == Some(true)))
+    {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "activity categories are on, and HubSpot refuses timeline events sent with a service key or private-app token: connect through OAuth, or turn the categories off first".into(),
+        ));
+    }
     // Activities need OAuth (HubSpot refuses timeline calls with static tokens).
     let creds = store::Credentials {
         kind: store::AuthKind::Token,
@@ -226,7 +241,7 @@ async fn connect(
         "integration connected with a token"
     );
     s.wake.notify_waiters();
-    Ok(Json(store::integration_view(&s.db, id).await?).into_response())
+    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
 }
 
 #[derive(Deserialize)]
@@ -286,7 +301,11 @@ async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery
             )
         }
     };
-    match store::consume_oauth_state(&s.db, &verified.nonce).await {
+    let consumed = match s.db.get().await {
+        Ok(db) => store::consume_oauth_state(&db, &verified.nonce).await,
+        Err(e) => Err(e),
+    };
+    match consumed {
         Ok(Some(spot)) if spot == verified.spot_id => {}
         Ok(_) => return page(
             StatusCode::BAD_REQUEST,
@@ -377,7 +396,7 @@ async fn patch_settings(
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if !store::spot_exists(&s.db, id).await? {
+    if !store::spot_exists(&*s.db.get().await?, id).await? {
         return Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("spot {id} does not exist"),
@@ -402,7 +421,7 @@ async fn patch_settings(
             }
         }
         let enabling = acts.values().any(|v| v.as_bool() == Some(true));
-        let current = store::integration_view(&s.db, id).await?;
+        let current = store::integration_view(&*s.db.get().await?, id).await?;
         if enabling && current.auth_kind.as_deref() == Some("token") {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,
@@ -413,7 +432,7 @@ async fn patch_settings(
     let activities = body.activities.map(serde_json::Value::Object);
     let mut db = store::connect(&s.database_url).await?;
     store::update_settings(&mut db, id, body.create_contacts, activities.as_ref()).await?;
-    Ok(Json(store::integration_view(&s.db, id).await?).into_response())
+    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
 }
 
 async fn disconnect(
@@ -423,7 +442,7 @@ async fn disconnect(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    let view = store::integration_view(&s.db, id).await?;
+    let view = store::integration_view(&*s.db.get().await?, id).await?;
     if view.status == "inactive" {
         return Ok(Json(view).into_response());
     }
@@ -450,5 +469,5 @@ async fn disconnect(
             }
         });
     }
-    Ok(Json(store::integration_view(&s.db, id).await?).into_response())
+    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
 }

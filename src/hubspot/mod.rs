@@ -196,7 +196,11 @@ impl HubSpotClient {
                     .hubspot_requests
                     .with_label_values(&[operation, kind])
                     .inc();
-                return Err(HubSpotError::Transient(format!("{operation}: {e}")));
+                // Without the URL: a revocation path carries a refresh token.
+                return Err(HubSpotError::Transient(format!(
+                    "{operation}: {}",
+                    e.without_url()
+                )));
             }
         };
         let status = resp.status().as_u16();

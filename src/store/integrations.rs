@@ -207,6 +207,21 @@ pub async fn activate(
         ],
     )
     .await?;
+    // A new activation may be another portal: record ids and written values
+    // of the old one mean nothing there, and the backfill rewrites everything.
+    tx.execute(
+        "DELETE FROM hubspot_sync.contact_map WHERE spot_id = $1",
+        &[&spot_id],
+    )
+    .await?;
+    if creds.kind == AuthKind::Token {
+        // Static tokens cannot send timeline events (SPEC §9).
+        tx.execute(
+            "DELETE FROM hubspot_sync.activity_outbox WHERE spot_id = $1",
+            &[&spot_id],
+        )
+        .await?;
+    }
     emit_settings(&tx, spot_id).await?;
     tx.commit().await
 }
@@ -310,10 +325,17 @@ pub async fn mark_failed(
     Ok(failed)
 }
 
-pub async fn mark_initialized(db: &Client, spot_id: i64) -> Result<(), DbError> {
+/// The SQL that identifies one activation (see `LiveIntegration::activation`).
+const ACTIVATION: &str = "(extract(epoch FROM connected_at) * 1000000)::bigint";
+
+/// Marks this activation initialized (a newer activation is left alone).
+pub async fn mark_initialized(db: &Client, spot_id: i64, activation: i64) -> Result<(), DbError> {
     db.execute(
-        "UPDATE hubspot_sync.integrations SET initialized_at = now(), updated_at = now() WHERE spot_id = $1",
-        &[&spot_id],
+        &format!(
+            "UPDATE hubspot_sync.integrations SET initialized_at = now(), updated_at = now()
+              WHERE spot_id = $1 AND {ACTIVATION} = $2"
+        ),
+        &[&spot_id, &activation],
     )
     .await?;
     Ok(())
@@ -379,6 +401,7 @@ pub async fn record_outcome(
 pub async fn backfill_page(
     db: &Client,
     spot_id: i64,
+    activation: i64,
     after: i64,
     page: i64,
 ) -> Result<(i64, i64, bool), DbError> {
@@ -399,10 +422,12 @@ pub async fn backfill_page(
     let last: Option<i64> = row.get(1);
     let done = n < page;
     db.execute(
-        "UPDATE hubspot_sync.integrations
-            SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END
-          WHERE spot_id = $1 AND status = 'active'",
-        &[&spot_id, &last.unwrap_or(after), &done],
+        &format!(
+            "UPDATE hubspot_sync.integrations
+                SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END
+              WHERE spot_id = $1 AND status = 'active' AND {ACTIVATION} = $4"
+        ),
+        &[&spot_id, &last.unwrap_or(after), &done, &activation],
     )
     .await?;
     Ok((n, last.unwrap_or(after), done))

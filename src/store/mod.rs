@@ -35,6 +35,32 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
     Ok(client)
 }
 
+/// A SQL connection shared by request handlers that reopens itself when the
+/// server went away (a restart of Postgres must not leave the API at 503).
+pub struct Db {
+    url: String,
+    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
+}
+
+impl Db {
+    pub fn new(url: &str) -> Self {
+        Db {
+            url: url.to_string(),
+            client: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    pub async fn get(&self) -> Result<std::sync::Arc<Client>, DbError> {
+        let mut slot = self.client.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(connect(&self.url).await?);
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
 /// Applies the embedded migrations once, serialised by an advisory lock so
 /// that two starting sidecars cannot race.
 pub async fn migrate(db: &mut Client) -> Result<(), DbError> {

@@ -183,7 +183,10 @@ pub fn translate(settings: &mut Arc<StreamSettings>, tx: &Transaction) -> Work {
                     let spot = new.and_then(|r| r.i64("spot_id"));
                     let creating = spot
                         .and_then(|s| settings.get(&s))
-                        .is_some_and(|s| s.create_contacts && s.status == "active");
+                        // While failed the work is retained for the reconnect (SPEC §4.7).
+                        .is_some_and(|s| {
+                            s.create_contacts && (s.status == "active" || s.status == "failed")
+                        });
                     if let (true, Some(id)) = (creating, new.and_then(|r| r.i64("id"))) {
                         work.create_contacts.insert(id);
                     }
