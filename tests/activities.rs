@@ -4,7 +4,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -91,11 +91,7 @@ async fn all_twelve(api: ActivityApi) {
         events_of(&emu, portal, &contact).len() >= 12
     })
     .await;
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("everything handed off", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     wait_for("empty activity backlog", 10 * SECOND, || async {
         sidecar
             .api(
@@ -247,11 +243,7 @@ async fn categories_follow_their_toggles_in_commit_order_and_no_event_creates_a_
     )
     .await
     .unwrap();
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("everything handed off", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     wait_for("the registration event", 30 * SECOND, || async {
         !events_of(&emu, portal, &contact).is_empty()
     })
@@ -286,21 +278,9 @@ async fn categories_follow_their_toggles_in_commit_order_and_no_event_creates_a_
 
 fn spawn_sidecar(db_url: &str, slot: &str, emu: &Emulator, listen: &str) -> Child {
     let d = EmulatorConfig::default();
-    Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
-        .arg("run")
-        .env("DATABASE_URL", db_url)
-        .env("SIDECAR_SLOT", slot)
-        .env("SIDECAR_LISTEN", listen)
-        .env("SIDECAR_PUBLIC_URL", format!("http://{listen}"))
-        .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
-        .env("HUBSPOT_API_BASE", emu.base_url())
-        .env("HUBSPOT_AUTH_BASE", emu.base_url())
+    sidecar_command(db_url, slot, &emu.base_url(), listen)
         .env("HUBSPOT_CLIENT_ID", d.client_id)
         .env("HUBSPOT_CLIENT_SECRET", d.client_secret)
-        .env("LOG_FORMAT", "text")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
         .spawn()
         .expect("spawn hubspot-sidecar")
 }
@@ -311,10 +291,7 @@ async fn kill_9_during_a_burst_of_500_activities_leaves_each_once() {
     let db = sql(&url).await;
     let emu = emulator().await;
     let http = reqwest::Client::new();
-    let listen = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .to_string();
+    let listen = free_addr();
     let spot = seed_spot(&db, "Burst").await;
     let (portal, _) = emu.create_portal();
     emu.set_next_grant_portal(Some(portal));
@@ -328,13 +305,7 @@ async fn kill_9_during_a_burst_of_500_activities_leaves_each_once() {
         emu.add_contact(portal, &format!("b{g}@example.com"), &[]);
     }
     let mut child = spawn_sidecar(&url, &name, &emu, &listen);
-    wait_for("sidecar /readyz", 30 * SECOND, || async {
-        http.get(format!("http://{listen}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_ready(&http, &listen).await;
     let (status, body) = api_call(
         &http,
         &format!("http://{listen}/api/spots/{spot}/hubspot/connect"),
@@ -379,11 +350,7 @@ async fn kill_9_during_a_burst_of_500_activities_leaves_each_once() {
         emu.timeline_events(portal).len() >= 500
     })
     .await;
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("everything handed off", 30 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 30 * SECOND).await;
     let events = emu.timeline_events(portal);
     let mut ids: Vec<&str> = events.iter().map(|e| e.id.as_str()).collect();
     ids.sort_unstable();

@@ -2,7 +2,7 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -10,29 +10,9 @@ use common::*;
 const SECOND: Duration = Duration::from_secs(1);
 
 fn spawn_sidecar(db_url: &str, slot: &str, hubspot: &str, listen: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
-        .arg("run")
-        .env("DATABASE_URL", db_url)
-        .env("SIDECAR_SLOT", slot)
-        .env("SIDECAR_LISTEN", listen)
-        .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
-        .env("HUBSPOT_API_BASE", hubspot)
-        .env("LOG_FORMAT", "text")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+    sidecar_command(db_url, slot, hubspot, listen)
         .spawn()
         .expect("spawn hubspot-sidecar")
-}
-
-async fn wait_ready(http: &reqwest::Client, listen: &str) {
-    wait_for("sidecar /readyz", 30 * SECOND, || async {
-        http.get(format!("http://{listen}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

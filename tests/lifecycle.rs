@@ -256,11 +256,7 @@ async fn contact_creation_applies_to_members_inserted_after_the_switch_only() {
     assert_eq!(c.properties["firstname"], "Grace");
     assert_eq!(c.properties["lastname"], "Hopper");
     // The existing member changed too, but gets no contact.
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("the update is handed off", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     wait_for("empty backlog", 10 * SECOND, || async {
         view(&sidecar, spot).await["backlog"]["properties"] == 0
     })
@@ -281,11 +277,7 @@ async fn contact_creation_applies_to_members_inserted_after_the_switch_only() {
     )
     .await
     .unwrap();
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("the insert is handed off", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     wait_for("empty backlog", 10 * SECOND, || async {
         view(&sidecar, spot).await["backlog"]["properties"] == 0
     })
@@ -361,11 +353,7 @@ async fn after_a_disconnect_nothing_is_sent() {
         .await
         .unwrap();
     }
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("the changes are handed off", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     // Give a (wrongly) surviving worker several delivery rounds to show itself.
     tokio::time::sleep(2 * SECOND).await;
     let stats = emu.request_stats(portal);
@@ -452,11 +440,7 @@ async fn a_revoked_portal_fails_notifies_admins_once_and_a_reconnect_converges()
         .await
         .unwrap();
     }
-    let (_, committed) = slot_position(&db, &name).await;
-    wait_for("slot advances while failed", 10 * SECOND, || async {
-        slot_position(&db, &name).await.0 >= committed
-    })
-    .await;
+    wait_handed_off(&db, &name, 10 * SECOND).await;
     assert_eq!(view(&sidecar, spot).await["backlog"]["properties"], 1);
     assert_eq!(emu.request_stats(portal).total, calls_when_failed);
 

@@ -50,11 +50,6 @@ fn signal(child: &Child, sig: libc::c_int) {
     assert_eq!(rc, 0, "kill({sig})");
 }
 
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
 fn prometheus_bin() -> Option<PathBuf> {
     std::env::var_os("PROMETHEUS_BIN")
         .map(PathBuf::from)
@@ -104,17 +99,7 @@ fn start_prometheus(bin: &Path, target: &str) -> (Guard, String) {
 }
 
 fn spawn_sidecar(db_url: &str, slot: &str, hubspot: &str, listen: &str) -> Guard {
-    let child = Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
-        .arg("run")
-        .env("DATABASE_URL", db_url)
-        .env("SIDECAR_SLOT", slot)
-        .env("SIDECAR_LISTEN", listen)
-        .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
-        .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
-        .env("HUBSPOT_API_BASE", hubspot)
-        .env("LOG_FORMAT", "text")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
+    let child = sidecar_command(db_url, slot, hubspot, listen)
         .spawn()
         .expect("spawn hubspot-sidecar");
     Guard { child, dir: None }
@@ -195,13 +180,7 @@ async fn prometheus_sees_the_lag_rise_while_frozen_and_fall_after() {
 
     let listen = free_addr();
     let mut sidecar = spawn_sidecar(&url, &name, &emu.base_url(), &listen);
-    wait_for("sidecar /readyz 200", 30 * SECOND, || async {
-        http.get(format!("http://{listen}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
+    wait_ready(&http, &listen).await;
 
     let (_prometheus, prom_listen) = start_prometheus(&bin, &listen);
     let prom = Prom {

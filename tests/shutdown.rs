@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -25,35 +25,10 @@ impl Drop for Proc {
 
 fn spawn_sidecar(db_url: &str, slot: &str, hubspot: &str, listen: &str) -> Proc {
     Proc(
-        Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
-            .arg("run")
-            .env("DATABASE_URL", db_url)
-            .env("SIDECAR_SLOT", slot)
-            .env("SIDECAR_LISTEN", listen)
-            .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
-            .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
-            .env("HUBSPOT_API_BASE", hubspot)
-            .env("LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
+        sidecar_command(db_url, slot, hubspot, listen)
             .spawn()
             .expect("spawn hubspot-sidecar"),
     )
-}
-
-fn free_listen() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-async fn wait_ready(http: &reqwest::Client, listen: &str) {
-    wait_for("sidecar /readyz 200", 30 * SECOND, || async {
-        http.get(format!("http://{listen}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-    })
-    .await;
 }
 
 /// A counter or gauge from /metrics (0 when absent).
@@ -146,7 +121,7 @@ async fn setup(spot_name: &str) -> Setup {
         db,
         emu,
         http: reqwest::Client::new(),
-        listen: free_listen(),
+        listen: free_addr(),
         ids,
         token,
     }

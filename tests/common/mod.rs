@@ -324,3 +324,55 @@ impl SmtpSink {
         self.messages.lock().unwrap().clone()
     }
 }
+
+/// Waits until the slot's confirmed position reaches everything committed so far.
+pub async fn wait_handed_off(db: &Client, slot: &str, deadline: Duration) {
+    let (_, committed) = slot_position(db, slot).await;
+    wait_for("the slot reaches the last commit", deadline, || async {
+        slot_position(db, slot).await.0 >= committed
+    })
+    .await;
+}
+
+/// A free loopback address for a sidecar run as a real process.
+pub fn free_addr() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .to_string()
+}
+
+/// `hubspot-sidecar run` as a real process (for kill -9, SIGTERM, SIGSTOP);
+/// callers may add variables before spawning.
+pub fn sidecar_command(
+    db_url: &str,
+    slot: &str,
+    hubspot: &str,
+    listen: &str,
+) -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"));
+    c.arg("run")
+        .env("DATABASE_URL", db_url)
+        .env("SIDECAR_SLOT", slot)
+        .env("SIDECAR_LISTEN", listen)
+        .env("SIDECAR_PUBLIC_URL", format!("http://{listen}"))
+        .env("SIDECAR_ADMIN_TOKEN", ADMIN_TOKEN)
+        .env("SIDECAR_SECRET_KEY", hex::encode(SECRET_KEY))
+        .env("HUBSPOT_API_BASE", hubspot)
+        .env("HUBSPOT_AUTH_BASE", hubspot)
+        .env("LOG_FORMAT", "text")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Waits until a sidecar process answers /readyz with 200.
+pub async fn wait_ready(http: &reqwest::Client, listen: &str) {
+    wait_for("sidecar /readyz 200", Duration::from_secs(30), || async {
+        http.get(format!("http://{listen}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+}
