@@ -65,6 +65,7 @@ pub async fn supervise(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliverError> {
     let mut db = store::connect(&ctx.database_url).await?;
+    let mut last_purge: Option<std::time::Instant> = None;
     let mut workers: HashMap<i64, (watch::Sender<Vec<LiveIntegration>>, JoinHandle<()>)> =
         HashMap::new();
     loop {
@@ -122,13 +123,17 @@ pub async fn supervise(
                 .with_label_values(&["properties"])
                 .set(n);
         }
-        match store::purge_expired_backlog(&db, ctx.failed_retention).await {
-            Ok(0) => {}
-            Ok(n) => warn!(
-                rows = n,
-                "dropped work of failed integrations older than SIDECAR_FAILED_RETENTION"
-            ),
-            Err(e) => warn!(error = %e, "could not purge expired backlog"),
+        // Retention is in days: checking once a minute is plenty.
+        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+            last_purge = Some(std::time::Instant::now());
+            match store::purge_expired_backlog(&db, ctx.failed_retention).await {
+                Ok(0) => {}
+                Ok(n) => warn!(
+                    rows = n,
+                    "dropped work of failed integrations older than SIDECAR_FAILED_RETENTION"
+                ),
+                Err(e) => warn!(error = %e, "could not purge expired backlog"),
+            }
         }
         tokio::select! {
             _ = shutdown.changed() => break,

@@ -24,7 +24,6 @@ use crate::store::{self, secrets::Sealer};
 pub struct Health {
     pub migrated: AtomicBool,
     pub streaming: AtomicBool,
-    pub delivering: AtomicBool,
 }
 
 #[derive(Clone)]

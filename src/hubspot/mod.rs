@@ -64,15 +64,6 @@ pub enum HubSpotError {
     Transient(String),
 }
 
-impl HubSpotError {
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            HubSpotError::Transient(_) | HubSpotError::RateLimited { .. }
-        )
-    }
-}
-
 /// A stateless REST client; `Portal` adds a token and a limiter.
 #[derive(Clone)]
 pub struct HubSpotClient {

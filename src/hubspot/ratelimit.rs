@@ -21,13 +21,9 @@ pub struct RateLimiter {
 
 impl RateLimiter {
     pub fn new(limit: u32) -> Self {
-        Self::with_window(limit, WINDOW)
-    }
-
-    pub fn with_window(limit: u32, window: Duration) -> Self {
         RateLimiter {
             limit: limit.max(1) as usize,
-            window,
+            window: WINDOW,
             sent: Mutex::new(VecDeque::new()),
         }
     }

@@ -443,10 +443,6 @@ impl Source {
         self.client.update_applied_lsn(Lsn(lsn));
     }
 
-    pub fn last_acked(&self) -> u64 {
-        self.client.metrics().last_applied_lsn().0
-    }
-
     pub async fn shutdown(mut self) {
         let _ = self.client.shutdown().await;
     }

@@ -55,8 +55,6 @@ pub const SCHEMA: &str = "public";
 pub struct Work {
     /// Member ids whose own row or group/tag membership changed.
     pub members: BTreeSet<i64>,
-    /// Members inserted in this work (contact creation applies only to them).
-    pub inserted_members: BTreeSet<i64>,
     /// Groups whose row changed (a rename changes every member's `groups`).
     pub groups: BTreeSet<i64>,
     pub tags: BTreeSet<i64>,
@@ -148,7 +146,6 @@ impl Work {
     /// Coalesces another transaction's work into this one.
     pub fn merge(&mut self, other: Work) {
         self.members.extend(other.members);
-        self.inserted_members.extend(other.inserted_members);
         self.groups.extend(other.groups);
         self.tags.extend(other.tags);
         self.custom_roles.extend(other.custom_roles);
@@ -358,9 +355,6 @@ fn property_change(c: &RowChange, work: &mut Work) {
                 if c.op != Op::Delete {
                     work.members.insert(id);
                 }
-                if c.op == Op::Insert {
-                    work.inserted_members.insert(id);
-                }
             }
         }
         "group_members" | "member_tags" => {
@@ -493,10 +487,6 @@ mod tests {
         assert_eq!(
             work.members.iter().copied().collect::<Vec<_>>(),
             vec![10, 11, 12]
-        );
-        assert_eq!(
-            work.inserted_members.iter().copied().collect::<Vec<_>>(),
-            vec![10]
         );
         assert_eq!(work.groups.iter().copied().collect::<Vec<_>>(), vec![7]);
         assert_eq!(
