@@ -48,6 +48,43 @@ fn args() -> Args {
     a
 }
 
+/// A Spot whose members (`{prefix}{n}@example.com`) all have a contact in `portal`.
+async fn seed_spot(
+    db: &tokio_postgres::Client,
+    emu: &Emulator,
+    portal: u64,
+    name: &str,
+    prefix: &str,
+    members: usize,
+) -> anyhow::Result<i64> {
+    let spot: i64 = db
+        .query_one(
+            "INSERT INTO spots (name, slug) VALUES ($1, lower($1)) RETURNING id",
+            &[&name],
+        )
+        .await?
+        .get(0);
+    db.execute(
+        "INSERT INTO members (spot_id, email, status) SELECT $1, $3 || g || '@example.com', 'accepted'
+           FROM generate_series(1, $2::int) g",
+        &[&spot, &(members as i32), &prefix],
+    )
+    .await?;
+    for g in 1..=members {
+        emu.add_contact(portal, &format!("{prefix}{g}@example.com"), &[]);
+    }
+    Ok(spot)
+}
+
+fn token_credentials(key: &[u8; 32], token: &str) -> store::Credentials {
+    store::Credentials {
+        kind: store::AuthKind::Token,
+        access_token_enc: Sealer::new(key).seal(token),
+        refresh_token_enc: None,
+        expires_at: None,
+    }
+}
+
 async fn slot_confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
     db.query_one(
         "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
@@ -77,30 +114,15 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let (portal, token) = emu.create_portal();
 
-    let spot: i64 = db
-        .query_one(
-            "INSERT INTO spots (name, slug) VALUES ('Bench', 'bench') RETURNING id",
-            &[],
-        )
-        .await?
-        .get(0);
-    db.execute(
-        "INSERT INTO members (spot_id, email, status) SELECT $1, 'b' || g || '@example.com', 'accepted'
-           FROM generate_series(1, $2::int) g",
-        &[&spot, &(a.members as i32)],
+    let key = [9u8; 32];
+    let spot = seed_spot(&db, &emu, portal, "Bench", "b", a.members).await?;
+    store::activate(
+        &mut db,
+        spot,
+        portal as i64,
+        &token_credentials(&key, &token),
     )
     .await?;
-    for g in 1..=a.members {
-        emu.add_contact(portal, &format!("b{g}@example.com"), &[]);
-    }
-    let key = [9u8; 32];
-    let creds = store::Credentials {
-        kind: store::AuthKind::Token,
-        access_token_enc: Sealer::new(&key).seal(&token),
-        refresh_token_enc: None,
-        expires_at: None,
-    };
-    store::activate(&mut db, spot, portal as i64, &creds).await?;
     for slot in ["bench_sidecar", "bench_recvlogical"] {
         db.execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
@@ -212,29 +234,9 @@ async fn main() -> anyhow::Result<()> {
     let minimum = (changed as u64).div_ceil(100);
 
     // 4. A backfill: a second Spot, all of whose members have a contact, connects now.
-    let spot2: i64 = db
-        .query_one(
-            "INSERT INTO spots (name, slug) VALUES ('Backfill', 'backfill') RETURNING id",
-            &[],
-        )
-        .await?
-        .get(0);
-    db.execute(
-        "INSERT INTO members (spot_id, email, status) SELECT $1, 'f' || g || '@example.com', 'accepted'
-           FROM generate_series(1, $2::int) g",
-        &[&spot2, &(a.members as i32)],
-    )
-    .await?;
     let (portal2, token2) = emu.create_portal();
-    for g in 1..=a.members {
-        emu.add_contact(portal2, &format!("f{g}@example.com"), &[]);
-    }
-    let creds2 = store::Credentials {
-        kind: store::AuthKind::Token,
-        access_token_enc: Sealer::new(&key).seal(&token2),
-        refresh_token_enc: None,
-        expires_at: None,
-    };
+    let spot2 = seed_spot(&db, &emu, portal2, "Backfill", "f", a.members).await?;
+    let creds2 = token_credentials(&key, &token2);
     let t = Instant::now();
     store::activate(&mut db, spot2, portal2 as i64, &creds2).await?;
     loop {

@@ -20,7 +20,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 
 use super::{ApiError, HubSpotClient, HubSpotError, Portal};
-use crate::config::{ActivityApi, HubSpotConfig};
+use crate::config::{ActivityApi, ConfigError, HubSpotConfig};
 use crate::translate::activity::ActivityType;
 
 /// Inputs per batch call, for both APIs (App Events would take 500; v3's limit is unknown,
@@ -51,21 +51,6 @@ pub enum EventOutcome {
     Rejected {
         category: String,
         message: String,
-    },
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum TimelineConfigError {
-    #[error("HUBSPOT_ACTIVITY_API=timeline-v3 needs {var}, which is not set: {fix}")]
-    Missing {
-        var: &'static str,
-        fix: &'static str,
-    },
-    #[error("{var} is invalid ({problem}): {fix}")]
-    Invalid {
-        var: &'static str,
-        problem: String,
-        fix: &'static str,
     },
 }
 
@@ -147,7 +132,7 @@ impl ActivityEvent {
 }
 
 impl ActivitySink {
-    pub fn from_config(cfg: &HubSpotConfig) -> Result<ActivitySink, TimelineConfigError> {
+    pub fn from_config(cfg: &HubSpotConfig) -> Result<ActivitySink, ConfigError> {
         match cfg.activity_api {
             ActivityApi::AppEvents => Ok(ActivitySink::AppEvents {
                 prefix: cfg.app_event_prefix.clone(),
@@ -158,13 +143,13 @@ impl ActivitySink {
                     .as_deref()
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
-                    .ok_or(TimelineConfigError::Missing {
+                    .ok_or(ConfigError::Missing {
                         var: "HUBSPOT_APP_ID",
-                        fix: "set it to the numeric id of the public app that owns the timeline \
-                              event templates (developer account → Apps → the app → App ID)",
+                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the numeric id of the public app that owns \
+                              the timeline event templates (developer account → Apps → the app → App ID)",
                     })?;
                 if !app_id.chars().all(|c| c.is_ascii_digit()) {
-                    return Err(TimelineConfigError::Invalid {
+                    return Err(ConfigError::Invalid {
                         var: "HUBSPOT_APP_ID",
                         problem: format!("{app_id:?} is not a number"),
                         fix: "use the app's numeric App ID, e.g. 1234567",
@@ -175,10 +160,10 @@ impl ActivitySink {
                     .as_deref()
                     .map(str::trim)
                     .filter(|s| !s.is_empty())
-                    .ok_or(TimelineConfigError::Missing {
+                    .ok_or(ConfigError::Missing {
                         var: "HUBSPOT_DEVELOPER_API_KEY",
-                        fix: "set it to the developer account's API key (developer account → \
-                              Keys → Developer API key); it only creates the event templates",
+                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the developer account's API key \
+                              (developer account → Keys → Developer API key); it only creates the event templates",
                     })?;
                 Ok(ActivitySink::TimelineV3 {
                     app_id: app_id.to_string(),
