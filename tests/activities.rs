@@ -92,18 +92,7 @@ async fn all_twelve(api: ActivityApi) {
     })
     .await;
     wait_handed_off(&db, &name, 10 * SECOND).await;
-    wait_for("empty activity backlog", 10 * SECOND, || async {
-        sidecar
-            .api(
-                reqwest::Method::GET,
-                &format!("/api/spots/{spot}/hubspot"),
-                None,
-            )
-            .await
-            .1["backlog"]["activities"]
-            == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "activities").await;
     let events = events_of(&emu, portal, &contact);
     let prefix = if api == ActivityApi::AppEvents {
         "pe4242_"
@@ -248,18 +237,7 @@ async fn categories_follow_their_toggles_in_commit_order_and_no_event_creates_a_
         !events_of(&emu, portal, &contact).is_empty()
     })
     .await;
-    wait_for("empty activity backlog", 10 * SECOND, || async {
-        sidecar
-            .api(
-                reqwest::Method::GET,
-                &format!("/api/spots/{spot}/hubspot"),
-                None,
-            )
-            .await
-            .1["backlog"]["activities"]
-            == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "activities").await;
     let events = emu.timeline_events(portal);
     let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
     assert_eq!(

@@ -149,18 +149,7 @@ async fn member_changes_reach_exactly_the_matching_contacts() {
     assert!(!stats.by_operation.contains_key("contacts.batch_upsert"));
 
     // Everything handed off was delivered: the backlog is empty.
-    wait_for("empty backlog", 10 * SECOND, || async {
-        let v = sidecar
-            .api(
-                reqwest::Method::GET,
-                &format!("/api/spots/{spot}/hubspot"),
-                None,
-            )
-            .await
-            .1;
-        v["backlog"]["properties"] == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
     sidecar.stop().await;
 }
 
@@ -266,13 +255,7 @@ async fn hubspot_down_for_a_minute_holds_no_wal_and_the_backlog_drains() {
         .await;
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let (_, v) = sidecar
-        .api(
-            reqwest::Method::GET,
-            &format!("/api/spots/{spot}/hubspot"),
-            None,
-        )
-        .await;
+    let v = sidecar.integration(spot).await;
     assert_eq!(
         v["backlog"]["properties"], 50,
         "the work waits in the backlog: {v}"
@@ -452,17 +435,6 @@ async fn a_rejected_write_is_dead_lettered_and_nothing_else_stops() {
         "{rendered}"
     );
     // Nothing is stuck: the backlog is empty.
-    wait_for("empty backlog", 10 * SECOND, || async {
-        sidecar
-            .api(
-                reqwest::Method::GET,
-                &format!("/api/spots/{spot}/hubspot"),
-                None,
-            )
-            .await
-            .1["backlog"]["properties"]
-            == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
     sidecar.stop().await;
 }

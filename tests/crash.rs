@@ -76,27 +76,7 @@ async fn kill_9_during_2000_updates_then_restart_converges() {
     child = spawn_sidecar(&url, &name, &emu.base_url(), &listen);
     wait_ready(&http, &listen).await;
 
-    let expected: Vec<(String, String)> = db
-        .query(
-            "SELECT lower(email), headline FROM members WHERE spot_id = $1",
-            &[&spot],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    wait_for(
-        "every contact holds the database's values",
-        120 * SECOND,
-        || async {
-            expected.iter().all(|(email, headline)| {
-                prop(&emu, portal, email, "meltingspot_headline").as_deref()
-                    == Some(headline.as_str())
-            })
-        },
-    )
-    .await;
+    wait_headlines_converge(&db, &emu, portal, spot, 120 * SECOND).await;
     let (_, committed) = slot_position(&db, &name).await;
     wait_for(
         "the slot's confirmed_flush_lsn reaches the last commit",

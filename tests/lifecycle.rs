@@ -18,17 +18,6 @@ const STATUSES: [&str; 6] = [
     "deactivated",
 ];
 
-async fn view(sidecar: &Sidecar, spot: i64) -> serde_json::Value {
-    sidecar
-        .api(
-            reqwest::Method::GET,
-            &format!("/api/spots/{spot}/hubspot"),
-            None,
-        )
-        .await
-        .1
-}
-
 async fn patch(sidecar: &Sidecar, spot: i64, body: serde_json::Value) -> (u16, serde_json::Value) {
     sidecar
         .api(
@@ -60,7 +49,7 @@ async fn oauth_connect_initializes_and_backfills_only_existing_contacts() {
     let (status, page) = oauth_connect(&sidecar, spot).await;
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("HubSpot is connected"));
-    let v = view(&sidecar, spot).await;
+    let v = sidecar.integration(spot).await;
     assert_eq!(v["status"], "active");
     assert_eq!(v["portal_id"], portal);
 
@@ -212,8 +201,8 @@ async fn a_forged_or_replayed_state_is_refused() {
     assert_eq!(callback(state.clone()).await, 502);
     // …and refused when replayed.
     assert_eq!(callback(state).await, 400);
-    assert_eq!(view(&sidecar, other).await["status"], "inactive");
-    assert_eq!(view(&sidecar, spot).await["status"], "inactive");
+    assert_eq!(sidecar.integration(other).await["status"], "inactive");
+    assert_eq!(sidecar.integration(spot).await["status"], "inactive");
     sidecar.stop().await;
 }
 
@@ -257,10 +246,7 @@ async fn contact_creation_applies_to_members_inserted_after_the_switch_only() {
     assert_eq!(c.properties["lastname"], "Hopper");
     // The existing member changed too, but gets no contact.
     wait_handed_off(&db, &name, 10 * SECOND).await;
-    wait_for("empty backlog", 10 * SECOND, || async {
-        view(&sidecar, spot).await["backlog"]["properties"] == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
     assert!(emu.contact_by_email(portal, "old@example.com").is_none());
     assert_eq!(emu.contacts(portal).len(), 1);
 
@@ -278,10 +264,7 @@ async fn contact_creation_applies_to_members_inserted_after_the_switch_only() {
     .await
     .unwrap();
     wait_handed_off(&db, &name, 10 * SECOND).await;
-    wait_for("empty backlog", 10 * SECOND, || async {
-        view(&sidecar, spot).await["backlog"]["properties"] == 0
-    })
-    .await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
     assert!(emu.contact_by_email(portal, "later@example.com").is_none());
 
     // Activities need OAuth: refused on a token connection.
@@ -373,7 +356,7 @@ async fn after_a_disconnect_nothing_is_sent() {
         .unwrap()
         .get(0);
     assert!(tokens.is_none(), "tokens are erased");
-    assert_eq!(view(&sidecar, spot).await["backlog"]["properties"], 0);
+    assert_eq!(sidecar.integration(spot).await["backlog"]["properties"], 0);
     sidecar.stop().await;
 }
 
@@ -421,10 +404,10 @@ async fn a_revoked_portal_fails_notifies_admins_once_and_a_reconnect_converges()
     .await
     .unwrap();
     wait_for("failed", 30 * SECOND, || async {
-        view(&sidecar, spot).await["status"] == "failed"
+        sidecar.integration(spot).await["status"] == "failed"
     })
     .await;
-    let v = view(&sidecar, spot).await;
+    let v = sidecar.integration(spot).await;
     assert!(
         v["last_error"].as_str().is_some_and(|e| !e.is_empty()),
         "{v}"
@@ -441,7 +424,7 @@ async fn a_revoked_portal_fails_notifies_admins_once_and_a_reconnect_converges()
         .unwrap();
     }
     wait_handed_off(&db, &name, 10 * SECOND).await;
-    assert_eq!(view(&sidecar, spot).await["backlog"]["properties"], 1);
+    assert_eq!(sidecar.integration(spot).await["backlog"]["properties"], 1);
     assert_eq!(emu.request_stats(portal).total, calls_when_failed);
 
     // One notification per admin (accepted) per channel, once.
@@ -490,7 +473,7 @@ async fn a_revoked_portal_fails_notifies_admins_once_and_a_reconnect_converges()
 
     // Reconnect: active again, the retained work is delivered.
     assert_eq!(oauth_connect(&sidecar, spot).await.0, 200);
-    let v = view(&sidecar, spot).await;
+    let v = sidecar.integration(spot).await;
     assert_eq!(v["status"], "active");
     assert!(v["last_error"].is_null(), "{v}");
     wait_for(
@@ -591,26 +574,7 @@ async fn the_backfill_never_overwrites_a_newer_value_from_the_stream() {
         .unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let expected: Vec<(String, String)> = db
-        .query(
-            "SELECT email, headline FROM members WHERE spot_id = $1",
-            &[&spot],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    wait_for(
-        "every contact holds the newest value",
-        120 * SECOND,
-        || async {
-            expected.iter().all(|(e, h)| {
-                prop(&emu, portal, e, "meltingspot_headline").as_deref() == Some(h.as_str())
-            })
-        },
-    )
-    .await;
+    wait_headlines_converge(&db, &emu, portal, spot, 120 * SECOND).await;
     assert!(sidecar.running.metrics.backfill_queued.get() >= 1500);
     sidecar.stop().await;
 }
@@ -677,7 +641,7 @@ async fn an_expired_access_token_is_refreshed_and_the_rotated_refresh_token_stor
             >= 1
     );
     assert_eq!(
-        view(&sidecar, spot).await["status"],
+        sidecar.integration(spot).await["status"],
         "active",
         "an expired token is not a failure"
     );

@@ -124,6 +124,27 @@ impl Sidecar {
         body
     }
 
+    /// `GET /api/spots/{spot}/hubspot`.
+    pub async fn integration(&self, spot_id: i64) -> serde_json::Value {
+        self.api(
+            reqwest::Method::GET,
+            &format!("/api/spots/{spot_id}/hubspot"),
+            None,
+        )
+        .await
+        .1
+    }
+
+    /// Waits until the Spot's backlog of `kind` (properties, activities) is empty.
+    pub async fn wait_backlog_empty(&self, spot_id: i64, kind: &str) {
+        wait_for(
+            &format!("an empty {kind} backlog"),
+            Duration::from_secs(10),
+            || async { self.integration(spot_id).await["backlog"][kind] == 0 },
+        )
+        .await;
+    }
+
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         let r = tokio::time::timeout(Duration::from_secs(15), self.task)
@@ -374,5 +395,36 @@ pub async fn wait_ready(http: &reqwest::Client, listen: &str) {
             .await
             .is_ok_and(|r| r.status() == 200)
     })
+    .await;
+}
+
+/// Waits until every contact of the Spot's members holds the member's headline.
+pub async fn wait_headlines_converge(
+    db: &Client,
+    emu: &Emulator,
+    portal: u64,
+    spot_id: i64,
+    deadline: Duration,
+) {
+    let expected: Vec<(String, Option<String>)> = db
+        .query(
+            "SELECT lower(email), headline FROM members WHERE spot_id = $1",
+            &[&spot_id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    wait_for(
+        "every contact holds the database's headline",
+        deadline,
+        || async {
+            expected.iter().all(|(email, headline)| {
+                prop(emu, portal, email, "meltingspot_headline").as_deref()
+                    == Some(headline.as_deref().unwrap_or(""))
+            })
+        },
+    )
     .await;
 }
