@@ -105,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
     );
     let cluster = PgCluster::start().await?;
     let url = cluster.create_meltingspot_db("bench").await?;
-    let mut db = store::connect(&url).await?;
+    let pool = store::Db::new(&hubspot_sidecar::config::DatabaseConfig::from_url(&url)?)?;
+    let mut db = pool.client().await?;
     store::migrate(&mut db).await?;
     let emu = Emulator::start(EmulatorConfig {
         rate_limit_per_10s: a.rate_limit.max(110),
@@ -202,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
     let recv_secs = t.elapsed().as_secs_f64();
 
     // 2. The sidecar, from the same starting point to the same end, durably handed off.
-    let mut cfg = Config::local(&url, "bench_sidecar", &emu.base_url(), "bench", key);
+    let mut cfg = Config::local(&url, "bench_sidecar", &emu.base_url(), "bench", key)?;
     cfg.hubspot.rate_limit = a.rate_limit;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();

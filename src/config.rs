@@ -93,10 +93,47 @@ pub struct RunArgs {
     pub log_format: String,
 }
 
+/// The database the sidecar reads and writes: one parsed URL that both the
+/// SQL pool (`store::Db`) and the replication stream are built from.
+#[derive(Clone)]
+pub struct DatabaseConfig {
+    /// The parsed `DATABASE_URL`.
+    pub pg: tokio_postgres::Config,
+}
+
+impl DatabaseConfig {
+    /// Parses a `postgres://` URL; the error names `DATABASE_URL` and the fix.
+    pub fn from_url(url: &str) -> Result<Self, ConfigError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                var: "DATABASE_URL",
+                problem: "not a postgres:// URL".into(),
+                fix: "use the form postgres://user:password@host:5432/dbname",
+            });
+        }
+        let pg: tokio_postgres::Config =
+            url.parse()
+                .map_err(|e: tokio_postgres::Error| ConfigError::Invalid {
+                    var: "DATABASE_URL",
+                    problem: e.to_string(),
+                    fix: "use the form postgres://user:password@host:5432/dbname",
+                })?;
+        if pg.get_user().is_none() {
+            return Err(ConfigError::Invalid {
+                var: "DATABASE_URL",
+                problem: "no user in the URL".into(),
+                fix: "name the role: postgres://hubspot_sidecar:PASSWORD@host:5432/dbname",
+            });
+        }
+        Ok(DatabaseConfig { pg })
+    }
+}
+
 /// Validated configuration.
 #[derive(Clone)]
 pub struct Config {
-    pub database_url: String,
+    /// DATABASE_URL, parsed.
+    pub database: DatabaseConfig,
     pub slot: String,
     pub publication: String,
     pub listen: String,
@@ -161,9 +198,9 @@ impl Config {
         hubspot_base: &str,
         admin_token: &str,
         secret_key: [u8; 32],
-    ) -> Config {
-        Config {
-            database_url: database_url.to_string(),
+    ) -> Result<Config, ConfigError> {
+        Ok(Config {
+            database: DatabaseConfig::from_url(database_url)?,
             slot: slot.to_string(),
             publication: "hubspot_sidecar".into(),
             listen: "127.0.0.1:0".into(),
@@ -187,6 +224,91 @@ impl Config {
             smtp_url: None,
             smtp_from: None,
             log_format: LogFormat::Text,
+        })
+    }
+
+    /// Checks what fields set after `local` (tests, the demo) or parsed by
+    /// `RunArgs::validate` must agree on; the service calls it before it
+    /// touches the database, so that a bad combination never migrates or
+    /// creates a slot first.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        self.hubspot.activity_sink()?;
+        Ok(())
+    }
+}
+
+/// How timeline events reach HubSpot, validated (HUBSPOT_ACTIVITY_API).
+#[derive(Clone, PartialEq, Eq)]
+pub enum ActivitySinkConfig {
+    /// App Events, with the event type name prefix.
+    AppEvents {
+        /// HUBSPOT_APP_EVENT_PREFIX.
+        prefix: String,
+    },
+    /// Legacy timeline v3 templates and events.
+    TimelineV3 {
+        /// HUBSPOT_APP_ID, numeric.
+        app_id: String,
+        /// HUBSPOT_DEVELOPER_API_KEY.
+        developer_api_key: String,
+    },
+}
+
+impl std::fmt::Debug for ActivitySinkConfig {
+    // Hand-written so that the developer API key never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActivitySinkConfig::AppEvents { prefix } => {
+                f.debug_struct("AppEvents").field("prefix", prefix).finish()
+            }
+            ActivitySinkConfig::TimelineV3 { app_id, .. } => f
+                .debug_struct("TimelineV3")
+                .field("app_id", app_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl HubSpotConfig {
+    /// The activity API settings, or the variable that is missing or wrong.
+    pub fn activity_sink(&self) -> Result<ActivitySinkConfig, ConfigError> {
+        match self.activity_api {
+            ActivityApi::AppEvents => Ok(ActivitySinkConfig::AppEvents {
+                prefix: self.app_event_prefix.clone(),
+            }),
+            ActivityApi::TimelineV3 => {
+                let app_id = self
+                    .app_id
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .ok_or(ConfigError::Missing {
+                        var: "HUBSPOT_APP_ID",
+                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the numeric id of the public app that owns \
+                              the timeline event templates (developer account → Apps → the app → App ID)",
+                    })?;
+                if !app_id.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(ConfigError::Invalid {
+                        var: "HUBSPOT_APP_ID",
+                        problem: format!("{app_id:?} is not a number"),
+                        fix: "use the app's numeric App ID, e.g. 1234567",
+                    });
+                }
+                let key = self
+                    .developer_api_key
+                    .as_deref()
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .ok_or(ConfigError::Missing {
+                        var: "HUBSPOT_DEVELOPER_API_KEY",
+                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the developer account's API key \
+                              (developer account → Keys → Developer API key); it only creates the event templates",
+                    })?;
+                Ok(ActivitySinkConfig::TimelineV3 {
+                    app_id: app_id.to_string(),
+                    developer_api_key: key.to_string(),
+                })
+            }
         }
     }
 }
@@ -197,13 +319,7 @@ impl RunArgs {
             var: "DATABASE_URL",
             fix: "set it to the primary's URL, e.g. postgres://hubspot_sidecar:PASSWORD@db:5432/meltingspot",
         })?;
-        if !(database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")) {
-            return Err(ConfigError::Invalid {
-                var: "DATABASE_URL",
-                problem: "not a postgres:// URL".into(),
-                fix: "use the form postgres://user:password@host:5432/dbname",
-            });
-        }
+        let database = DatabaseConfig::from_url(&database_url)?;
         let admin_token = self.admin_token.filter(|t| !t.is_empty()).ok_or(ConfigError::Missing {
             var: "SIDECAR_ADMIN_TOKEN",
             fix: "set it to a long random string, e.g. `openssl rand -hex 32`; the web app sends it as a bearer token",
@@ -246,8 +362,8 @@ impl RunArgs {
                 })
             }
         };
-        Ok(Config {
-            database_url,
+        let cfg = Config {
+            database,
             slot: self.slot,
             publication: self.publication,
             listen: self.listen,
@@ -271,7 +387,9 @@ impl RunArgs {
             smtp_url: self.smtp_url,
             smtp_from: self.smtp_from,
             log_format,
-        })
+        };
+        cfg.check()?;
+        Ok(cfg)
     }
 }
 
@@ -368,6 +486,31 @@ mod tests {
         assert!(err.contains("SIDECAR_SECRET_KEY"), "{err}");
         assert!(err.contains("3 bytes instead of 32"), "{err}");
         assert!(parse_secret_key(Some(&"0f".repeat(32))).is_ok());
+    }
+
+    #[test]
+    fn timeline_v3_config_names_the_missing_variables() {
+        let mut cfg = Config::local("postgres://x@h/d", "s", "http://h", "t", [0; 32])
+            .expect("valid URL")
+            .hubspot;
+        cfg.activity_api = ActivityApi::TimelineV3;
+        let err = cfg.activity_sink().expect_err("no app id").to_string();
+        assert!(err.contains("HUBSPOT_APP_ID"), "{err}");
+        cfg.app_id = Some("4242".into());
+        let err = cfg.activity_sink().expect_err("no key").to_string();
+        assert!(err.contains("HUBSPOT_DEVELOPER_API_KEY"), "{err}");
+        cfg.developer_api_key = Some("secret-dev-key".into());
+        let sink = cfg.activity_sink().expect("complete");
+        assert!(
+            matches!(sink, ActivitySinkConfig::TimelineV3 { ref app_id, .. } if app_id == "4242")
+        );
+        assert!(!format!("{sink:?}").contains("secret-dev-key"));
+        cfg.activity_api = ActivityApi::AppEvents;
+        cfg.app_event_prefix = "pfx_".into();
+        assert!(matches!(
+            cfg.activity_sink().expect("app events"),
+            ActivitySinkConfig::AppEvents { ref prefix } if prefix == "pfx_"
+        ));
     }
 
     #[test]

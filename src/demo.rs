@@ -12,7 +12,8 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
 
 use crate::config::{Config, LogFormat};
-use crate::hubspot::properties::{derive, normalize_email};
+use crate::deliver::derive;
+use crate::hubspot::properties::normalize_email;
 use crate::pg_cluster::PgCluster;
 use crate::service;
 use crate::store;
@@ -51,7 +52,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .await
         .context("starting the throwaway Postgres")?;
     let url = cluster.create_meltingspot_db("meltingspot").await?;
-    let db = store::connect(&url).await?;
+    let pool = store::Db::new(&crate::config::DatabaseConfig::from_url(&url)?)?;
+    let db = pool.client().await?;
     println!("• starting the HubSpot emulator …");
     let emu = Emulator::start(EmulatorConfig::default()).await?;
     let (portal, _service_key) = emu.create_portal();
@@ -180,7 +182,7 @@ fn demo_config(url: &str, hubspot: &str) -> anyhow::Result<Config> {
         hubspot,
         &hex::encode(rand::random::<[u8; 16]>()),
         rand::random(),
-    );
+    )?;
     let app = EmulatorConfig::default();
     cfg.listen = format!("127.0.0.1:{port}");
     cfg.public_url = format!("http://127.0.0.1:{port}");

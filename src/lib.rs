@@ -5,12 +5,16 @@
 //! `replication` -> `translate` -> `store` -> `deliver` -> `hubspot`,
 //! with `http` (admin API, metrics, health) and `config` beside them.
 
+pub mod backoff;
 pub mod config;
 pub mod deliver;
 pub mod demo;
 pub mod doctor;
+pub mod failpoints;
 pub mod http;
 pub mod hubspot;
+pub mod integrations;
+pub mod internal_events;
 pub mod metrics;
 pub mod pg_cluster;
 pub mod replication;

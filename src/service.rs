@@ -12,20 +12,23 @@ use anyhow::Context;
 use chrono::Utc;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::deliver::mailer::Mailer;
-use crate::deliver::{self, DeliverContext};
+use crate::deliver::{self, DeliverContext, RoundLocks};
 use crate::http::{self, AppState, Health};
 use crate::hubspot::oauth::OAuthApp;
-use crate::hubspot::ratelimit::Gates;
+use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::HubSpotClient;
+use crate::integrations::Integrations;
 use crate::metrics::Metrics;
 use crate::replication::{self, ConnParams, Source, SourceEvent};
-use crate::store::{self, secrets::Sealer};
+use crate::store::{self, secrets::Sealer, Db};
 use crate::translate::{self, Work};
+use crate::{integrations::Status, internal_events as events};
 
 /// Hand off at the latest this long after the first buffered transaction…
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -47,28 +50,33 @@ pub async fn run(
     shutdown: watch::Receiver<bool>,
     started: Option<tokio::sync::oneshot::Sender<Running>>,
 ) -> anyhow::Result<()> {
+    // Everything that can be checked without the database is checked first.
+    cfg.check()?;
+    let sink = ActivitySink::new(cfg.hubspot.activity_sink()?);
+    let params = ConnParams::from_config(&cfg.database)?;
+    let db = Db::new(&cfg.database)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
     let wake = Arc::new(Notify::new());
-    let gates = Gates::new(cfg.hubspot.rate_limit);
+    let limiters = Limiters::new(cfg.hubspot.rate_limit);
+    let rounds = RoundLocks::default();
     let hubspot = HubSpotClient::new(
         &cfg.hubspot.api_base,
         &cfg.hubspot.api_version,
         metrics.clone(),
     );
 
-    let mut db = store::connect(&cfg.database_url)
-        .await
-        .context("connecting to DATABASE_URL")?;
-    store::migrate(&mut db)
-        .await
-        .context("applying hubspot_sync migrations")?;
-    health.migrated.store(true, Ordering::Relaxed);
-    if replication::ensure_slot(&db, &cfg.slot).await? {
-        info!(slot = %cfg.slot, "created replication slot");
+    {
+        let mut client = db.client().await.context("connecting to DATABASE_URL")?;
+        store::migrate(&mut client)
+            .await
+            .context("applying hubspot_sync migrations")?;
+        health.migrated.store(true, Ordering::Relaxed);
+        if replication::ensure_slot(&client, &cfg.slot).await? {
+            info!(slot = %cfg.slot, "created replication slot");
+        }
     }
-    let params = ConnParams::from_url(&cfg.database_url)?;
 
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
@@ -85,17 +93,20 @@ pub async fn run(
     };
     let notify = Arc::new(Notify::new());
     let app = http::router(AppState {
-        db: Arc::new(store::Db::new(&cfg.database_url)),
+        db: db.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
         admin_token: cfg.admin_token.as_str().into(),
-        sealer: sealer.clone(),
-        hubspot: hubspot.clone(),
-        wake: wake.clone(),
-        gates: gates.clone(),
-        oauth: oauth.clone(),
         secret_key: cfg.secret_key,
-        database_url: cfg.database_url.as_str().into(),
+        integrations: Integrations {
+            db: db.clone(),
+            sealer: sealer.clone(),
+            hubspot: hubspot.clone(),
+            oauth: oauth.clone(),
+            limiters: limiters.clone(),
+            rounds: rounds.clone(),
+            wake: wake.clone(),
+        },
     });
     let mut http_shutdown = shutdown.clone();
     let http_task = tokio::spawn(async move {
@@ -110,13 +121,14 @@ pub async fn run(
     let deliver_task = tokio::spawn(
         deliver::supervise(
             DeliverContext {
-                database_url: cfg.database_url.clone(),
+                db: db.clone(),
                 client: hubspot,
                 oauth,
-                sink: ActivitySink::from_config(&cfg.hubspot)?,
+                sink,
                 sealer,
                 metrics: metrics.clone(),
-                gates,
+                limiters,
+                rounds,
                 fail_after: cfg.fail_after,
                 failed_retention: cfg.failed_retention,
                 wake: wake.clone(),
@@ -131,7 +143,7 @@ pub async fn run(
         Some(url) => {
             let mailer = Mailer::new(url, cfg.smtp_from.as_deref())?;
             Some(tokio::spawn(mailer.run(
-                cfg.database_url.clone(),
+                db.clone(),
                 metrics.clone(),
                 notify.clone(),
                 shutdown.clone(),
@@ -142,7 +154,7 @@ pub async fn run(
 
     let oldest_pending = Arc::new(AtomicI64::new(0));
     let sampler = tokio::spawn(sample_lag(
-        cfg.database_url.clone(),
+        db.clone(),
         cfg.slot.clone(),
         metrics.clone(),
         oldest_pending.clone(),
@@ -165,36 +177,27 @@ pub async fn run(
         wake,
         oldest_pending,
     };
-    let mut failures = 0u32;
+    let mut backoff = Backoff::reconnect();
     let mut shutdown_rx = shutdown.clone();
     loop {
         let attempt = Instant::now();
-        match capture.stream(&mut db, shutdown.clone()).await {
+        match capture.stream(&db, shutdown.clone()).await {
             Ok(()) => break,
             Err(e) => {
                 // A stream that ran for a while was healthy: start backing off afresh.
                 if attempt.elapsed() > Duration::from_secs(30) {
-                    failures = 0;
+                    backoff.reset();
                 }
                 health.streaming.store(false, Ordering::Relaxed);
-                metrics.stream_errors.inc();
-                failures += 1;
-                let pause = Duration::from_millis(250) * 2u32.pow(failures.min(6));
-                warn!(
-                    error = format!("{e:#}"),
-                    retry_in_ms = pause.as_millis() as u64,
-                    "replication stream failed; resuming from the checkpoint"
-                );
+                let pause = backoff.next();
+                events::StreamFailed {
+                    error: &e,
+                    retry_in: pause,
+                }
+                .emit(&metrics);
                 tokio::select! {
                     _ = stopped(&mut shutdown_rx) => break,
                     _ = tokio::time::sleep(pause) => {}
-                }
-                // The SQL connection may be the thing that broke.
-                if db.is_closed() {
-                    match store::connect(&cfg.database_url).await {
-                        Ok(c) => db = c,
-                        Err(e) => warn!(error = %e, "database reconnect failed"),
-                    }
                 }
             }
         }
@@ -230,16 +233,16 @@ struct Pending {
 
 impl Capture<'_> {
     /// Streams until shutdown (Ok) or a failure (Err; the caller resumes).
-    async fn stream(
-        &self,
-        db: &mut tokio_postgres::Client,
-        mut shutdown: watch::Receiver<bool>,
-    ) -> anyhow::Result<()> {
-        let start = store::load_checkpoint(db, &self.cfg.slot)
-            .await?
-            .unwrap_or(0);
+    async fn stream(&self, db: &Db, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let (start, stream_settings) = {
+            let client = db.client().await?;
+            let start = store::load_checkpoint(&client, &self.cfg.slot)
+                .await?
+                .unwrap_or(0);
+            (start, store::load_stream_settings(&client).await?)
+        };
         // Settings as of the checkpoint: the stream re-applies later changes in order.
-        let mut settings = Arc::new(store::load_stream_settings(db).await?);
+        let mut settings = Arc::new(stream_settings);
         let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
             .await
             .context("starting replication")?;
@@ -295,27 +298,28 @@ impl Capture<'_> {
         result
     }
 
-    async fn flush(
-        &self,
-        db: &mut tokio_postgres::Client,
-        source: &Source,
-        pending: &mut Pending,
-    ) -> anyhow::Result<()> {
+    async fn flush(&self, db: &Db, source: &Source, pending: &mut Pending) -> anyhow::Result<()> {
         if pending.txs == 0 {
             return Ok(());
         }
         let span = tracing::debug_span!("hand_off", txs = pending.txs, end_lsn = %replication::lsn_to_string(pending.end_lsn));
         let started = std::time::Instant::now();
-        let touched = store::hand_off(
-            db,
-            &self.cfg.slot,
-            &pending.work,
-            &pending.xids,
-            pending.end_lsn,
-        )
+        let touched = async {
+            let mut client = db.client().await?;
+            store::hand_off(
+                &mut client,
+                &self.cfg.slot,
+                &pending.work,
+                &pending.xids,
+                pending.end_lsn,
+            )
+            .await
+        }
         .instrument(span)
         .await
         .context("hand-off to hubspot_sync")?;
+        // The window the crash tests aim at: committed, not yet acknowledged.
+        crate::failpoints::crash_point(crate::failpoints::HANDOFF_COMMITTED);
         self.metrics
             .handoff_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -353,13 +357,12 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
 
 /// Samples the slot's lag from the database, and the integrations by status.
 async fn sample_lag(
-    url: String,
+    db: Db,
     slot: String,
     metrics: Arc<Metrics>,
     oldest_pending: Arc<AtomicI64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut db = None;
     loop {
         let oldest = oldest_pending.load(Ordering::Relaxed);
         let age = if oldest == 0 {
@@ -368,13 +371,7 @@ async fn sample_lag(
             ((Utc::now().timestamp_micros() - oldest) as f64 / 1e6).max(0.0)
         };
         metrics.replication_lag_seconds.set(age);
-        if db
-            .as_ref()
-            .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
-        {
-            db = store::connect(&url).await.ok();
-        }
-        if let Some(c) = &db {
+        if let Ok(c) = db.client().await {
             if let Ok(Some(row)) = c
                 .query_opt(
                     "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
@@ -399,13 +396,16 @@ async fn sample_lag(
                 )
                 .await
             {
-                for status in ["inactive", "active", "failed"] {
+                for status in Status::ALL {
                     let n = rows
                         .iter()
-                        .find(|r| r.get::<_, String>(0) == status)
+                        .find(|r| r.get::<_, String>(0) == status.as_str())
                         .map(|r| r.get::<_, i64>(1))
                         .unwrap_or(0);
-                    metrics.integrations.with_label_values(&[status]).set(n);
+                    metrics
+                        .integrations
+                        .with_label_values(&[status.as_str()])
+                        .set(n);
                 }
             }
         }

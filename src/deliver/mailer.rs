@@ -8,10 +8,15 @@ use std::time::Duration;
 use lettre::message::Mailbox;
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::warn;
 
+use crate::backoff::Backoff;
+use crate::internal_events::{MailAttempted, MailOutcome};
 use crate::metrics::Metrics;
-use crate::store::{self, PendingEmail};
+use crate::store::{self, Db, DbError, PendingEmail};
+
+/// How often pending notifications are looked for without being woken.
+const POLL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MailError {
@@ -19,6 +24,10 @@ pub enum MailError {
     Url(String),
     #[error("SMTP_FROM is not a valid address: {0}")]
     From(String),
+    #[error("SMTP: {0}")]
+    Smtp(String),
+    #[error("database: {0}")]
+    Db(#[from] DbError),
 }
 
 pub struct Mailer {
@@ -67,69 +76,67 @@ impl Mailer {
     /// Sends pending e-mails until shutdown; woken when a failure queued some.
     pub async fn run(
         self,
-        url: String,
+        db: Db,
         metrics: Arc<Metrics>,
         notify: Arc<Notify>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut db = None;
+        let mut backoff = Backoff::delivery();
         loop {
-            if db
-                .as_ref()
-                .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
-            {
-                db = store::connect(&url).await.ok();
-            }
-            if let Some(c) = &db {
-                match store::pending_emails(c, 50).await {
-                    Ok(pending) => {
-                        for n in pending {
-                            let Some(message) = self.message(&n) else {
-                                // A bad address is permanent: skip it, never block the others.
-                                metrics
-                                    .notifications_sent
-                                    .with_label_values(&["invalid_address"])
-                                    .inc();
-                                warn!(
-                                    notification = n.id,
-                                    "failure e-mail has an invalid recipient; skipped"
-                                );
-                                continue;
-                            };
-                            let sent = self
-                                .transport
-                                .send(message)
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string());
-                            match sent {
-                                Ok(()) => {
-                                    metrics
-                                        .notifications_sent
-                                        .with_label_values(&["sent"])
-                                        .inc();
-                                    info!(notification = n.id, "failure e-mail sent");
-                                    let _ = store::mark_delivered(c, n.id).await;
-                                }
-                                Err(e) => {
-                                    metrics
-                                        .notifications_sent
-                                        .with_label_values(&["error"])
-                                        .inc();
-                                    warn!(notification = n.id, error = %e, "failure e-mail not sent; will retry");
-                                    break;
-                                }
-                            }
-                        }
-                    }
-                    Err(e) => warn!(error = %e, "could not read pending notifications"),
+            let pause = match self.send_pending(&db, &metrics).await {
+                Ok(()) => {
+                    backoff.reset();
+                    POLL
                 }
-            }
+                Err(e) => {
+                    let pause = backoff.next().max(Duration::from_secs(1));
+                    warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "could not send pending notifications");
+                    pause
+                }
+            };
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = notify.notified() => {}
-                _ = tokio::time::sleep(Duration::from_secs(10)) => {}
+                _ = tokio::time::sleep(pause) => {}
             }
         }
+    }
+
+    /// Sends what is pending; an SMTP failure stops the batch (the server is
+    /// probably down) and is retried with the backoff.
+    async fn send_pending(&self, db: &Db, metrics: &Metrics) -> Result<(), MailError> {
+        let client = db.client().await?;
+        for n in store::pending_emails(&client, 50).await? {
+            let notification = n.id;
+            let Some(message) = self.message(&n) else {
+                // A bad address is permanent: skip it, never block the others.
+                MailAttempted {
+                    notification,
+                    outcome: MailOutcome::InvalidAddress,
+                }
+                .emit(metrics);
+                continue;
+            };
+            match self.transport.send(message).await {
+                Ok(_) => {
+                    MailAttempted {
+                        notification,
+                        outcome: MailOutcome::Sent,
+                    }
+                    .emit(metrics);
+                    store::mark_delivered(&client, notification).await?;
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    MailAttempted {
+                        notification,
+                        outcome: MailOutcome::Failed(&error),
+                    }
+                    .emit(metrics);
+                    return Err(MailError::Smtp(error));
+                }
+            }
+        }
+        Ok(())
     }
 }

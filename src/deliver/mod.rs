@@ -8,7 +8,11 @@
 //! deleted only after HubSpot has accepted the write.
 
 pub mod mailer;
+mod plan;
+pub(crate) use plan::derive;
+pub mod policy;
 mod round;
+mod tokens;
 mod worker;
 
 use std::collections::HashMap;
@@ -20,25 +24,45 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn, Instrument};
 
 use crate::hubspot::oauth::OAuthApp;
-use crate::hubspot::ratelimit::Gates;
+use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::metrics::Metrics;
 use crate::store::secrets::Sealer;
-use crate::store::{self, LiveIntegration};
+use crate::store::{self, Db, LiveIntegration};
 use worker::PortalWorker;
+
+/// The lock a portal's delivery round holds, so that a disconnect can wait
+/// for the round in flight and no call for the Spot follows its commit.
+#[derive(Clone, Default)]
+pub struct RoundLocks {
+    by_portal: Arc<std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>>,
+}
+
+impl RoundLocks {
+    /// Waits until no round of the portal is in flight and holds it off
+    /// until the guard is dropped.
+    pub async fn wait_for_round(&self, portal_id: i64) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(portal_id).or_default().clone()
+        };
+        lock.lock_owned().await
+    }
+}
 
 /// What every worker shares.
 #[derive(Clone)]
 pub struct DeliverContext {
-    pub database_url: String,
+    pub db: Db,
     pub client: HubSpotClient,
     pub oauth: Option<OAuthApp>,
     /// How timeline events reach HubSpot (HUBSPOT_ACTIVITY_API).
     pub sink: ActivitySink,
     pub sealer: Sealer,
     pub metrics: Arc<Metrics>,
-    pub gates: Gates,
+    pub limiters: Limiters,
+    pub rounds: RoundLocks,
     pub fail_after: Duration,
     pub failed_retention: Duration,
     /// Signalled by the hand-off when new work was stored.
@@ -59,29 +83,40 @@ pub enum DeliverError {
     NoOAuthApp,
 }
 
+/// How often the supervisor compares its workers with the integrations.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+/// How often work of long-failed integrations is purged (retention is in days).
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
 /// Starts and stops portal workers as integrations come and go, until shutdown.
 pub async fn supervise(
     ctx: DeliverContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliverError> {
-    let mut db = store::connect(&ctx.database_url).await?;
     let mut last_purge: Option<std::time::Instant> = None;
     let mut workers: HashMap<i64, (watch::Sender<Vec<LiveIntegration>>, JoinHandle<()>)> =
         HashMap::new();
     loop {
         // Survive a database restart: keep the workers, reconnect, try again.
+        let db = match ctx.db.client().await {
+            Ok(db) => db,
+            Err(e) => {
+                warn!(error = %e, "delivery supervisor cannot reach the database; retrying");
+                tokio::select! {
+                    _ = shutdown.changed() => break,
+                    _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
+                }
+                continue;
+            }
+        };
         let live = match store::active_integrations(&db).await {
             Ok(live) => live,
             Err(e) => {
-                warn!(error = %e, "delivery supervisor lost the database; reconnecting");
+                warn!(error = %e, "delivery supervisor lost the database; retrying");
+                drop(db);
                 tokio::select! {
                     _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                if db.is_closed() {
-                    if let Ok(c) = store::connect(&ctx.database_url).await {
-                        db = c;
-                    }
+                    _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
                 }
                 continue;
             }
@@ -110,7 +145,7 @@ pub async fn supervise(
                 }
                 None => {
                     let (tx, rx) = watch::channel(spots);
-                    let worker = PortalWorker::new(ctx.clone(), ctx.gates.portal(portal), rx);
+                    let worker = PortalWorker::new(ctx.clone(), portal, rx);
                     let span = tracing::info_span!("portal_worker", portal);
                     let handle = tokio::spawn(worker.run(shutdown.clone()).instrument(span));
                     workers.insert(portal, (tx, handle));
@@ -123,8 +158,7 @@ pub async fn supervise(
                 .with_label_values(&["properties"])
                 .set(n);
         }
-        // Retention is in days: checking once a minute is plenty.
-        if last_purge.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
             last_purge = Some(std::time::Instant::now());
             match store::purge_expired_backlog(&db, ctx.failed_retention).await {
                 Ok(0) => {}
@@ -135,9 +169,10 @@ pub async fn supervise(
                 Err(e) => warn!(error = %e, "could not purge expired backlog"),
             }
         }
+        drop(db);
         tokio::select! {
             _ = shutdown.changed() => break,
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
         }
     }
     for (_, (tx, handle)) in workers {

@@ -3,8 +3,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-pub mod oauth_state;
-
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -13,11 +11,10 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::hubspot::oauth::OAuthApp;
-use crate::hubspot::ratelimit::Gates;
-use crate::hubspot::{HubSpotClient, HubSpotError};
+use crate::integrations::{IntegrationError, Integrations};
 use crate::metrics::Metrics;
-use crate::store::{self, secrets::Sealer};
+use crate::store::{Db, DbError};
+use crate::translate::ActivitiesPatch;
 
 /// Liveness and readiness flags that the loops set.
 #[derive(Default)]
@@ -26,20 +23,21 @@ pub struct Health {
     pub streaming: AtomicBool,
 }
 
+/// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
-    pub db: Arc<store::Db>,
+    /// The database (readiness).
+    pub db: Db,
+    /// The Prometheus registry.
     pub metrics: Arc<Metrics>,
+    /// Liveness and readiness flags.
     pub health: Arc<Health>,
+    /// SIDECAR_ADMIN_TOKEN.
     pub admin_token: Arc<str>,
-    pub sealer: Sealer,
-    pub hubspot: HubSpotClient,
-    pub wake: Arc<tokio::sync::Notify>,
-    pub gates: Gates,
-    pub oauth: Option<OAuthApp>,
+    /// SIDECAR_SECRET_KEY (signs the OAuth state).
     pub secret_key: [u8; 32],
-    /// Transitions run in a transaction on a connection of their own.
-    pub database_url: Arc<str>,
+    /// The lifecycle use cases.
+    pub integrations: Integrations,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,13 +66,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<store::DbError> for ApiError {
-    fn from(e: store::DbError) -> Self {
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
         tracing::error!(error = %e, "admin API database error");
         ApiError(
             StatusCode::SERVICE_UNAVAILABLE,
             "database unavailable".into(),
         )
+    }
+}
+
+impl From<IntegrationError> for ApiError {
+    fn from(e: IntegrationError) -> Self {
+        match e {
+            IntegrationError::UnknownSpot(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
+            IntegrationError::Refused(m) => ApiError(StatusCode::BAD_REQUEST, m),
+            IntegrationError::HubSpotUnavailable(m) => ApiError(StatusCode::BAD_GATEWAY, m),
+            IntegrationError::Db(e) => e.into(),
+        }
     }
 }
 
@@ -121,7 +130,7 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let migrated = s.health.migrated.load(Ordering::Relaxed);
     let streaming = s.health.streaming.load(Ordering::Relaxed);
-    let db_ok = match s.db.get().await {
+    let db_ok = match s.db.client().await {
         Ok(db) => db.simple_query("SELECT 1").await.is_ok(),
         Err(_) => false,
     };
@@ -141,7 +150,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
 
 async fn list_spots(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
-    Ok(Json(store::list_integrations(&*s.db.get().await?).await?).into_response())
+    Ok(Json(s.integrations.list().await?).into_response())
 }
 
 async fn get_integration(
@@ -151,7 +160,7 @@ async fn get_integration(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
+    Ok(Json(s.integrations.view(id).await?).into_response())
 }
 
 #[derive(Deserialize, Default)]
@@ -169,78 +178,14 @@ async fn connect(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    if !store::spot_exists(&*s.db.get().await?, id).await? {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("spot {id} does not exist"),
-        ));
-    }
     let body = body.map(|b| b.0).unwrap_or_default();
-    let Some(token) = body.access_token else {
-        let Some(app) = &s.oauth else {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "OAuth is not configured: set HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET, or send {\"access_token\": \"…\"}".into(),
-            ));
-        };
-        let issued = oauth_state::issue(&s.secret_key, id);
-        store::issue_oauth_state(&*s.db.get().await?, &issued.nonce, id, issued.expires_at).await?;
-        return Ok(
-            Json(json!({"authorize_url": app.authorize_url(&issued.state)})).into_response(),
-        );
-    };
-    let token = token.trim().to_string();
-    if token.is_empty() {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "access_token is empty".into(),
-        ));
-    }
-    let portal_id = match s.hubspot.portal_id(&token).await {
-        Ok(p) => p,
-        Err(HubSpotError::Auth { message, .. }) => {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("HubSpot refused the token: {message}"),
-            ))
+    Ok(match body.access_token {
+        None => {
+            let url = s.integrations.start_oauth(&s.secret_key, id).await?;
+            Json(json!({"authorize_url": url})).into_response()
         }
-        Err(e) => {
-            return Err(ApiError(
-                StatusCode::BAD_GATEWAY,
-                format!("could not reach HubSpot to identify the portal: {e}"),
-            ))
-        }
-    };
-    // That call counted against the portal's budget like any other.
-    s.gates.portal(portal_id).limiter.record_unthrottled().await;
-    // Settings survive a disconnect; activities cannot run on a static token.
-    let current = store::integration_view(&*s.db.get().await?, id).await?;
-    if current
-        .activities
-        .as_object()
-        .is_some_and(|a| a.values().any(|v| v.as_bool() == Some(true)))
-    {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "activity categories are on, and HubSpot refuses timeline events sent with a service key or private-app token: connect through OAuth, or turn the categories off first".into(),
-        ));
-    }
-    // Activities need OAuth (HubSpot refuses timeline calls with static tokens).
-    let creds = store::Credentials {
-        kind: store::AuthKind::Token,
-        access_token_enc: s.sealer.seal(&token),
-        refresh_token_enc: None,
-        expires_at: None,
-    };
-    let mut db = store::connect(&s.database_url).await?;
-    store::activate(&mut db, id, portal_id, &creds).await?;
-    tracing::info!(
-        spot_id = id,
-        portal_id,
-        "integration connected with a token"
-    );
-    s.wake.notify_waiters();
-    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
+        Some(token) => Json(s.integrations.connect_with_token(id, &token).await?).into_response(),
+    })
 }
 
 #[derive(Deserialize)]
@@ -290,101 +235,40 @@ async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery
             "The request lacks code or state.",
         );
     };
-    let verified = match oauth_state::verify(&s.secret_key, &state) {
-        Ok(v) => v,
-        Err(e) => {
-            return page(
-                StatusCode::BAD_REQUEST,
-                "HubSpot was not connected",
-                &e.to_string(),
-            )
-        }
-    };
-    let consumed = match s.db.get().await {
-        Ok(db) => store::consume_oauth_state(&db, &verified.nonce).await,
-        Err(e) => Err(e),
-    };
-    match consumed {
-        Ok(Some(spot)) if spot == verified.spot_id => {}
-        Ok(_) => return page(
-            StatusCode::BAD_REQUEST,
-            "HubSpot was not connected",
-            "This authorization link was already used or has expired; start the connection again.",
+    match s
+        .integrations
+        .complete_oauth(&s.secret_key, &code, &state)
+        .await
+    {
+        Ok(_) => page(
+            StatusCode::OK,
+            "HubSpot is connected",
+            "You can close this window and return to MeltingSpot.",
         ),
+        Err(IntegrationError::Refused(m)) => {
+            page(StatusCode::BAD_REQUEST, "HubSpot was not connected", &m)
+        }
+        Err(IntegrationError::HubSpotUnavailable(m)) => {
+            page(StatusCode::BAD_GATEWAY, "HubSpot was not connected", &m)
+        }
         Err(e) => {
-            tracing::error!(error = %e, "OAuth callback database error");
-            return page(
+            tracing::error!(error = %e, "could not complete the OAuth connection");
+            page(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "HubSpot was not connected",
                 "Please try again.",
-            );
+            )
         }
     }
-    let Some(app) = &s.oauth else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "HubSpot was not connected",
-            "OAuth is not configured.",
-        );
-    };
-    let tokens = match app.exchange_code(&s.hubspot, &code).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(error = %e, "OAuth code exchange failed");
-            return page(
-                StatusCode::BAD_GATEWAY,
-                "HubSpot was not connected",
-                &e.to_string(),
-            );
-        }
-    };
-    let Some(portal_id) = tokens.hub_id else {
-        return page(
-            StatusCode::BAD_GATEWAY,
-            "HubSpot was not connected",
-            "HubSpot did not say which portal was authorized.",
-        );
-    };
-    let creds = store::Credentials {
-        kind: store::AuthKind::OAuth,
-        access_token_enc: s.sealer.seal(&tokens.access_token),
-        refresh_token_enc: Some(s.sealer.seal(&tokens.refresh_token)),
-        expires_at: Some(tokens.expires_at()),
-    };
-    let activated = async {
-        let mut db = store::connect(&s.database_url).await?;
-        store::activate(&mut db, verified.spot_id, portal_id, &creds).await
-    }
-    .await;
-    if let Err(e) = activated {
-        tracing::error!(error = %e, "could not store the OAuth connection");
-        return page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "HubSpot was not connected",
-            "Please try again.",
-        );
-    }
-    tracing::info!(
-        spot_id = verified.spot_id,
-        portal_id,
-        "integration connected through OAuth"
-    );
-    s.wake.notify_waiters();
-    page(
-        StatusCode::OK,
-        "HubSpot is connected",
-        "You can close this window and return to MeltingSpot.",
-    )
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct SettingsBody {
     create_contacts: Option<bool>,
-    activities: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    activities: ActivitiesPatch,
 }
-
-const CATEGORIES: [&str; 5] = ["members", "lives", "discussions", "collections", "courses"];
 
 async fn patch_settings(
     State(s): State<AppState>,
@@ -395,43 +279,11 @@ async fn patch_settings(
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if !store::spot_exists(&*s.db.get().await?, id).await? {
-        return Err(ApiError(
-            StatusCode::NOT_FOUND,
-            format!("spot {id} does not exist"),
-        ));
-    }
-    if let Some(acts) = &body.activities {
-        for (k, v) in acts {
-            if !CATEGORIES.contains(&k.as_str()) {
-                return Err(ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!(
-                        "unknown activity category {k:?}; use {}",
-                        CATEGORIES.join(", ")
-                    ),
-                ));
-            }
-            if !v.is_boolean() {
-                return Err(ApiError(
-                    StatusCode::BAD_REQUEST,
-                    format!("activities.{k} must be true or false"),
-                ));
-            }
-        }
-        let enabling = acts.values().any(|v| v.as_bool() == Some(true));
-        let current = store::integration_view(&*s.db.get().await?, id).await?;
-        if enabling && current.auth_kind.as_deref() == Some("token") {
-            return Err(ApiError(
-                StatusCode::BAD_REQUEST,
-                "activities need an OAuth connection: HubSpot refuses timeline events sent with a service key or private-app token; reconnect through OAuth first".into(),
-            ));
-        }
-    }
-    let activities = body.activities.map(serde_json::Value::Object);
-    let mut db = store::connect(&s.database_url).await?;
-    store::update_settings(&mut db, id, body.create_contacts, activities.as_ref()).await?;
-    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
+    let view = s
+        .integrations
+        .change_settings(id, body.create_contacts, body.activities)
+        .await?;
+    Ok(Json(view).into_response())
 }
 
 async fn disconnect(
@@ -441,32 +293,5 @@ async fn disconnect(
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    let view = store::integration_view(&*s.db.get().await?, id).await?;
-    if view.status == "inactive" {
-        return Ok(Json(view).into_response());
-    }
-    let mut db = store::connect(&s.database_url).await?;
-    // Wait for the portal's delivery round in flight: after this commit, nothing
-    // is sent for the Spot.
-    let gate = view.portal_id.map(|p| s.gates.portal(p));
-    let round = match &gate {
-        Some(g) => Some(g.round.lock().await),
-        None => None,
-    };
-    let erased = store::deactivate(&mut db, id).await?;
-    drop(round);
-    tracing::info!(spot_id = id, "integration disconnected");
-    // Revoke the refresh token at HubSpot, best effort, after the commit.
-    if let (Some(app), Some(sealed)) = (s.oauth.clone(), erased) {
-        let client = s.hubspot.clone();
-        let sealer = s.sealer.clone();
-        tokio::spawn(async move {
-            if let Ok(token) = sealer.open(&sealed) {
-                if let Err(e) = app.revoke(&client, &token).await {
-                    tracing::warn!(error = %e, "could not revoke the refresh token (it is erased here anyway)");
-                }
-            }
-        });
-    }
-    Ok(Json(store::integration_view(&*s.db.get().await?, id).await?).into_response())
+    Ok(Json(s.integrations.disconnect(id).await?).into_response())
 }

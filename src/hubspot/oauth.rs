@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::endpoint::{ApiVersion, Endpoint};
 use super::{HubSpotClient, HubSpotError};
 
 /// Scopes the sidecar asks for: contacts and their schema, and timeline events.
@@ -49,26 +50,13 @@ impl OAuthApp {
         url.into()
     }
 
-    fn token_url(client: &HubSpotClient) -> String {
-        if client.dated() {
-            format!("{}/oauth/{}/token", client.base, client.version)
-        } else {
-            format!("{}/oauth/v1/token", client.base)
-        }
-    }
-
     async fn token_call(
         &self,
         client: &HubSpotClient,
         form: &[(&str, &str)],
     ) -> Result<Tokens, HubSpotError> {
         let (_, body) = client
-            .send_form(
-                "oauth.token",
-                reqwest::Method::POST,
-                &Self::token_url(client),
-                form,
-            )
+            .send_form(&Endpoint::OAuthToken, reqwest::Method::POST, form)
             .await?;
         let mut tokens: Tokens = serde_json::from_value(body.clone())
             .map_err(|e| HubSpotError::Transient(format!("oauth.token: unexpected answer: {e}")))?;
@@ -120,26 +108,30 @@ impl OAuthApp {
         client: &HubSpotClient,
         refresh_token: &str,
     ) -> Result<(), HubSpotError> {
-        if client.dated() {
-            let url = format!("{}/oauth/{}/token/revoke", client.base, client.version);
-            client
-                .send_form(
-                    "oauth.revoke",
-                    reqwest::Method::POST,
-                    &url,
-                    &[
-                        ("client_id", &self.client_id),
-                        ("client_secret", &self.client_secret),
-                        ("token", refresh_token),
-                        ("token_type_hint", "refresh_token"),
-                    ],
-                )
-                .await?;
-        } else {
-            let url = format!("{}/oauth/v1/refresh-tokens/{}", client.base, refresh_token);
-            client
-                .send_form("oauth.revoke", reqwest::Method::DELETE, &url, &[])
-                .await?;
+        match client.version() {
+            ApiVersion::Dated(_) => {
+                client
+                    .send_form(
+                        &Endpoint::OAuthRevoke,
+                        reqwest::Method::POST,
+                        &[
+                            ("client_id", &self.client_id),
+                            ("client_secret", &self.client_secret),
+                            ("token", refresh_token),
+                            ("token_type_hint", "refresh_token"),
+                        ],
+                    )
+                    .await?;
+            }
+            ApiVersion::V3 => {
+                client
+                    .send_form(
+                        &Endpoint::OAuthRefreshToken(refresh_token),
+                        reqwest::Method::DELETE,
+                        &[],
+                    )
+                    .await?;
+            }
         }
         Ok(())
     }

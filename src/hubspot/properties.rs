@@ -1,12 +1,13 @@
 //! The MeltingSpot property group and its ten contact properties (SPEC §3),
 //! and how a member's values become property values.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Value};
 
-use crate::store::MemberRecord;
+use super::endpoint::Endpoint;
+use super::{HubSpotError, Portal};
 
 pub const GROUP_NAME: &str = "meltingspot";
 pub const GROUP_LABEL: &str = "MeltingSpot";
@@ -128,7 +129,7 @@ pub fn hubspot_time(t: &DateTime<Utc>) -> String {
 }
 
 /// Cuts a value to HubSpot's limit at a character boundary. Returns whether it cut.
-fn limit(s: &str) -> (String, bool) {
+pub(crate) fn truncate_value(s: &str) -> (String, bool) {
     match s.char_indices().nth(MAX_STRING_CHARS) {
         Some((byte, _)) => (s[..byte].to_string(), true),
         None => (s.to_string(), false),
@@ -142,38 +143,120 @@ pub fn join_names(names: &[String]) -> String {
     v.join(";")
 }
 
-/// The derived property values of a member. NULL becomes "" (clears the value).
-/// Returns the values and how many were truncated.
-pub fn derive(m: &MemberRecord) -> (BTreeMap<String, String>, usize) {
-    let opt = |v: &Option<String>| v.clone().unwrap_or_default();
-    let time = |t: &Option<DateTime<Utc>>| t.as_ref().map(hubspot_time).unwrap_or_default();
-    let raw = [
-        ("meltingspot_member_id", m.member_id.to_string()),
-        ("meltingspot_member_status", m.status.clone()),
-        ("meltingspot_member_role", m.role.clone()),
-        ("meltingspot_member_custom_role", opt(&m.custom_role)),
-        ("meltingspot_spot_invitation_date", time(&m.invited_at)),
-        ("meltingspot_spot_registration_date", time(&m.registered_at)),
-        ("meltingspot_groups", join_names(&m.groups)),
-        ("meltingspot_tags", join_names(&m.tags)),
-        ("meltingspot_headline", opt(&m.headline)),
-        ("meltingspot_bio", opt(&m.bio)),
-    ];
-    let mut truncated = 0;
-    let props = raw
-        .into_iter()
-        .map(|(k, v)| {
-            let (v, cut) = limit(&v);
-            truncated += usize::from(cut);
-            (k.to_string(), v)
-        })
-        .collect();
-    (props, truncated)
-}
-
 /// Lower-cased and trimmed, as every lookup and creation uses it.
 pub fn normalize_email(email: &str) -> String {
     email.trim().to_lowercase()
+}
+
+impl Portal {
+    /// Creates the MeltingSpot group and the ten properties where missing, and
+    /// adds any option an existing enumeration lacks. Idempotent; 409 is success.
+    pub async fn ensure_schema(&self) -> Result<(), HubSpotError> {
+        match self
+            .call(
+                &Endpoint::PropertyGroup(GROUP_NAME),
+                reqwest::Method::GET,
+                None,
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(HubSpotError::Rejected { status: 404, .. }) => {
+                let body = json!({"name": GROUP_NAME, "label": GROUP_LABEL, "displayOrder": -1});
+                match self
+                    .call(
+                        &Endpoint::PropertyGroups,
+                        reqwest::Method::POST,
+                        Some(&body),
+                    )
+                    .await
+                {
+                    Ok(_) | Err(HubSpotError::Rejected { status: 409, .. }) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+
+        let names: Vec<Value> = PROPERTIES.iter().map(|p| json!({"name": p.name})).collect();
+        let (_, existing) = self
+            .call(
+                &Endpoint::PropertiesBatchRead,
+                reqwest::Method::POST,
+                Some(&json!({"archived": false, "inputs": names})),
+            )
+            .await?;
+        let existing: HashMap<String, Value> = existing
+            .get("results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p.get("name")?.as_str()?.to_string(), p.clone())))
+            .collect();
+
+        let missing: Vec<Value> = PROPERTIES
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| !existing.contains_key(p.name))
+            .map(|(i, p)| create_body(p, i))
+            .collect();
+        if !missing.is_empty() {
+            let (_, body) = self
+                .call(
+                    &Endpoint::PropertiesBatchCreate,
+                    reqwest::Method::POST,
+                    Some(&json!({"inputs": missing})),
+                )
+                .await?;
+            // A 207 names the inputs that failed; a name that already exists is fine.
+            for err in body
+                .get("errors")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let category = err.get("category").and_then(Value::as_str).unwrap_or("");
+                if category != "OBJECT_ALREADY_EXISTS" && category != "CONFLICT" {
+                    return Err(HubSpotError::Rejected {
+                        status: 207,
+                        error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
+                    });
+                }
+            }
+        }
+
+        // An existing enumeration that lacks one of our options gets it added (never removed).
+        for p in PROPERTIES.iter().filter(|p| !p.options.is_empty()) {
+            let Some(def) = existing.get(p.name) else {
+                continue;
+            };
+            let mut options: Vec<Value> = def
+                .get("options")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let have: Vec<String> = options
+                .iter()
+                .filter_map(|o| o.get("value").and_then(Value::as_str).map(str::to_string))
+                .collect();
+            let mut changed = false;
+            for (i, v) in p.options.iter().enumerate() {
+                if !have.iter().any(|h| h == v) {
+                    options.push(option_json(v, options.len().max(i)));
+                    changed = true;
+                }
+            }
+            if changed {
+                self.call(
+                    &Endpoint::Property(p.name),
+                    reqwest::Method::PATCH,
+                    Some(&json!({"options": options})),
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -194,10 +277,10 @@ mod tests {
     #[test]
     fn long_values_are_cut_at_a_character_boundary() {
         let s = "é".repeat(MAX_STRING_CHARS + 3);
-        let (v, cut) = limit(&s);
+        let (v, cut) = truncate_value(&s);
         assert!(cut);
         assert_eq!(v.chars().count(), MAX_STRING_CHARS);
-        assert!(!limit("short").1);
+        assert!(!truncate_value("short").1);
     }
 
     #[test]

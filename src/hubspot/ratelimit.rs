@@ -5,7 +5,8 @@
 //! the send times of the last `limit` requests and waits until the oldest
 //! leaves the window. No crate we found implements a strict sliding log.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Mutex;
@@ -89,40 +90,28 @@ impl RateLimiter {
     }
 }
 
-/// What every part of the process that calls a portal shares: its rate
-/// limiter, and the lock a delivery round holds, so that a disconnect can wait
-/// for the round in flight and no call for the Spot follows its commit.
-pub struct PortalGate {
-    pub limiter: std::sync::Arc<RateLimiter>,
-    pub round: tokio::sync::Mutex<()>,
-}
-
-/// The gates of all portals, created on first use.
+/// The limiters of all portals, created on first use: every part of the
+/// process that calls a portal (delivery, the admin API) shares its budget.
 #[derive(Clone)]
-pub struct Gates {
+pub struct Limiters {
     limit: u32,
-    by_portal: std::sync::Arc<
-        std::sync::Mutex<std::collections::HashMap<i64, std::sync::Arc<PortalGate>>>,
-    >,
+    by_portal: Arc<std::sync::Mutex<HashMap<i64, Arc<RateLimiter>>>>,
 }
 
-impl Gates {
+impl Limiters {
+    /// Limiters allowing `limit` requests per rolling 10 s per portal.
     pub fn new(limit: u32) -> Self {
-        Gates {
+        Limiters {
             limit,
             by_portal: Default::default(),
         }
     }
 
-    pub fn portal(&self, portal_id: i64) -> std::sync::Arc<PortalGate> {
+    /// The portal's limiter.
+    pub fn portal(&self, portal_id: i64) -> Arc<RateLimiter> {
         let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
         map.entry(portal_id)
-            .or_insert_with(|| {
-                std::sync::Arc::new(PortalGate {
-                    limiter: std::sync::Arc::new(RateLimiter::new(self.limit)),
-                    round: tokio::sync::Mutex::new(()),
-                })
-            })
+            .or_insert_with(|| Arc::new(RateLimiter::new(self.limit)))
             .clone()
     }
 }

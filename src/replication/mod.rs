@@ -276,10 +276,10 @@ pub struct ConnParams {
 }
 
 impl ConnParams {
-    pub fn from_url(url: &str) -> Result<Self, ReplicationError> {
-        let cfg: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e: tokio_postgres::Error| ReplicationError::Url(e.to_string()))?;
+    /// The replication link's parameters, from the same parsed DATABASE_URL
+    /// as the SQL pool.
+    pub fn from_config(db: &crate::config::DatabaseConfig) -> Result<Self, ReplicationError> {
+        let cfg = &db.pg;
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]

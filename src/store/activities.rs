@@ -171,7 +171,7 @@ pub(super) async fn queue_activities(
     let urls: Vec<Option<&str>> = rows.iter().map(|r| r.url.as_deref()).collect();
     // The integration row is locked like the property hand-off does, so that a
     // disconnect drops these too; the Spot's name is the one of this moment.
-    db.execute(
+    Ok(db.execute(
         "INSERT INTO hubspot_sync.activity_outbox
              (event_id, spot_id, member_id, activity, occurred_at, spot_name, title, url)
          SELECT e.event_id, e.spot_id, e.member_id, e.activity, e.occurred_at, s.name,
@@ -185,7 +185,7 @@ pub(super) async fn queue_activities(
          ON CONFLICT (event_id) DO NOTHING",
         &[&event_ids, &spots, &members, &activities, &times, &titles, &urls],
     )
-    .await
+    .await?)
 }
 
 /// A queued timeline event.
@@ -233,6 +233,7 @@ pub async fn due_activities(
 }
 
 /// How a queued event ended.
+#[derive(Debug)]
 pub enum ActivityDone {
     /// In the timeline (sent now, or HubSpot had it already).
     Delivered(String),
@@ -288,7 +289,7 @@ pub async fn complete_activities(db: &mut Client, done: &[ActivityDone]) -> Resu
         &[&delete],
     )
     .await?;
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 pub async fn postpone_activities(

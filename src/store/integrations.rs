@@ -8,7 +8,42 @@ use serde::Serialize;
 use tokio_postgres::{Client, GenericClient};
 
 use super::DbError;
-use crate::translate::SETTINGS_PREFIX;
+use crate::translate::{Activities, ActivitiesPatch, SETTINGS_PREFIX};
+
+/// An integration's state (SPEC §4): what the admin API shows and the stream obeys.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Never connected, or disconnected: nothing is sent.
+    Inactive,
+    /// Connected: changes and activities are delivered.
+    Active,
+    /// HubSpot refused or stayed unreachable: nothing is sent, work is kept.
+    Failed,
+}
+
+impl Status {
+    /// Every status, for metrics that report each.
+    pub const ALL: [Status; 3] = [Status::Inactive, Status::Active, Status::Failed];
+
+    /// The name stored in `hubspot_sync.integrations.status`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Inactive => "inactive",
+            Status::Active => "active",
+            Status::Failed => "failed",
+        }
+    }
+
+    /// Reads a stored status; anything unknown counts as `inactive` (sends nothing).
+    pub fn parse(s: &str) -> Status {
+        match s {
+            "active" => Status::Active,
+            "failed" => Status::Failed,
+            _ => Status::Inactive,
+        }
+    }
+}
 
 /// How the Spot authenticates to HubSpot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,10 +55,20 @@ pub enum AuthKind {
 }
 
 impl AuthKind {
-    fn as_str(self) -> &'static str {
+    /// The name stored in `hubspot_sync.integrations.auth_kind`.
+    pub fn as_str(self) -> &'static str {
         match self {
             AuthKind::OAuth => "oauth",
             AuthKind::Token => "token",
+        }
+    }
+
+    /// Reads a stored kind.
+    pub fn parse(s: &str) -> Option<AuthKind> {
+        match s {
+            "oauth" => Some(AuthKind::OAuth),
+            "token" => Some(AuthKind::Token),
+            _ => None,
         }
     }
 }
@@ -89,14 +134,14 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
 #[derive(Clone, Debug, Serialize)]
 pub struct IntegrationView {
     pub spot_id: i64,
-    pub status: String,
+    pub status: Status,
     pub portal_id: Option<i64>,
     pub create_contacts: bool,
-    pub activities: serde_json::Value,
+    pub activities: Activities,
     pub last_error: Option<String>,
     pub backlog: Backlog,
     #[serde(skip)]
-    pub auth_kind: Option<String>,
+    pub auth_kind: Option<AuthKind>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -118,12 +163,12 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
     Ok(match row {
         Some(r) => IntegrationView {
             spot_id,
-            status: r.get(0),
+            status: Status::parse(r.get(0)),
             portal_id: r.get(1),
             create_contacts: r.get(2),
-            activities: r.get(3),
+            activities: serde_json::from_value(r.get(3)).unwrap_or_default(),
             last_error: r.get(4),
-            auth_kind: r.get(5),
+            auth_kind: r.get::<_, Option<&str>>(5).and_then(AuthKind::parse),
             backlog: Backlog {
                 properties: r.get(6),
                 activities: r.get(7),
@@ -131,11 +176,10 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
         },
         None => IntegrationView {
             spot_id,
-            status: "inactive".into(),
+            status: Status::Inactive,
             portal_id: None,
             create_contacts: false,
-            activities: serde_json::to_value(crate::translate::Activities::default())
-                .unwrap_or_default(),
+            activities: Activities::default(),
             last_error: None,
             auth_kind: None,
             backlog: Backlog::default(),
@@ -223,7 +267,7 @@ pub async fn activate(
         .await?;
     }
     emit_settings(&tx, spot_id).await?;
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 /// Changes settings (creating an inactive row for a Spot never connected).
@@ -231,8 +275,10 @@ pub async fn update_settings(
     db: &mut Client,
     spot_id: i64,
     create_contacts: Option<bool>,
-    activities: Option<&serde_json::Value>,
+    activities: &ActivitiesPatch,
 ) -> Result<(), DbError> {
+    // Only the categories the patch names change (jsonb `||` keeps the rest).
+    let activities = serde_json::to_value(activities).unwrap_or_default();
     let tx = db.transaction().await?;
     tx.execute(
         "INSERT INTO hubspot_sync.integrations (spot_id) VALUES ($1) ON CONFLICT (spot_id) DO NOTHING",
@@ -249,7 +295,7 @@ pub async fn update_settings(
     )
     .await?;
     emit_settings(&tx, spot_id).await?;
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 /// Disconnect: `inactive`, the backlog dropped, the tokens erased. Returns the

@@ -3,6 +3,7 @@
 //! integrations and the dead letters.
 
 pub mod activities;
+mod db;
 pub mod integrations;
 pub mod outbox;
 pub mod secrets;
@@ -11,55 +12,18 @@ pub use activities::*;
 pub use integrations::*;
 pub use outbox::*;
 
+pub use db::{Db, DbClient, DbError};
+
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::translate::{SpotSettings, StreamSettings, Work};
-
-pub type DbError = tokio_postgres::Error;
 
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/migrations/0001_init.sql")),
     (2, include_str!("../../sql/migrations/0002_lifecycle.sql")),
     (3, include_str!("../../sql/migrations/0003_activities.sql")),
 ];
-
-/// Opens a SQL connection; the connection task ends when the client is dropped.
-pub async fn connect(url: &str) -> Result<Client, DbError> {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "database connection closed");
-        }
-    });
-    Ok(client)
-}
-
-/// A SQL connection shared by request handlers that reopens itself when the
-/// server went away (a restart of Postgres must not leave the API at 503).
-pub struct Db {
-    url: String,
-    client: tokio::sync::Mutex<Option<std::sync::Arc<Client>>>,
-}
-
-impl Db {
-    pub fn new(url: &str) -> Self {
-        Db {
-            url: url.to_string(),
-            client: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    pub async fn get(&self) -> Result<std::sync::Arc<Client>, DbError> {
-        let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let c = std::sync::Arc::new(connect(&self.url).await?);
-        *slot = Some(c.clone());
-        Ok(c)
-    }
-}
 
 /// Applies the embedded migrations once, serialised by an advisory lock so
 /// that two starting sidecars cannot race.
@@ -102,7 +66,7 @@ pub async fn migrate(db: &mut Client) -> Result<(), DbError> {
             tracing::info!(version, "applied migration");
         }
     }
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 pub async fn load_checkpoint(db: &Client, slot: &str) -> Result<Option<u64>, DbError> {

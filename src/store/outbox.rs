@@ -292,7 +292,7 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
         )
         .await?;
     }
-    tx.commit().await
+    Ok(tx.commit().await?)
 }
 
 /// Pushes markers back after a transient failure.

@@ -44,6 +44,44 @@ pub struct Activities {
     pub courses: bool,
 }
 
+impl Activities {
+    /// Whether any category is on.
+    pub fn any(&self) -> bool {
+        self.members || self.lives || self.discussions || self.collections || self.courses
+    }
+}
+
+/// A change of some activity categories; the ones left out keep their value.
+/// Unknown categories are refused when the patch is parsed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivitiesPatch {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub members: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lives: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discussions: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub collections: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub courses: Option<bool>,
+}
+
+impl ActivitiesPatch {
+    /// Whether the patch turns any category on.
+    pub fn enables_any(&self) -> bool {
+        [
+            self.members,
+            self.lives,
+            self.discussions,
+            self.collections,
+            self.courses,
+        ]
+        .contains(&Some(true))
+    }
+}
+
 /// Settings of every Spot, keyed by Spot id, as of the stream position.
 pub type StreamSettings = HashMap<i64, SpotSettings>;
 

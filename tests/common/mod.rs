@@ -65,6 +65,7 @@ pub async fn emulator() -> Emulator {
 
 pub fn config(db_url: &str, slot: &str, hubspot_base: &str) -> Config {
     Config::local(db_url, slot, hubspot_base, ADMIN_TOKEN, SECRET_KEY)
+        .expect("a valid database URL")
 }
 
 /// An in-process sidecar.

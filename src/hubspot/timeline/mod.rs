@@ -1,4 +1,6 @@
 //! Timeline activities: how events reach HubSpot (SPEC §3, §9; reference §3).
+//! This file holds what both APIs share (the event, the sink, batching and
+//! reading answers); `app_events.rs` and `templates.rs` hold what differs.
 //!
 //! Two delivery APIs, chosen once by `HUBSPOT_ACTIVITY_API`:
 //! * App Events (`POST /integrators/timeline/v4/events/batch`): `eventTypeName` is
@@ -19,8 +21,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{json, Map, Value};
 use tokio::sync::Mutex;
 
-use super::{ApiError, HubSpotClient, HubSpotError, Portal};
-use crate::config::{ActivityApi, ConfigError, HubSpotConfig};
+mod app_events;
+mod templates;
+
+use super::{ApiError, Endpoint, HubSpotError, Portal};
+use crate::config::ActivitySinkConfig;
 use crate::translate::activity::ActivityType;
 
 /// Inputs per batch call, for both APIs (App Events would take 500; v3's limit is unknown,
@@ -118,7 +123,7 @@ pub fn event_timestamp(t: DateTime<Utc>) -> String {
 }
 
 impl ActivityEvent {
-    fn properties(&self) -> Map<String, Value> {
+    pub(super) fn properties(&self) -> Map<String, Value> {
         let mut m = Map::new();
         m.insert("spot_name".into(), json!(self.spot_name));
         m.insert("title".into(), json!(self.title));
@@ -132,262 +137,34 @@ impl ActivityEvent {
 }
 
 impl ActivitySink {
-    pub fn from_config(cfg: &HubSpotConfig) -> Result<ActivitySink, ConfigError> {
-        match cfg.activity_api {
-            ActivityApi::AppEvents => Ok(ActivitySink::AppEvents {
-                prefix: cfg.app_event_prefix.clone(),
-            }),
-            ActivityApi::TimelineV3 => {
-                let app_id = cfg
-                    .app_id
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .ok_or(ConfigError::Missing {
-                        var: "HUBSPOT_APP_ID",
-                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the numeric id of the public app that owns \
-                              the timeline event templates (developer account → Apps → the app → App ID)",
-                    })?;
-                if !app_id.chars().all(|c| c.is_ascii_digit()) {
-                    return Err(ConfigError::Invalid {
-                        var: "HUBSPOT_APP_ID",
-                        problem: format!("{app_id:?} is not a number"),
-                        fix: "use the app's numeric App ID, e.g. 1234567",
-                    });
-                }
-                let key = cfg
-                    .developer_api_key
-                    .as_deref()
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .ok_or(ConfigError::Missing {
-                        var: "HUBSPOT_DEVELOPER_API_KEY",
-                        fix: "HUBSPOT_ACTIVITY_API=timeline-v3 needs the developer account's API key \
-                              (developer account → Keys → Developer API key); it only creates the event templates",
-                    })?;
-                Ok(ActivitySink::TimelineV3 {
-                    app_id: app_id.to_string(),
-                    developer_api_key: key.to_string(),
-                    templates: Arc::new(Mutex::new(HashMap::new())),
-                })
-            }
+    /// The sink for validated settings (`HubSpotConfig::activity_sink`).
+    pub fn new(cfg: ActivitySinkConfig) -> ActivitySink {
+        match cfg {
+            ActivitySinkConfig::AppEvents { prefix } => ActivitySink::AppEvents { prefix },
+            ActivitySinkConfig::TimelineV3 {
+                app_id,
+                developer_api_key,
+            } => ActivitySink::TimelineV3 {
+                app_id,
+                developer_api_key,
+                templates: Arc::new(Mutex::new(HashMap::new())),
+            },
         }
     }
 
-    /// timeline-v3 only: lists the app's templates (developer key), creates the missing ones by
-    /// name (the activity type name), adds tokens an existing one lacks, and remembers the ids.
-    /// Idempotent; a no-op for App Events and once every id is known.
-    pub async fn ensure_templates(&self, client: &HubSpotClient) -> Result<(), HubSpotError> {
-        let ActivitySink::TimelineV3 {
-            app_id,
-            developer_api_key: key,
-            templates,
-        } = self
-        else {
-            return Ok(());
-        };
-        let mut known = templates.lock().await;
-        if ActivityType::ALL.iter().all(|a| known.contains_key(a)) {
-            return Ok(());
-        }
-        let list_url = client.templates_url(app_id, None, key);
-        let (_, listed) = client
-            .send_developer(
-                "timeline.templates.list",
-                reqwest::Method::GET,
-                &list_url,
-                key,
-                None,
-            )
-            .await?;
-        let mut existing: HashMap<String, Value> = HashMap::new();
-        for t in listed
-            .get("results")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(name) = t.get("name").and_then(Value::as_str) {
-                // Several templates with one name: the first listed wins.
-                existing
-                    .entry(name.to_string())
-                    .or_insert_with(|| t.clone());
-            }
-        }
-        for activity in ActivityType::ALL {
-            if known.contains_key(&activity) {
-                continue;
-            }
-            let id = match existing.get(activity.name()) {
-                Some(t) => {
-                    let id = t.get("id").and_then(id_string).ok_or_else(|| {
-                        HubSpotError::Transient(format!(
-                            "timeline.templates.list: template {} without an id",
-                            activity.name()
-                        ))
-                    })?;
-                    add_missing_tokens(client, app_id, key, activity, &id, t).await?;
-                    id
-                }
-                None => {
-                    let (_, created) = client
-                        .send_developer(
-                            "timeline.templates.create",
-                            reqwest::Method::POST,
-                            &list_url,
-                            key,
-                            Some(&template_body(activity)),
-                        )
-                        .await?;
-                    created.get("id").and_then(id_string).ok_or_else(|| {
-                        HubSpotError::Transient(format!(
-                            "timeline.templates.create: answer without an id for {}",
-                            activity.name()
-                        ))
-                    })?
-                }
-            };
-            known.insert(activity, id);
-        }
-        Ok(())
-    }
-
-    async fn forget_templates(&self) {
+    pub(super) async fn forget_templates(&self) {
         if let ActivitySink::TimelineV3 { templates, .. } = self {
             templates.lock().await.clear();
         }
     }
 }
 
-fn token_json(name: &str) -> Value {
-    json!({"name": name, "label": property_label(name), "type": "string"})
-}
-
-fn template_body(activity: ActivityType) -> Value {
-    let tokens: Vec<Value> = property_names(activity)
-        .iter()
-        .map(|n| token_json(n))
-        .collect();
-    json!({
-        "name": activity.name(),
-        "objectType": "contacts",
-        "headerTemplate": activity.header(),
-        "detailTemplate": detail_template(activity),
-        "tokens": tokens,
-    })
-}
-
-/// An existing template lacking one of our tokens would refuse every event: add it (never
-/// remove or change the others).
-async fn add_missing_tokens(
-    client: &HubSpotClient,
-    app_id: &str,
-    key: &str,
-    activity: ActivityType,
-    id: &str,
-    template: &Value,
-) -> Result<(), HubSpotError> {
-    let mut tokens: Vec<Value> = template
-        .get("tokens")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            // Keep only the definition fields (drop createdAt/updatedAt).
-            let mut m = Map::new();
-            for k in ["name", "label", "type", "options", "objectPropertyName"] {
-                if let Some(v) = t.get(k).filter(|v| !v.is_null()) {
-                    m.insert(k.to_string(), v.clone());
-                }
-            }
-            Value::Object(m)
-        })
-        .collect();
-    let have: HashSet<String> = tokens
-        .iter()
-        .filter_map(|t| t.get("name").and_then(Value::as_str).map(str::to_string))
-        .collect();
-    let missing: Vec<&str> = property_names(activity)
-        .iter()
-        .copied()
-        .filter(|n| !have.contains(*n))
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    tokens.extend(missing.iter().map(|n| token_json(n)));
-    let body = json!({"id": id, "name": activity.name(), "tokens": tokens});
-    client
-        .send_developer(
-            "timeline.templates.update",
-            reqwest::Method::PUT,
-            &client.templates_url(app_id, Some(id), key),
-            key,
-            Some(&body),
-        )
-        .await?;
-    Ok(())
-}
-
 /// A string or number id as a string.
-fn id_string(v: &Value) -> Option<String> {
+pub(super) fn id_string(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
-    }
-}
-
-impl HubSpotClient {
-    /// `/crm/v3/timeline/{appId}/event-templates[/{id}]?hapikey=…` (timeline v3 has no
-    /// date-versioned path).
-    fn templates_url(&self, app_id: &str, template: Option<&str>, key: &str) -> String {
-        let key: String = url::form_urlencoded::byte_serialize(key.as_bytes()).collect();
-        let id = template.map(|t| format!("/{t}")).unwrap_or_default();
-        format!(
-            "{}/crm/v3/timeline/{app_id}/event-templates{id}?hapikey={key}",
-            self.base
-        )
-    }
-
-    /// An app-level call authenticated by the developer API key in the URL: no bearer token and
-    /// no portal's rate limiter. The key is scrubbed from any error text.
-    pub(crate) async fn send_developer(
-        &self,
-        operation: &'static str,
-        method: reqwest::Method,
-        url: &str,
-        key: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value), HubSpotError> {
-        let mut req = self.http.request(method, url);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let scrub = |s: String| {
-            if key.is_empty() {
-                s
-            } else {
-                s.replace(key, "***")
-            }
-        };
-        self.execute(operation, req).await.map_err(|e| match e {
-            HubSpotError::Transient(m) => HubSpotError::Transient(scrub(m)),
-            HubSpotError::Auth {
-                status,
-                category,
-                message,
-            } => HubSpotError::Auth {
-                status,
-                category,
-                message: scrub(message),
-            },
-            HubSpotError::Rejected { status, mut error } => {
-                error.message = scrub(std::mem::take(&mut error.message));
-                HubSpotError::Rejected { status, error }
-            }
-            other => other,
-        })
     }
 }
 
@@ -508,9 +285,9 @@ impl Portal {
             if group.is_empty() {
                 continue;
             }
-            let (operation, url, body) = self.batch_request(sink, &group).await?;
+            let (endpoint, body) = self.batch_request(sink, &group).await?;
             match self
-                .call(operation, reqwest::Method::POST, &url, Some(&body))
+                .call(&endpoint, reqwest::Method::POST, Some(&body))
                 .await
             {
                 Ok((_, resp)) => {
@@ -592,61 +369,21 @@ impl Portal {
         Ok(out)
     }
 
-    /// Operation name, URL and body of one batch call.
+    /// The endpoint and body of one batch call.
     async fn batch_request(
         &self,
         sink: &ActivitySink,
         group: &[&ActivityEvent],
-    ) -> Result<(&'static str, String, Value), HubSpotError> {
+    ) -> Result<(Endpoint<'static>, Value), HubSpotError> {
         match sink {
-            ActivitySink::AppEvents { prefix } => {
-                let inputs: Vec<Value> = group
-                    .iter()
-                    .map(|e| {
-                        json!({
-                            "eventTypeName": format!("{prefix}{}", e.activity.name()),
-                            "objectId": e.object_id,
-                            "id": e.id,
-                            "timestamp": event_timestamp(e.timestamp),
-                            "properties": e.properties(),
-                        })
-                    })
-                    .collect();
-                Ok((
-                    "app_events.batch",
-                    format!("{}/integrators/timeline/v4/events/batch", self.client.base),
-                    json!({"inputs": inputs}),
-                ))
-            }
-            ActivitySink::TimelineV3 { templates, .. } => {
-                let mut ids = templates.lock().await.clone();
-                if group.iter().any(|e| !ids.contains_key(&e.activity)) {
-                    sink.ensure_templates(&self.client).await?;
-                    ids = templates.lock().await.clone();
-                }
-                let mut inputs = Vec::with_capacity(group.len());
-                for e in group {
-                    let template = ids.get(&e.activity).ok_or_else(|| {
-                        HubSpotError::Transient(format!(
-                            "no timeline template for {}",
-                            e.activity.name()
-                        ))
-                    })?;
-                    // objectId, never email: an unknown email would create the contact.
-                    inputs.push(json!({
-                        "eventTemplateId": template,
-                        "id": e.id,
-                        "objectId": e.object_id,
-                        "timestamp": event_timestamp(e.timestamp),
-                        "tokens": e.properties(),
-                    }));
-                }
-                Ok((
-                    "timeline.events.batch_create",
-                    format!("{}/crm/v3/timeline/events/batch/create", self.client.base),
-                    json!({"inputs": inputs}),
-                ))
-            }
+            ActivitySink::AppEvents { prefix } => Ok((
+                Endpoint::AppEventsBatch,
+                app_events::batch_body(prefix, group),
+            )),
+            ActivitySink::TimelineV3 { .. } => Ok((
+                Endpoint::TimelineEventsBatch,
+                templates::batch_body(sink, &self.client, group).await?,
+            )),
         }
     }
 }
@@ -728,6 +465,7 @@ mod tests {
     use super::*;
     use crate::hubspot::oauth::OAuthApp;
     use crate::hubspot::ratelimit::RateLimiter;
+    use crate::hubspot::HubSpotClient;
     use crate::metrics::Metrics;
     use chrono::TimeZone;
     use hubspot_emulator::{CreatedBy, EmulatorConfig, EventApi};
@@ -843,32 +581,6 @@ mod tests {
             .expect("valid date")
             + chrono::Duration::nanoseconds(999_999_999);
         assert_eq!(event_timestamp(t), "2026-03-18T15:30:32.999Z");
-    }
-
-    #[test]
-    fn timeline_v3_config_names_the_missing_variables() {
-        let mut cfg =
-            crate::config::Config::local("postgres://x", "s", "http://h", "t", [0; 32]).hubspot;
-        cfg.activity_api = ActivityApi::TimelineV3;
-        let err = ActivitySink::from_config(&cfg)
-            .expect_err("no app id")
-            .to_string();
-        assert!(err.contains("HUBSPOT_APP_ID"), "{err}");
-        cfg.app_id = Some("4242".into());
-        let err = ActivitySink::from_config(&cfg)
-            .expect_err("no key")
-            .to_string();
-        assert!(err.contains("HUBSPOT_DEVELOPER_API_KEY"), "{err}");
-        cfg.developer_api_key = Some("secret-dev-key".into());
-        let sink = ActivitySink::from_config(&cfg).expect("complete");
-        assert!(matches!(sink, ActivitySink::TimelineV3 { ref app_id, .. } if app_id == "4242"));
-        assert!(!format!("{sink:?}").contains("secret-dev-key"));
-        cfg.activity_api = ActivityApi::AppEvents;
-        cfg.app_event_prefix = "pfx_".into();
-        assert!(matches!(
-            ActivitySink::from_config(&cfg).expect("app events"),
-            ActivitySink::AppEvents { ref prefix } if prefix == "pfx_"
-        ));
     }
 
     #[tokio::test]

@@ -1,0 +1,294 @@
+//! How a request reaches HubSpot and how its answer is classified: one
+//! client, three ways to authenticate (a portal's bearer token, an OAuth
+//! form post, the developer API key), one error type. Paths come from
+//! `Endpoint`; nothing here knows contacts, properties or events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::endpoint::{ApiVersion, Endpoint};
+use crate::metrics::Metrics;
+
+/// How a request authenticates.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    /// A portal's access token (OAuth) or static token, as a bearer token.
+    Bearer(&'a str),
+    /// The developer API key of the app, as `hapikey` (timeline-v3 templates).
+    DeveloperKey(&'a str),
+    /// None: the OAuth endpoints take the client credentials in the form.
+    None,
+}
+
+/// HubSpot's standard error body; every field is optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiError {
+    #[serde(default)]
+    pub message: String,
+    #[serde(default)]
+    pub category: String,
+    #[serde(default)]
+    pub sub_category: Option<String>,
+    #[serde(default)]
+    pub policy_name: Option<String>,
+    #[serde(default)]
+    pub errors: Vec<Value>,
+    #[serde(default)]
+    pub context: Option<Value>,
+    /// OAuth endpoints: `invalid_grant`, `invalid_client`, ...
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HubSpotError {
+    /// 429: flow control, never a failure of the integration.
+    #[error("rate limited ({policy})")]
+    RateLimited {
+        retry_after: Option<Duration>,
+        policy: String,
+    },
+    /// 401/403: the token is expired, revoked or lacks scopes.
+    #[error("authorization refused ({status} {category}): {message}")]
+    Auth {
+        status: u16,
+        category: String,
+        message: String,
+    },
+    /// 4xx that retrying cannot fix: the input is wrong.
+    #[error("rejected ({status} {}): {}", .error.category, .error.message)]
+    Rejected { status: u16, error: Box<ApiError> },
+    /// 5xx, timeouts, resets: retry with backoff.
+    #[error("transient failure: {0}")]
+    Transient(String),
+}
+
+/// A stateless REST client; `Portal` adds a token and a limiter.
+#[derive(Clone)]
+pub struct HubSpotClient {
+    http: reqwest::Client,
+    base: String,
+    version: ApiVersion,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+impl HubSpotClient {
+    pub fn new(base: &str, version: &str, metrics: Arc<Metrics>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("hubspot-sidecar/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .unwrap_or_default();
+        HubSpotClient {
+            http,
+            base: base.trim_end_matches('/').to_string(),
+            version: ApiVersion::parse(version),
+            metrics,
+        }
+    }
+
+    /// The API version paths are built for.
+    pub fn version(&self) -> &ApiVersion {
+        &self.version
+    }
+
+    /// The full URL of an endpoint.
+    pub fn url(&self, endpoint: &Endpoint<'_>) -> String {
+        format!("{}{}", self.base, endpoint.path(&self.version))
+    }
+
+    /// Sends one JSON request to `endpoint` and classifies the answer.
+    /// 207 is a success with errors.
+    pub async fn send(
+        &self,
+        endpoint: &Endpoint<'_>,
+        auth: Auth<'_>,
+        method: reqwest::Method,
+        body: Option<&Value>,
+    ) -> Result<(u16, Value), HubSpotError> {
+        let operation = endpoint.operation();
+        let mut req = self.http.request(method, self.url(endpoint));
+        match auth {
+            Auth::Bearer(token) => req = req.bearer_auth(token),
+            Auth::DeveloperKey(key) => req = req.query(&[("hapikey", key)]),
+            Auth::None => {}
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let result = self.execute(operation, req).await;
+        match auth {
+            // The key travels in the URL: scrub it from any error text.
+            Auth::DeveloperKey(key) => result.map_err(|e| scrub(e, key)),
+            _ => result,
+        }
+    }
+
+    /// Sends a form-encoded request (the OAuth endpoints).
+    pub async fn send_form(
+        &self,
+        endpoint: &Endpoint<'_>,
+        method: reqwest::Method,
+        form: &[(&str, &str)],
+    ) -> Result<(u16, Value), HubSpotError> {
+        let operation = endpoint.operation();
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(form)
+            .finish();
+        let req = self
+            .http
+            .request(method, self.url(endpoint))
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .body(body);
+        match self.execute(operation, req).await {
+            // The token endpoint answers a refused grant with 400 invalid_grant:
+            // that is an authorization failure, not bad input.
+            Err(HubSpotError::Rejected { status: 400, error })
+                if matches!(
+                    error.error.as_deref(),
+                    Some("invalid_grant" | "invalid_client")
+                ) =>
+            {
+                Err(HubSpotError::Auth {
+                    status: 400,
+                    category: error.category.clone(),
+                    message: error.message.clone(),
+                })
+            }
+            other => other,
+        }
+    }
+
+    async fn execute(
+        &self,
+        operation: &'static str,
+        req: reqwest::RequestBuilder,
+    ) -> Result<(u16, Value), HubSpotError> {
+        let started = std::time::Instant::now();
+        let result = req.send().await;
+        self.metrics
+            .hubspot_request_seconds
+            .with_label_values(&[operation])
+            .observe(started.elapsed().as_secs_f64());
+        let resp = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() { "timeout" } else { "error" };
+                self.metrics
+                    .hubspot_requests
+                    .with_label_values(&[operation, kind])
+                    .inc();
+                // Without the URL: a revocation path carries a refresh token.
+                return Err(HubSpotError::Transient(format!(
+                    "{operation}: {}",
+                    e.without_url()
+                )));
+            }
+        };
+        let status = resp.status().as_u16();
+        self.metrics
+            .hubspot_requests
+            .with_label_values(&[operation, &status.to_string()])
+            .inc();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| HubSpotError::Transient(format!("{operation}: reading body: {e}")))?;
+        let json: Value = if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        let error = || {
+            let mut e = serde_json::from_value::<ApiError>(json.clone()).unwrap_or_default();
+            // OAuth errors carry the HubSpot category in `status` (e.g. BAD_REFRESH_TOKEN).
+            if e.category.is_empty() {
+                if let Some(s) = json.get("status").and_then(Value::as_str) {
+                    e.category = s.to_string();
+                }
+            }
+            e
+        };
+        match status {
+            200..=299 => Ok((status, json)),
+            429 => Err(HubSpotError::RateLimited {
+                retry_after,
+                policy: error().policy_name.unwrap_or_else(|| "unknown".into()),
+            }),
+            401 | 403 => {
+                let e = error();
+                Err(HubSpotError::Auth {
+                    status,
+                    category: e.category,
+                    message: e.message,
+                })
+            }
+            // 423 (locked) and 477 (migrating) clear by themselves.
+            408 | 423 | 477 | 500..=599 => Err(HubSpotError::Transient(format!(
+                "{operation}: HTTP {status}: {}",
+                error().message
+            ))),
+            _ => Err(HubSpotError::Rejected {
+                status,
+                error: Box::new(error()),
+            }),
+        }
+    }
+
+    /// The portal (hub) id a token belongs to.
+    pub async fn portal_id(&self, token: &str) -> Result<i64, HubSpotError> {
+        let (_, body) = self
+            .send(
+                &Endpoint::AccountDetails,
+                Auth::Bearer(token),
+                reqwest::Method::GET,
+                None,
+            )
+            .await?;
+        body.get("portalId")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| HubSpotError::Transient("account details without portalId".into()))
+    }
+}
+
+/// Removes the developer key from an error's text.
+fn scrub(e: HubSpotError, key: &str) -> HubSpotError {
+    let scrub = |s: String| {
+        if key.is_empty() {
+            s
+        } else {
+            s.replace(key, "***")
+        }
+    };
+    match e {
+        HubSpotError::Transient(m) => HubSpotError::Transient(scrub(m)),
+        HubSpotError::Auth {
+            status,
+            category,
+            message,
+        } => HubSpotError::Auth {
+            status,
+            category,
+            message: scrub(message),
+        },
+        HubSpotError::Rejected { status, mut error } => {
+            error.message = scrub(std::mem::take(&mut error.message));
+            HubSpotError::Rejected { status, error }
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,277 @@
+//! The integration use cases a Spot admin drives (SPEC §4): connect with a
+//! token, start and complete OAuth, change settings, disconnect. Each rule of
+//! the lifecycle is written here once; the HTTP handlers only parse the
+//! request and turn the outcome into an answer.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use crate::deliver::RoundLocks;
+use crate::hubspot::oauth::{OAuthApp, Tokens};
+use crate::hubspot::ratelimit::Limiters;
+use crate::hubspot::{HubSpotClient, HubSpotError};
+use crate::store::{self, secrets::Sealer, AuthKind, Credentials, Db, DbError, IntegrationView};
+use crate::translate::ActivitiesPatch;
+
+pub mod oauth_state;
+
+pub use crate::store::Status;
+
+/// Why a use case did not happen; each maps to one HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum IntegrationError {
+    /// The Spot does not exist in MeltingSpot's database.
+    #[error("spot {0} does not exist")]
+    UnknownSpot(i64),
+    /// The request cannot be carried out as asked; the text says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// HubSpot could not be reached or answered unexpectedly.
+    #[error("{0}")]
+    HubSpotUnavailable(String),
+    /// Our database failed.
+    #[error("database: {0}")]
+    Db(#[from] DbError),
+}
+
+/// HubSpot refuses timeline events sent with static tokens (SPEC §9): the
+/// one rule that ties activities to OAuth, for connect and settings alike.
+fn activities_need_oauth(
+    kind: Option<AuthKind>,
+    activities_on: bool,
+) -> Result<(), IntegrationError> {
+    if activities_on && kind == Some(AuthKind::Token) {
+        return Err(IntegrationError::Refused(
+            "activities need an OAuth connection: HubSpot refuses timeline events sent with a \
+             service key or private-app token; connect through OAuth, or turn the activity \
+             categories off first"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// What the use cases share.
+#[derive(Clone)]
+pub struct Integrations {
+    /// The database.
+    pub db: Db,
+    /// Seals tokens at rest.
+    pub sealer: Sealer,
+    /// HubSpot's REST client.
+    pub hubspot: HubSpotClient,
+    /// The OAuth app, when configured.
+    pub oauth: Option<OAuthApp>,
+    /// Per-portal rate limiters, shared with delivery.
+    pub limiters: Limiters,
+    /// Per-portal delivery round locks (a disconnect waits for the round in flight).
+    pub rounds: RoundLocks,
+    /// Wakes delivery when an integration changed.
+    pub wake: Arc<Notify>,
+}
+
+impl Integrations {
+    /// The integration as the admin API shows it.
+    pub async fn view(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
+        Ok(store::integration_view(&*self.db.client().await?, spot_id).await?)
+    }
+
+    /// Every Spot with an integration.
+    pub async fn list(&self) -> Result<Vec<IntegrationView>, IntegrationError> {
+        Ok(store::list_integrations(&*self.db.client().await?).await?)
+    }
+
+    async fn require_spot(&self, spot_id: i64) -> Result<(), IntegrationError> {
+        if store::spot_exists(&*self.db.client().await?, spot_id).await? {
+            Ok(())
+        } else {
+            Err(IntegrationError::UnknownSpot(spot_id))
+        }
+    }
+
+    /// Starts the OAuth flow: the URL to send the admin's browser to, with a
+    /// signed state bound to the Spot, valid 10 minutes, usable once.
+    pub async fn start_oauth(
+        &self,
+        secret_key: &[u8; 32],
+        spot_id: i64,
+    ) -> Result<String, IntegrationError> {
+        self.require_spot(spot_id).await?;
+        let Some(app) = &self.oauth else {
+            return Err(IntegrationError::Refused(
+                "OAuth is not configured: set HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET, or send {\"access_token\": \"…\"}".into(),
+            ));
+        };
+        let issued = oauth_state::issue(secret_key, spot_id);
+        store::issue_oauth_state(
+            &*self.db.client().await?,
+            &issued.nonce,
+            spot_id,
+            issued.expires_at,
+        )
+        .await?;
+        Ok(app.authorize_url(&issued.state))
+    }
+
+    /// Connects with a service key or private-app token, at once.
+    pub async fn connect_with_token(
+        &self,
+        spot_id: i64,
+        token: &str,
+    ) -> Result<IntegrationView, IntegrationError> {
+        self.require_spot(spot_id).await?;
+        let token = token.trim();
+        if token.is_empty() {
+            return Err(IntegrationError::Refused("access_token is empty".into()));
+        }
+        let portal_id = match self.hubspot.portal_id(token).await {
+            Ok(p) => p,
+            Err(HubSpotError::Auth { message, .. }) => {
+                return Err(IntegrationError::Refused(format!(
+                    "HubSpot refused the token: {message}"
+                )))
+            }
+            Err(e) => {
+                return Err(IntegrationError::HubSpotUnavailable(format!(
+                    "could not reach HubSpot to identify the portal: {e}"
+                )))
+            }
+        };
+        // That call counted against the portal's budget like any other.
+        self.limiters.portal(portal_id).record_unthrottled().await;
+        // Settings survive a disconnect; activities cannot run on a static token.
+        let current = self.view(spot_id).await?;
+        activities_need_oauth(Some(AuthKind::Token), current.activities.any())?;
+        let creds = Credentials {
+            kind: AuthKind::Token,
+            access_token_enc: self.sealer.seal(token),
+            refresh_token_enc: None,
+            expires_at: None,
+        };
+        self.activate(spot_id, portal_id, &creds).await?;
+        info!(spot_id, portal_id, "integration connected with a token");
+        self.view(spot_id).await
+    }
+
+    /// Completes the OAuth flow from HubSpot's redirect: verifies and consumes
+    /// the state, exchanges the code, stores the tokens and activates.
+    /// Returns the Spot that was connected.
+    pub async fn complete_oauth(
+        &self,
+        secret_key: &[u8; 32],
+        code: &str,
+        state: &str,
+    ) -> Result<i64, IntegrationError> {
+        let verified = oauth_state::verify(secret_key, state)
+            .map_err(|e| IntegrationError::Refused(e.to_string()))?;
+        let consumed =
+            store::consume_oauth_state(&*self.db.client().await?, &verified.nonce).await?;
+        if consumed != Some(verified.spot_id) {
+            return Err(IntegrationError::Refused(
+                "This authorization link was already used or has expired; start the connection again."
+                    .into(),
+            ));
+        }
+        let Some(app) = &self.oauth else {
+            return Err(IntegrationError::Refused("OAuth is not configured.".into()));
+        };
+        let tokens: Tokens = app.exchange_code(&self.hubspot, code).await.map_err(|e| {
+            warn!(error = %e, "OAuth code exchange failed");
+            IntegrationError::HubSpotUnavailable(e.to_string())
+        })?;
+        let Some(portal_id) = tokens.hub_id else {
+            return Err(IntegrationError::HubSpotUnavailable(
+                "HubSpot did not say which portal was authorized.".into(),
+            ));
+        };
+        let creds = Credentials {
+            kind: AuthKind::OAuth,
+            access_token_enc: self.sealer.seal(&tokens.access_token),
+            refresh_token_enc: Some(self.sealer.seal(&tokens.refresh_token)),
+            expires_at: Some(tokens.expires_at()),
+        };
+        self.activate(verified.spot_id, portal_id, &creds).await?;
+        info!(
+            spot_id = verified.spot_id,
+            portal_id, "integration connected through OAuth"
+        );
+        Ok(verified.spot_id)
+    }
+
+    async fn activate(
+        &self,
+        spot_id: i64,
+        portal_id: i64,
+        creds: &Credentials,
+    ) -> Result<(), IntegrationError> {
+        let mut client = self.db.client().await?;
+        store::activate(&mut client, spot_id, portal_id, creds).await?;
+        self.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// Changes contact creation and activity categories; they apply in
+    /// stream order (SPEC §4.3).
+    pub async fn change_settings(
+        &self,
+        spot_id: i64,
+        create_contacts: Option<bool>,
+        activities: ActivitiesPatch,
+    ) -> Result<IntegrationView, IntegrationError> {
+        self.require_spot(spot_id).await?;
+        let current = self.view(spot_id).await?;
+        activities_need_oauth(current.auth_kind, activities.enables_any())?;
+        let mut client = self.db.client().await?;
+        store::update_settings(&mut client, spot_id, create_contacts, &activities).await?;
+        drop(client);
+        self.view(spot_id).await
+    }
+
+    /// Disconnects: `inactive`, backlog dropped, tokens erased and the
+    /// refresh token revoked (best effort). Waits for the portal's delivery
+    /// round in flight, so nothing is sent for the Spot after it returns.
+    pub async fn disconnect(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
+        let view = self.view(spot_id).await?;
+        if view.status == Status::Inactive {
+            return Ok(view);
+        }
+        let erased = {
+            let _round = match view.portal_id {
+                Some(p) => Some(self.rounds.wait_for_round(p).await),
+                None => None,
+            };
+            let mut client = self.db.client().await?;
+            store::deactivate(&mut client, spot_id).await?
+        };
+        info!(spot_id, "integration disconnected");
+        // Revoke the refresh token at HubSpot, best effort, after the commit.
+        if let (Some(app), Some(sealed)) = (self.oauth.clone(), erased) {
+            let client = self.hubspot.clone();
+            let sealer = self.sealer.clone();
+            tokio::spawn(async move {
+                if let Ok(token) = sealer.open(&sealed) {
+                    if let Err(e) = app.revoke(&client, &token).await {
+                        warn!(error = %e, "could not revoke the refresh token (it is erased here anyway)");
+                    }
+                }
+            });
+        }
+        self.view(spot_id).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn activities_need_oauth_only_when_turned_on_with_a_static_token() {
+        assert!(activities_need_oauth(Some(AuthKind::Token), true).is_err());
+        assert!(activities_need_oauth(Some(AuthKind::Token), false).is_ok());
+        assert!(activities_need_oauth(Some(AuthKind::OAuth), true).is_ok());
+        // Never connected: the settings wait for the connection.
+        assert!(activities_need_oauth(None, true).is_ok());
+    }
+}

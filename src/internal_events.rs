@@ -1,0 +1,294 @@
+//! Observability as code: every failure path is one typed event that writes
+//! its log line and moves its counter together, so a reviewer sees both side
+//! by side and no path logs without counting (or counts without logging).
+//! Label values are enums here, never string literals at the call site.
+
+use std::time::Duration;
+
+use tracing::{info, warn};
+
+use crate::metrics::Metrics;
+
+/// Why a delivery round is retried (`delivery_retries_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCause {
+    /// HubSpot answered 5xx, timed out or reset: runs the clock towards `failed`.
+    HubSpot,
+    /// Our own database failed: never fails an integration.
+    Database,
+    /// A 401 earns one token refresh before anything else.
+    Auth,
+    /// A 429: flow control, never a failure.
+    RateLimited,
+}
+
+impl RetryCause {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RetryCause::HubSpot => "hubspot",
+            RetryCause::Database => "database",
+            RetryCause::Auth => "auth",
+            RetryCause::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Why an integration entered `failed` (`integration_failures_total{cause}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailCause {
+    /// HubSpot refused the credentials (or they cannot be used here).
+    Auth,
+    /// HubSpot stayed unreachable for SIDECAR_FAIL_AFTER.
+    Unreachable,
+}
+
+impl FailCause {
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailCause::Auth => "auth",
+            FailCause::Unreachable => "unreachable",
+        }
+    }
+}
+
+/// What was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterKind {
+    /// A batch update of one contact.
+    ContactWrite,
+    /// A contact creation.
+    ContactCreation,
+    /// A timeline event.
+    Event,
+}
+
+impl DeadLetterKind {
+    fn text(self) -> &'static str {
+        match self {
+            DeadLetterKind::ContactWrite => "a contact write",
+            DeadLetterKind::ContactCreation => "a contact creation",
+            DeadLetterKind::Event => "an event",
+        }
+    }
+}
+
+/// The `reason` label of `dead_letters_total`: HubSpot's category when it is
+/// one we know, else `other`, so the label set stays small and never carries
+/// free text.
+pub fn dead_letter_reason(category: &str) -> &'static str {
+    match category {
+        "VALIDATION_ERROR" => "VALIDATION_ERROR",
+        "INVALID_EMAIL" => "INVALID_EMAIL",
+        "INVALID_OPTION" => "INVALID_OPTION",
+        "PROPERTY_DOESNT_EXIST" => "PROPERTY_DOESNT_EXIST",
+        "CONFLICT" => "CONFLICT",
+        "OBJECT_NOT_FOUND" => "OBJECT_NOT_FOUND",
+        _ => "other",
+    }
+}
+
+/// The replication stream failed; it resumes from the checkpoint.
+pub struct StreamFailed<'a> {
+    /// What failed.
+    pub error: &'a anyhow::Error,
+    /// When the stream is reopened.
+    pub retry_in: Duration,
+}
+
+impl StreamFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.stream_errors.inc();
+        warn!(
+            error = format!("{:#}", self.error),
+            retry_in_ms = self.retry_in.as_millis() as u64,
+            "replication stream failed; resuming from the checkpoint"
+        );
+    }
+}
+
+/// A delivery round failed and is retried after `retry_in`.
+pub struct DeliveryRetried<'a> {
+    /// Why.
+    pub cause: RetryCause,
+    /// What failed.
+    pub error: &'a dyn std::fmt::Display,
+    /// When the round runs again.
+    pub retry_in: Duration,
+}
+
+impl DeliveryRetried<'_> {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.delivery_retries
+            .with_label_values(&[self.cause.as_str()])
+            .inc();
+        let retry_in_ms = self.retry_in.as_millis() as u64;
+        match self.cause {
+            RetryCause::RateLimited => {
+                info!(error = %self.error, retry_in_ms, "HubSpot asked us to slow down")
+            }
+            RetryCause::Auth => {
+                info!(error = %self.error, "HubSpot refused the access token; refreshing it once")
+            }
+            RetryCause::HubSpot | RetryCause::Database => {
+                warn!(error = %self.error, retry_in_ms, "delivery failed")
+            }
+        }
+    }
+}
+
+/// An integration entered `failed`; its admins are notified.
+pub struct IntegrationFailed<'a> {
+    /// The Spot.
+    pub spot_id: i64,
+    /// Why.
+    pub cause: FailCause,
+    /// HubSpot's answer, in words.
+    pub error: &'a str,
+}
+
+impl IntegrationFailed<'_> {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.integrations_failed
+            .with_label_values(&[self.cause.as_str()])
+            .inc();
+        warn!(
+            spot_id = self.spot_id,
+            cause = self.cause.as_str(),
+            error = self.error,
+            "integration failed; admins are notified"
+        );
+    }
+}
+
+/// HubSpot rejected one item for good; it is in `hubspot_sync.dead_letters`.
+pub struct DeadLettered<'a> {
+    /// What was rejected.
+    pub kind: DeadLetterKind,
+    /// The member it was for.
+    pub member_id: i64,
+    /// HubSpot's error category.
+    pub category: &'a str,
+}
+
+impl DeadLettered<'_> {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.dead_letters
+            .with_label_values(&[dead_letter_reason(self.category)])
+            .inc();
+        warn!(
+            member_id = self.member_id,
+            category = self.category,
+            "HubSpot rejected {}; dead-lettered",
+            self.kind.text()
+        );
+    }
+}
+
+/// An OAuth token refresh, answered or not.
+pub struct TokenRefreshed {
+    /// The Spot whose token it was.
+    pub spot_id: i64,
+    /// Whether HubSpot issued new tokens.
+    pub ok: bool,
+}
+
+impl TokenRefreshed {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        let label = if self.ok { "ok" } else { "error" };
+        m.token_refreshes.with_label_values(&[label]).inc();
+        if self.ok {
+            info!(spot_id = self.spot_id, "refreshed the OAuth access token");
+        } else {
+            warn!(spot_id = self.spot_id, "the OAuth token refresh failed");
+        }
+    }
+}
+
+/// How sending one failure e-mail ended (`notification_emails_total{result}`).
+pub enum MailOutcome<'a> {
+    /// Handed to the SMTP server.
+    Sent,
+    /// The recipient is not an address: skipped for good.
+    InvalidAddress,
+    /// The SMTP server failed: retried later.
+    Failed(&'a str),
+}
+
+/// One failure e-mail.
+pub struct MailAttempted<'a> {
+    /// The notification row.
+    pub notification: i64,
+    /// How it ended.
+    pub outcome: MailOutcome<'a>,
+}
+
+impl MailAttempted<'_> {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        let label = match self.outcome {
+            MailOutcome::Sent => "sent",
+            MailOutcome::InvalidAddress => "invalid_address",
+            MailOutcome::Failed(_) => "error",
+        };
+        m.notifications_sent.with_label_values(&[label]).inc();
+        match self.outcome {
+            MailOutcome::Sent => info!(notification = self.notification, "failure e-mail sent"),
+            MailOutcome::InvalidAddress => warn!(
+                notification = self.notification,
+                "failure e-mail has an invalid recipient; skipped"
+            ),
+            MailOutcome::Failed(error) => warn!(
+                notification = self.notification,
+                error, "failure e-mail not sent; will retry"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_event_moves_its_counter() {
+        let m = Metrics::new();
+        DeliveryRetried {
+            cause: RetryCause::HubSpot,
+            error: &"HTTP 503",
+            retry_in: Duration::from_secs(1),
+        }
+        .emit(&m);
+        IntegrationFailed {
+            spot_id: 1,
+            cause: FailCause::Auth,
+            error: "revoked",
+        }
+        .emit(&m);
+        DeadLettered {
+            kind: DeadLetterKind::ContactWrite,
+            member_id: 7,
+            category: "SOMETHING_NEW",
+        }
+        .emit(&m);
+        let text = m.render();
+        assert!(
+            text.contains("delivery_retries_total{cause=\"hubspot\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("integration_failures_total{cause=\"auth\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dead_letters_total{reason=\"other\"} 1"),
+            "{text}"
+        );
+    }
+}
