@@ -1,7 +1,7 @@
 //! `hubspot-sidecar doctor` against a real Postgres: the real binary, a good
 //! database, and one fresh database per broken setup. Settings that are
 //! cluster-wide (wal_level) or states that cannot be produced on demand (a lost
-//! slot) are covered by the unit tests over the snapshot in src/doctor.rs.
+//! slot) are covered by the unit tests over the snapshot in src/doctor/.
 
 mod common;
 

@@ -4,9 +4,9 @@ use axum::http::{header, HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::errors::ApiError;
+use crate::errors::{iso, ApiError};
 use crate::routes::Endpoint;
-use crate::state::{iso, State, TokenKind};
+use crate::state::{State, TokenKind};
 
 #[derive(Clone, Debug)]
 pub(crate) struct Authed {

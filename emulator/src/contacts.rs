@@ -17,14 +17,13 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::ctx::Ctx;
 use crate::errors::{
-    batch_error, batch_reply, id_string, parse_body, property_values_error,
+    batch_error, batch_reply, id_string, iso, parse_body, property_values_error,
     property_values_message, ApiError, ApiResult, Reply, ValueError,
 };
-use crate::http::Ctx;
 use crate::model::CreatedBy;
-use crate::properties::portal_mut;
-use crate::state::{iso, ContactRec, Portal, State};
+use crate::state::{ContactRec, Portal, State};
 use crate::values::{valid_email, validate_properties};
 
 pub(crate) const MAX_BATCH: usize = 100;
@@ -108,7 +107,7 @@ fn new_contact(
     by: CreatedBy,
 ) -> Result<u64, ApiError> {
     let id = st.next_contact_id();
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut c = ContactRec {
         id,
         props: Default::default(),
@@ -232,7 +231,7 @@ pub(crate) fn batch_read(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let list = required_inputs(input.inputs)?;
     let by_email = id_mode(input.id_property.as_deref())?;
     let names = selection(input.properties.as_deref());
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut results = Vec::new();
     let mut seen = HashSet::new();
     let mut missing = Vec::new();
@@ -381,7 +380,7 @@ pub(crate) fn batch_update(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
     if let Some(e) = duplicate_ids(&ids, false) {
         return Err(e);
     }
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut claimed: HashMap<String, u64> = HashMap::new();
     let mut checked = Vec::new();
     for (i, id) in list.iter().zip(ids) {
@@ -464,7 +463,7 @@ struct CreateIn {
 pub(crate) fn batch_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let b: Batch<CreateIn> = parse_body(body)?;
     let list = required_inputs(b.inputs)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     // Emails claimed by earlier valid inputs of this batch -> their input index.
     let mut claimed: HashMap<String, usize> = HashMap::new();
     let mut in_batch_dup: HashMap<usize, usize> = HashMap::new();
@@ -529,7 +528,7 @@ pub(crate) fn batch_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
         }
         let id = new_contact(st, ctx, &c.values, CreatedBy::Api)?;
         created.insert(idx, id);
-        let p = portal_mut(st, ctx)?;
+        let p = st.portal_mut(ctx.portal)?;
         if let Some(rec) = p.contacts.get(&id) {
             let mut v = contact_json(p, rec, &written_names(&c.values));
             if let Some(t) = &c.trace {
@@ -572,7 +571,7 @@ pub(crate) fn batch_upsert(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
     if let Some(e) = duplicate_ids(&ids, true) {
         return Err(e);
     }
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut checked = Vec::new();
     for (i, id) in list.iter().zip(ids) {
         let mut c = Checked {
@@ -612,10 +611,10 @@ pub(crate) fn batch_upsert(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
     }
     let mut results = Vec::new();
     for c in &checked {
-        let existing = portal_mut(st, ctx)?.find_by_email(&c.id);
+        let existing = st.portal_mut(ctx.portal)?.find_by_email(&c.id);
         let (rid, is_new) = match existing {
             Some(rid) => {
-                let p = portal_mut(st, ctx)?;
+                let p = st.portal_mut(ctx.portal)?;
                 if let Some(rec) = p.contacts.get_mut(&rid) {
                     apply(rec, &c.values, ctx.now);
                 }
@@ -627,7 +626,7 @@ pub(crate) fn batch_upsert(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
                 (new_contact(st, ctx, &values, CreatedBy::Api)?, true)
             }
         };
-        let p = portal_mut(st, ctx)?;
+        let p = st.portal_mut(ctx.portal)?;
         if let Some(rec) = p.contacts.get(&rid) {
             let mut names = written_names(&c.values);
             names.push("email".into());
@@ -661,7 +660,7 @@ fn resolve_path_id(p: &Portal, ctx: &Ctx, id: &str) -> Result<u64, ApiError> {
 
 pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let input: SingleIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let values = validate_properties(p, &input.properties.unwrap_or_default())
         .map_err(|e| property_values_error(&e))?;
     if !has_identity(&values) {
@@ -671,7 +670,7 @@ pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
         return Err(ApiError::conflict(exists_message(existing)));
     }
     let id = new_contact(st, ctx, &values, CreatedBy::Api)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let rec = p.contacts.get(&id).ok_or_else(not_found)?;
     Ok(Reply::created(contact_json(
         p,
@@ -682,7 +681,7 @@ pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
 
 pub(crate) fn get(st: &mut State, ctx: &Ctx, id: &str) -> ApiResult {
     let names = selection(Some(&ctx.q_list("properties")));
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let rid = resolve_path_id(p, ctx, id)?;
     let rec = p.contacts.get(&rid).ok_or_else(not_found)?;
     Ok(Reply::ok(contact_json(p, rec, &names)))
@@ -690,7 +689,7 @@ pub(crate) fn get(st: &mut State, ctx: &Ctx, id: &str) -> ApiResult {
 
 pub(crate) fn update(st: &mut State, ctx: &Ctx, id: &str, body: &[u8]) -> ApiResult {
     let input: SingleIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let rid = resolve_path_id(p, ctx, id)?;
     let values = validate_properties(p, &input.properties.unwrap_or_default())
         .map_err(|e| property_values_error(&e))?;
@@ -717,7 +716,7 @@ pub(crate) fn list(st: &mut State, ctx: &Ctx) -> ApiResult {
         .q("after")
         .and_then(|a| a.parse::<u64>().ok())
         .unwrap_or(0);
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut page: Vec<&ContactRec> = p.contacts.range(after..).map(|(_, c)| c).collect();
     let more = page.len() > limit;
     page.truncate(limit);

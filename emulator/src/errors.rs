@@ -1,13 +1,12 @@
-//! HubSpot-shaped answers: the standard error body, batch envelopes and replies.
+//! HubSpot-shaped answers: the standard error body, batch envelopes, replies and the
+//! timestamp format they are written in.
 
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::Response;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Map, Value};
-
-use crate::state::iso;
 
 /// A successful (or deliberately non-error) answer.
 pub(crate) struct Reply {
@@ -198,6 +197,11 @@ pub(crate) fn property_values_error(errs: &[ValueError]) -> ApiError {
 /// An element of a batch response's `errors[]`.
 pub(crate) fn batch_error(category: &str, message: impl Into<String>, context: Value) -> Value {
     json!({"status": "error", "category": category, "message": message.into(), "context": context})
+}
+
+/// HubSpot's timestamp format: ISO 8601, UTC, milliseconds.
+pub(crate) fn iso(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// HubSpot's batch response envelope; `numErrors`/`errors` only when there are errors.

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use rand::Rng;
 
 use crate::auth::{self, Authed};
+use crate::ctx::Ctx;
 use crate::errors::{into_response, ApiError, ApiResult};
 use crate::limits;
 use crate::routes::{self, Access, Endpoint};
@@ -23,34 +24,6 @@ const MAX_BODY: usize = 64 * 1024 * 1024;
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new().fallback(entry).with_state(shared)
-}
-
-/// What a handler knows about the request besides its body.
-pub(crate) struct Ctx {
-    pub portal: u64,
-    pub query: Vec<(String, String)>,
-    pub now: DateTime<Utc>,
-}
-
-impl Ctx {
-    pub fn q(&self, key: &str) -> Option<&str> {
-        self.query
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
-    }
-
-    /// All values of a repeatable query parameter, also split on commas (`properties=a,b`).
-    pub fn q_list(&self, key: &str) -> Vec<String> {
-        self.query
-            .iter()
-            .filter(|(k, _)| k == key)
-            .flat_map(|(_, v)| v.split(','))
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect()
-    }
 }
 
 fn split_path(path: &str) -> Vec<String> {
@@ -374,9 +347,4 @@ fn unavailable() -> ApiError {
         "SERVICE_UNAVAILABLE",
         "Service Unavailable",
     )
-}
-
-/// Helper for handlers answering a fixed empty body.
-pub(crate) fn no_content() -> ApiResult {
-    Ok(crate::errors::Reply::empty(StatusCode::NO_CONTENT))
 }

@@ -21,6 +21,7 @@
 
 mod auth;
 mod contacts;
+mod ctx;
 mod errors;
 mod http;
 mod inspect;

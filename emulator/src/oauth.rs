@@ -12,8 +12,8 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
+use crate::ctx::Ctx;
 use crate::errors::{ApiError, ApiResult, Reply};
-use crate::http::Ctx;
 use crate::routes::Endpoint;
 use crate::state::{rand_hex, uuid, CodeRec, RefreshRec, State, TokenKind, TokenRec};
 

@@ -7,16 +7,10 @@ use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::errors::{batch_error, batch_reply, parse_body, ApiError, ApiResult, Reply};
-use crate::http::{no_content, Ctx};
+use crate::ctx::{no_content, Ctx};
+use crate::errors::{batch_error, batch_reply, iso, parse_body, ApiError, ApiResult, Reply};
 use crate::model::PropertyOption;
-use crate::state::{iso, GroupRec, Portal, PropRec, State};
-
-pub(crate) fn portal_mut<'a>(st: &'a mut State, ctx: &Ctx) -> Result<&'a mut Portal, ApiError> {
-    st.portals
-        .get_mut(&ctx.portal)
-        .ok_or_else(ApiError::invalid_auth)
-}
+use crate::state::{GroupRec, Portal, PropRec, State};
 
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
@@ -40,7 +34,7 @@ struct GroupIn {
 
 pub(crate) fn groups_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let input: GroupIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let name = input.name.unwrap_or_default();
     if !valid_name(&name) {
         return Err(ApiError::validation(format!(
@@ -74,7 +68,7 @@ pub(crate) fn groups_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult
 }
 
 pub(crate) fn groups_list(st: &mut State, ctx: &Ctx) -> ApiResult {
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let results: Vec<Value> = p
         .groups
         .values()
@@ -89,7 +83,7 @@ fn group_not_found(name: &str) -> ApiError {
 }
 
 pub(crate) fn groups_read(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     match p.groups.get(name).filter(|g| !g.archived) {
         Some(g) => Ok(Reply::ok(group_json(g))),
         None => Err(group_not_found(name)),
@@ -98,7 +92,7 @@ pub(crate) fn groups_read(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
 
 pub(crate) fn groups_update(st: &mut State, ctx: &Ctx, name: &str, body: &[u8]) -> ApiResult {
     let input: GroupIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let g = p
         .groups
         .get_mut(name)
@@ -117,7 +111,7 @@ pub(crate) fn groups_update(st: &mut State, ctx: &Ctx, name: &str, body: &[u8]) 
 }
 
 pub(crate) fn groups_archive(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let active = p
         .props
         .values()
@@ -366,7 +360,7 @@ fn create_one(p: &mut Portal, input: &PropIn, now: DateTime<Utc>) -> Result<Valu
 
 pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let input: PropIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     create_one(p, &input, ctx.now).map(Reply::created)
 }
 
@@ -376,7 +370,7 @@ fn want_archived(ctx: &Ctx) -> bool {
 
 pub(crate) fn list(st: &mut State, ctx: &Ctx) -> ApiResult {
     let archived = want_archived(ctx);
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let results: Vec<Value> = p
         .props
         .values()
@@ -392,7 +386,7 @@ fn prop_not_found(name: &str) -> ApiError {
 
 pub(crate) fn read(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
     let archived = want_archived(ctx);
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     match p.props.get(name).filter(|d| d.archived == archived) {
         Some(d) => Ok(Reply::ok(prop_json(d))),
         None => Err(prop_not_found(name)),
@@ -402,7 +396,7 @@ pub(crate) fn read(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
 /// PATCH: `options`, when sent, replace the whole list (documented).
 pub(crate) fn update(st: &mut State, ctx: &Ctx, name: &str, body: &[u8]) -> ApiResult {
     let input: PropIn = parse_body(body)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let current = p
         .props
         .get(name)
@@ -452,7 +446,7 @@ pub(crate) fn update(st: &mut State, ctx: &Ctx, name: &str, body: &[u8]) -> ApiR
 }
 
 pub(crate) fn archive(st: &mut State, ctx: &Ctx, name: &str) -> ApiResult {
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let d = p
         .props
         .get_mut(name)
@@ -487,7 +481,7 @@ fn inputs<T>(b: BatchIn<T>) -> Result<Vec<T>, ApiError> {
 /// reference expects, UNCONFIRMED, a 207 item rather than a whole-request 409).
 pub(crate) fn batch_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let list: Vec<PropIn> = inputs(parse_body(body)?)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for input in &list {
@@ -516,7 +510,7 @@ pub(crate) fn batch_read(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let names = input
         .inputs
         .ok_or_else(|| ApiError::validation("inputs is required"))?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut results = Vec::new();
     let mut errors = Vec::new();
     for n in names {
@@ -536,7 +530,7 @@ pub(crate) fn batch_read(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
 /// Documented: 204 even for already archived or non-existent names.
 pub(crate) fn batch_archive(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let names: Vec<NameIn> = inputs(parse_body(body)?)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     for n in names {
         if let Some(d) = n
             .name

@@ -7,10 +7,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::contacts::{contact_json, selection};
-use crate::errors::{id_string, ApiError, ApiResult, Reply};
-use crate::http::Ctx;
-use crate::properties::portal_mut;
-use crate::state::{iso, ContactRec, Portal, State};
+use crate::ctx::Ctx;
+use crate::errors::{id_string, iso, ApiError, ApiResult, Reply};
+use crate::state::{ContactRec, Portal, State};
 use crate::values::parse_datetime;
 
 const MAX_LIMIT: usize = 200;
@@ -210,7 +209,7 @@ pub(crate) fn search(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
         )));
     }
     let names = selection(input.properties.as_deref());
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     for f in groups.iter().flat_map(|g| g.filters.iter()) {
         if !known_property(p, &f.property_name) {
             return Err(ApiError::validation(format!(

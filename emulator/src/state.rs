@@ -6,11 +6,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::errors::ApiError;
 use crate::model::{
     Contact, CreatedBy, Faults, PropertyDef, PropertyGroup, PropertyOption, RequestStats,
     TimelineEvent,
@@ -366,6 +367,11 @@ impl State {
         id
     }
 
+    /// The portal a handler works on; one that does not exist answers as bad credentials.
+    pub fn portal_mut(&mut self, id: u64) -> Result<&mut Portal, ApiError> {
+        self.portals.get_mut(&id).ok_or_else(ApiError::invalid_auth)
+    }
+
     /// The portal, created on the fly if a caller of the Rust API names one that does not exist.
     pub fn ensure_portal(&mut self, id: u64) -> &mut Portal {
         if id >= self.next_portal_id {
@@ -538,9 +544,4 @@ pub(crate) fn uuid() -> String {
         &h[17..20],
         &h[20..32]
     )
-}
-
-/// HubSpot's timestamp format: ISO 8601, UTC, milliseconds.
-pub(crate) fn iso(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }

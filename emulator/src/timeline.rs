@@ -22,14 +22,13 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::ctx::{no_content, Ctx};
 use crate::errors::{
-    batch_error, batch_reply, id_string, parse_body, scalar_string, ApiError, ApiResult, Reply,
+    batch_error, batch_reply, id_string, iso, parse_body, scalar_string, ApiError, ApiResult, Reply,
 };
-use crate::http::{no_content, Ctx};
 use crate::model::{CreatedBy, EventApi, TimelineEvent};
-use crate::properties::portal_mut;
 use crate::routes::Endpoint;
-use crate::state::{iso, uuid, ContactRec, EventRec, State, TemplateRec, TemplateToken};
+use crate::state::{uuid, ContactRec, EventRec, State, TemplateRec, TemplateToken};
 use crate::values::{parse_datetime, valid_email, validate_value};
 
 const MAX_APP_EVENTS: usize = 500;
@@ -98,7 +97,7 @@ fn app_events(st: &mut State, ctx: &Ctx, inputs: Vec<AppEventIn>, single: bool) 
             inputs.len()
         )));
     }
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     let mut problems = Vec::new();
     let mut unknown_ids = Vec::new();
     let mut ok = Vec::new();
@@ -451,7 +450,7 @@ fn v3_one(st: &mut State, ctx: &Ctx, inp: V3EventIn) -> Result<Value, ApiError> 
         }
     }
     let ts = timestamp(inp.timestamp.as_ref(), ctx.now).map_err(bad)?;
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     // Identification priority (documented): objectId > utk > email.
     let object_id = if let Some(oid) = inp.object_id.as_ref().and_then(id_string) {
         oid.parse::<u64>()
@@ -471,7 +470,7 @@ fn v3_one(st: &mut State, ctx: &Ctx, inp: V3EventIn) -> Result<Value, ApiError> 
             None => {
                 // Documented: "If there isn't an existing contact, a new contact will be created".
                 let id = st.next_contact_id();
-                let p = portal_mut(st, ctx)?;
+                let p = st.portal_mut(ctx.portal)?;
                 let mut props = BTreeMap::new();
                 props.insert("email".to_string(), email.trim().to_string());
                 p.contacts.insert(
@@ -490,7 +489,7 @@ fn v3_one(st: &mut State, ctx: &Ctx, inp: V3EventIn) -> Result<Value, ApiError> 
     } else {
         return Err(bad("One of objectId, utk or email is required".into()));
     };
-    let p = portal_mut(st, ctx)?;
+    let p = st.portal_mut(ctx.portal)?;
     // objectPropertyName stamps the token value onto the contact property (when it exists).
     for def in &template.tokens {
         let (Some(prop), Some(v)) = (&def.object_property_name, tokens.get(&def.name)) else {

@@ -4,8 +4,8 @@
 use chrono::{DateTime, NaiveDate, NaiveTime, Timelike, Utc};
 use serde_json::{Map, Value};
 
-use crate::errors::{scalar_string, ValueError};
-use crate::state::{iso, Portal, PropRec};
+use crate::errors::{iso, scalar_string, ValueError};
+use crate::state::{Portal, PropRec};
 
 /// HubSpot's documented maximum for string values (counted in Unicode scalar values, SPEC §9).
 pub(crate) const MAX_STRING_CHARS: usize = 65_536;
