@@ -7,21 +7,30 @@ use std::time::Duration;
 
 use clap::Args;
 
+/// A missing or invalid setting, with the variable to fix and how.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// A required variable is not set.
     #[error("{var} is not set: {fix}")]
     Missing {
+        /// The environment variable that is missing.
         var: &'static str,
+        /// What to set it to.
         fix: &'static str,
     },
+    /// A variable is set but its value cannot be used.
     #[error("{var} is invalid ({problem}): {fix}")]
     Invalid {
+        /// The environment variable whose value is wrong.
         var: &'static str,
+        /// What is wrong with the value.
         problem: String,
+        /// What to set it to instead.
         fix: &'static str,
     },
 }
 
+/// Flags and environment variables of `hubspot-sidecar run`, before validation (SPEC §6).
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// postgres://… URL used for SQL and replication.
@@ -49,12 +58,14 @@ pub struct RunArgs {
     /// 32-byte key, hex or base64: encrypts tokens at rest, signs OAuth state.
     #[arg(long, env = "SIDECAR_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// REST base URL of the HubSpot API (tests point it at the emulator).
     #[arg(
         long,
         env = "HUBSPOT_API_BASE",
         default_value = "https://api.hubapi.com"
     )]
     pub hubspot_api_base: String,
+    /// Base URL where the browser authorizes the OAuth app.
     #[arg(
         long,
         env = "HUBSPOT_AUTH_BASE",
@@ -64,28 +75,37 @@ pub struct RunArgs {
     /// Date-versioned API paths (e.g. 2026-03), or `v3` for the legacy paths.
     #[arg(long, env = "HUBSPOT_API_VERSION", default_value = "2026-03")]
     pub hubspot_api_version: String,
+    /// Client id of the HubSpot OAuth app.
     #[arg(long, env = "HUBSPOT_CLIENT_ID")]
     pub hubspot_client_id: Option<String>,
+    /// Client secret of the HubSpot OAuth app.
     #[arg(long, env = "HUBSPOT_CLIENT_SECRET", hide_env_values = true)]
     pub hubspot_client_secret: Option<String>,
+    /// Numeric id of the HubSpot app (required for `timeline-v3`).
     #[arg(long, env = "HUBSPOT_APP_ID")]
     pub hubspot_app_id: Option<String>,
+    /// Developer account API key; creates the `timeline-v3` event templates only.
     #[arg(long, env = "HUBSPOT_DEVELOPER_API_KEY", hide_env_values = true)]
     pub hubspot_developer_api_key: Option<String>,
     /// `app-events` or `timeline-v3`.
     #[arg(long, env = "HUBSPOT_ACTIVITY_API", default_value = "app-events")]
     pub hubspot_activity_api: String,
+    /// Prefix of each App Event `eventTypeName` (`app-events` only).
     #[arg(long, env = "HUBSPOT_APP_EVENT_PREFIX", default_value = "")]
     pub hubspot_app_event_prefix: String,
     /// Requests per rolling 10 s per portal.
     #[arg(long, env = "HUBSPOT_RATE_LIMIT", default_value_t = 100)]
     pub hubspot_rate_limit: u32,
+    /// How long a portal may go with no successful call before it enters `failed`.
     #[arg(long, env = "SIDECAR_FAIL_AFTER", default_value = "15m")]
     pub fail_after: String,
+    /// How long a failed integration's queued work is kept before it is dropped.
     #[arg(long, env = "SIDECAR_FAILED_RETENTION", default_value = "7d")]
     pub failed_retention: String,
+    /// SMTP server URL; when set, the sidecar mails failure notifications itself.
     #[arg(long, env = "SMTP_URL", hide_env_values = true)]
     pub smtp_url: Option<String>,
+    /// Sender address of notification e-mails.
     #[arg(long, env = "SMTP_FROM")]
     pub smtp_from: Option<String>,
     /// `json` or `text`; RUST_LOG filters.
@@ -134,17 +154,29 @@ impl DatabaseConfig {
 pub struct Config {
     /// DATABASE_URL, parsed.
     pub database: DatabaseConfig,
+    /// SIDECAR_SLOT: the logical replication slot, created if missing.
     pub slot: String,
+    /// SIDECAR_PUBLICATION: the publication the slot streams.
     pub publication: String,
+    /// SIDECAR_LISTEN: address of the HTTP server.
     pub listen: String,
+    /// SIDECAR_PUBLIC_URL, without a trailing slash: base of the OAuth redirect URI.
     pub public_url: String,
+    /// SIDECAR_ADMIN_TOKEN: bearer token required on `/api/*`.
     pub admin_token: String,
+    /// SIDECAR_SECRET_KEY, decoded: encrypts tokens at rest and signs OAuth state.
     pub secret_key: [u8; 32],
+    /// HubSpot API, OAuth app and activity settings.
     pub hubspot: HubSpotConfig,
+    /// SIDECAR_FAIL_AFTER: time with no successful call before a portal enters `failed`.
     pub fail_after: Duration,
+    /// SIDECAR_FAILED_RETENTION: age at which a failed integration's outbox rows are deleted.
     pub failed_retention: Duration,
+    /// SMTP_URL: SMTP server for failure notifications; unset, nothing is mailed.
     pub smtp_url: Option<String>,
+    /// SMTP_FROM: sender of notification e-mails (a default `no-reply` address when unset).
     pub smtp_from: Option<String>,
+    /// LOG_FORMAT: JSON or plain-text log lines.
     pub log_format: LogFormat,
 }
 
@@ -163,29 +195,46 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// HubSpot settings of the validated configuration (the `HUBSPOT_*` variables).
 #[derive(Clone, Debug)]
 pub struct HubSpotConfig {
+    /// HUBSPOT_API_BASE, without a trailing slash: REST base URL.
     pub api_base: String,
+    /// HUBSPOT_AUTH_BASE, without a trailing slash: where the browser authorizes.
     pub auth_base: String,
+    /// HUBSPOT_API_VERSION: a date version such as `2026-03`, or `v3` for the legacy paths.
     pub api_version: String,
+    /// HUBSPOT_CLIENT_ID: client id of the OAuth app.
     pub client_id: Option<String>,
+    /// HUBSPOT_CLIENT_SECRET: client secret of the OAuth app.
     pub client_secret: Option<String>,
+    /// HUBSPOT_APP_ID: numeric app id, needed by `timeline-v3`.
     pub app_id: Option<String>,
+    /// HUBSPOT_DEVELOPER_API_KEY: creates the `timeline-v3` event templates.
     pub developer_api_key: Option<String>,
+    /// HUBSPOT_ACTIVITY_API: which API delivers timeline activities.
     pub activity_api: ActivityApi,
+    /// HUBSPOT_APP_EVENT_PREFIX: prefix of App Event type names.
     pub app_event_prefix: String,
+    /// HUBSPOT_RATE_LIMIT: requests per rolling 10 s per portal.
     pub rate_limit: u32,
 }
 
+/// Which HubSpot API delivers timeline activities (HUBSPOT_ACTIVITY_API).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ActivityApi {
+    /// `app-events` (default): App Events.
     AppEvents,
+    /// `timeline-v3`: legacy timeline v3 templates and events.
     TimelineV3,
 }
 
+/// Format of log lines (LOG_FORMAT).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
+    /// `json` (default): one JSON object per line.
     Json,
+    /// `text`: human-readable lines.
     Text,
 }
 
@@ -314,6 +363,7 @@ impl HubSpotConfig {
 }
 
 impl RunArgs {
+    /// Checks every value and builds the [`Config`]; the error names the variable and the fix.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let database_url = self.database_url.ok_or(ConfigError::Missing {
             var: "DATABASE_URL",
@@ -402,6 +452,7 @@ fn is_date_version(v: &str) -> bool {
             .all(|(i, c)| i == 4 || c.is_ascii_digit())
 }
 
+/// Decodes SIDECAR_SECRET_KEY: 32 bytes as 64 hex digits or base64.
 pub fn parse_secret_key(value: Option<&str>) -> Result<[u8; 32], ConfigError> {
     use base64::Engine;
     const FIX: &str = "set it to 32 random bytes as hex or base64, e.g. `openssl rand -hex 32`";

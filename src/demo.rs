@@ -18,6 +18,7 @@ use crate::pg_cluster::PgCluster;
 use crate::service;
 use crate::store;
 
+/// Flags of `hubspot-sidecar demo`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DemoArgs {
     /// How long to drive activity, in seconds.
@@ -40,6 +41,7 @@ const STATUSES: [&str; 6] = [
     "deactivated",
 ];
 
+/// Runs the demo end to end: cluster, emulator, seeded Spot, live activity and a summary.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // The demo prints its own progress; logs only for problems (RUST_LOG overrides).
     crate::init_logging(LogFormat::Text, "warn");

@@ -5,22 +5,24 @@
 //! `replication` -> `translate` -> `store` -> `deliver` -> `hubspot`,
 //! with `http` (admin API, metrics, health) and `config` beside them.
 
-pub mod backoff;
+// The public surface is what the binary, the tests and the benchmark use;
+// every stage is private behind it (rust-postgres keeps its codec the same way).
+pub(crate) mod backoff;
 pub mod config;
-pub mod deliver;
+pub(crate) mod deliver;
 pub mod demo;
 pub mod doctor;
 pub mod failpoints;
-pub mod http;
-pub mod hubspot;
-pub mod integrations;
-pub mod internal_events;
+pub(crate) mod http;
+pub(crate) mod hubspot;
+pub(crate) mod integrations;
+pub(crate) mod internal_events;
 pub mod metrics;
 pub mod pg_cluster;
-pub mod replication;
+pub(crate) mod replication;
 pub mod service;
 pub mod store;
-pub mod translate;
+pub(crate) mod translate;
 
 /// Installs the log subscriber: JSON (default) or text, filtered by RUST_LOG
 /// (else by `default_filter`).

@@ -1,3 +1,8 @@
+//! `hubspot-sidecar` binary: parses the command line and runs `run`, `demo` or `doctor`.
+//!
+//! `run` reads its configuration from the environment (see `config::RunArgs`), stops on
+//! SIGTERM or Ctrl-C, and exits 2 on a configuration error.
+
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +31,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Crash tests arm named crash points through FAILPOINTS (feature builds only).
+    #[cfg(feature = "failpoints")]
+    let _crash_points = hubspot_sidecar::failpoints::arm_from_env();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -6,36 +6,67 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// All Prometheus metrics of one sidecar instance, registered in their own registry.
 pub struct Metrics {
+    /// Registry holding every metric below; rendered by `/metrics`.
     pub registry: Registry,
+    /// Bytes between `pg_current_wal_lsn()` and the slot's `confirmed_flush_lsn`.
     pub replication_lag_bytes: IntGauge,
+    /// Age of the oldest committed transaction not yet handed off; 0 when caught up.
     pub replication_lag_seconds: Gauge,
+    /// WAL the slot retains on the primary (`pg_current_wal_lsn()` minus `restart_lsn`).
     pub slot_retained_wal_bytes: IntGauge,
+    /// Work handed off but not yet delivered, labelled by `kind` (`properties`, `activities`).
     pub backlog_items: IntGaugeVec,
+    /// HubSpot API requests by `operation` and HTTP `status` (or error/timeout).
     pub hubspot_requests: IntCounterVec,
+    /// HubSpot request duration by `operation`.
     pub hubspot_request_seconds: HistogramVec,
+    /// Number of integrations in each `status` (`inactive`, `active`, `failed`).
     pub integrations: IntGaugeVec,
+    /// Timeline activities delivered, by `category` and `activity`.
     pub activities: IntCounterVec,
+    /// Items HubSpot rejected and moved to the dead-letter table, by `reason`.
     pub dead_letters: IntCounterVec,
+    /// String values cut to HubSpot's 65,536-character limit.
     pub values_truncated: IntCounter,
+    /// Committed transactions decoded from the replication slot.
     pub transactions: IntCounter,
+    /// Row changes decoded from the replication slot.
     pub row_changes: IntCounter,
+    /// Hand-off transactions committed (outbox rows plus checkpoint).
     pub handoffs: IntCounter,
+    /// Duration of one hand-off transaction.
     pub handoff_seconds: Histogram,
+    /// Last LSN acknowledged to the replication slot.
     pub acked_lsn: IntGauge,
+    /// Contact property writes accepted by HubSpot.
     pub contacts_written: IntCounter,
+    /// Member changes skipped because no HubSpot contact has the member's e-mail.
     pub members_without_contact: IntCounter,
+    /// Contacts created under contact creation (SPEC §4.4).
     pub contacts_created: IntCounter,
+    /// Activities dropped because the member has no HubSpot contact.
     pub activities_without_contact: IntCounter,
+    /// Members queued by initialization backfills.
     pub backfill_queued: IntCounter,
+    /// Spots whose backfill is still queueing members.
     pub backfills_running: IntGauge,
+    /// OAuth token refreshes, by `result`.
     pub token_refreshes: IntCounterVec,
+    /// Integrations that entered `failed`, by `cause`.
     pub integrations_failed: IntCounterVec,
+    /// Failure e-mails sent through `SMTP_URL`, by `result`.
     pub notifications_sent: IntCounterVec,
+    /// 1 while the replication slot is active (a reader is attached), else 0.
     pub slot_active: IntGauge,
+    /// Delivery attempts postponed, by `cause`.
     pub delivery_retries: IntCounterVec,
+    /// Latency from hand-off to HubSpot acceptance.
     pub delivery_seconds: Histogram,
+    /// Total time spent waiting for the per-portal rate limit.
     pub rate_limit_wait_seconds: prometheus::Counter,
+    /// Replication stream failures, each followed by a reconnect.
     pub stream_errors: IntCounter,
 }
 
@@ -49,6 +80,7 @@ macro_rules! reg {
 }
 
 impl Metrics {
+    /// Creates and registers every metric in a fresh registry, with the backlog and integration gauges preset to 0.
     pub fn new() -> Self {
         let r = Registry::new();
         let p = |n: &str| format!("hubspot_sidecar_{n}");
@@ -289,6 +321,7 @@ impl Metrics {
         m
     }
 
+    /// Renders the registry in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

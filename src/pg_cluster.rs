@@ -7,22 +7,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// Why a throwaway cluster could not be set up or used.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// No server binaries in PG_BIN_DIR or the newest `/usr/lib/postgresql/*/bin`.
     #[error("PostgreSQL server binaries not found: install postgresql (Debian: apt-get install postgresql), or set PG_BIN_DIR to the directory holding initdb and postgres")]
     NoBinaries,
+    /// Running as root with no `postgres` user to run the server as.
     #[error("running as root, but there is no `postgres` user to run the server as: create one (useradd --system postgres)")]
     NoPostgresUser,
+    /// A file-system or process operation failed.
     #[error("{what}: {source}")]
     Io {
+        /// The operation that failed.
         what: String,
+        /// The underlying I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// `initdb` exited with an error; carries its stderr.
     #[error("initdb failed: {0}")]
     Initdb(String),
+    /// The server did not come up (no connections within 60 s); carries its log.
     #[error("postgres did not accept connections within 60 s; its log:\n{0}")]
     NotReady(String),
+    /// Connecting to the cluster or running SQL on it failed.
     #[error("SQL: {0}")]
     Sql(#[from] tokio_postgres::Error),
 }
@@ -32,6 +41,7 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ClusterError {
     move |source| ClusterError::Io { what, source }
 }
 
+/// A running throwaway cluster; stopped and its directory removed on drop.
 pub struct PgCluster {
     root: PathBuf,
     port: u16,
@@ -153,6 +163,7 @@ impl PgCluster {
         }
     }
 
+    /// TCP port the postmaster listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -162,6 +173,7 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
     }
 
+    /// Directory holding the server binaries (`initdb`, `postgres`, `pg_recvlogical`, ...).
     pub fn bin_dir(&self) -> &Path {
         &self.bin
     }
@@ -236,7 +248,9 @@ impl Drop for PgCluster {
     }
 }
 
+/// The MeltingSpot reference schema (`sql/meltingspot_schema.sql`).
 pub const SCHEMA_SQL: &str = include_str!("../sql/meltingspot_schema.sql");
+/// The DBA's publication script (`sql/publication.sql`).
 pub const PUBLICATION_SQL: &str = include_str!("../sql/publication.sql");
 
 fn spawn_from_immortal_thread(mut cmd: Command) -> Result<Child, ClusterError> {

@@ -38,8 +38,11 @@ const FLUSH_TXS: usize = 2000;
 /// Handles a running sidecar exposes (tests and the demo use them).
 #[derive(Clone)]
 pub struct Running {
+    /// The instance's Prometheus metrics.
     pub metrics: Arc<Metrics>,
+    /// Flags behind the health endpoints: migrations applied, replication streaming.
     pub health: Arc<Health>,
+    /// Address the HTTP server actually bound (SIDECAR_LISTEN may ask for port 0).
     pub listen_addr: std::net::SocketAddr,
 }
 

@@ -284,32 +284,14 @@ async fn kill_9_during_a_burst_of_500_activities_leaves_each_once() {
     }
     let mut child = spawn_sidecar(&url, &name, &emu, &listen);
     wait_ready(&http, &listen).await;
-    let (status, body) = api_call(
+    assert_eq!(oauth_connect_process(&http, &listen, spot).await, 200);
+    change_settings_process(
         &http,
-        &format!("http://{listen}/api/spots/{spot}/hubspot/connect"),
-        reqwest::Method::POST,
-        Some(serde_json::json!({})),
+        &listen,
+        spot,
+        serde_json::json!({"activities": {"lives": true}}),
     )
     .await;
-    assert_eq!(status, 200, "{body}");
-    let browser = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::limited(3))
-        .build()
-        .unwrap();
-    let page = browser
-        .get(body["authorize_url"].as_str().unwrap())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(page.status(), 200);
-    let (status, v) = api_call(
-        &http,
-        &format!("http://{listen}/api/spots/{spot}/hubspot/settings"),
-        reqwest::Method::PATCH,
-        Some(serde_json::json!({"activities": {"lives": true}})),
-    )
-    .await;
-    assert_eq!(status, 200, "{v}");
 
     for n in 1..=500i64 {
         db.execute(

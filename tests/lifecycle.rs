@@ -337,8 +337,41 @@ async fn after_a_disconnect_nothing_is_sent() {
         .unwrap();
     }
     wait_handed_off(&db, &name, 10 * SECOND).await;
-    // Give a (wrongly) surviving worker several delivery rounds to show itself.
-    tokio::time::sleep(2 * SECOND).await;
+    // A later positive marker instead of a sleep: a change committed after
+    // all of those reaches another Spot's portal, so the stream and delivery
+    // have run past them (a wrongly surviving worker polls every 0.5 s).
+    let marker_spot = seed_spot(&db, "Marker").await;
+    let (marker_portal, marker_token) = emu.create_portal();
+    let marker = seed_member(&db, marker_spot, "marker@example.com", "accepted").await;
+    emu.add_contact(marker_portal, "marker@example.com", &[]);
+    sidecar.connect_with_token(marker_spot, &marker_token).await;
+    wait_for("the marker Spot is written", 30 * SECOND, || async {
+        prop(
+            &emu,
+            marker_portal,
+            "marker@example.com",
+            "meltingspot_member_id",
+        )
+        .is_some()
+    })
+    .await;
+    db.execute(
+        "UPDATE members SET headline = 'marker' WHERE id = $1",
+        &[&marker],
+    )
+    .await
+    .unwrap();
+    wait_for("the marker change arrives", 30 * SECOND, || async {
+        prop(
+            &emu,
+            marker_portal,
+            "marker@example.com",
+            "meltingspot_headline",
+        )
+        .as_deref()
+            == Some("marker")
+    })
+    .await;
     let stats = emu.request_stats(portal);
     let after: u64 = stats.total - calls_at_disconnect;
     // Only the best-effort revocation of the refresh token may follow the disconnect.

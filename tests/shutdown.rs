@@ -67,17 +67,6 @@ async fn exit_within(p: &mut Proc, limit: Duration) -> (ExitStatus, Duration) {
     }
 }
 
-async fn checkpoint(db: &tokio_postgres::Client, slot: &str) -> u64 {
-    db.query_opt(
-        "SELECT (lsn - '0/0')::bigint FROM hubspot_sync.checkpoint WHERE slot_name = $1",
-        &[&slot],
-    )
-    .await
-    .unwrap()
-    .map(|r| r.get::<_, i64>(0) as u64)
-    .unwrap_or(0)
-}
-
 struct Setup {
     url: String,
     name: String,

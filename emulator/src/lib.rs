@@ -57,6 +57,10 @@ pub struct EmulatorConfig {
     pub search_rate_per_s: u32,
     /// Lifetime of OAuth access tokens (`expires_in`).
     pub token_ttl: Duration,
+    /// Whether a refresh answers with a new refresh token and invalidates
+    /// the one used (the strictest client test); off, the refresh token
+    /// stays valid and is answered again.
+    pub rotate_refresh_tokens: bool,
     pub client_id: String,
     pub client_secret: String,
     pub app_id: u64,
@@ -73,6 +77,7 @@ impl Default for EmulatorConfig {
             rate_limit_per_10s: 110,
             search_rate_per_s: 5,
             token_ttl: Duration::from_secs(1800),
+            rotate_refresh_tokens: true,
             client_id: "emulator-client-id".into(),
             client_secret: "emulator-client-secret".into(),
             app_id: 4242,

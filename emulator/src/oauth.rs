@@ -228,7 +228,7 @@ fn token(st: &mut State, f: &HashMap<String, String>, now: DateTime<Utc>) -> Api
             if !st.portals.contains_key(&rec.portal) {
                 return Err(expired("the portal of this auth code no longer exists"));
             }
-            Ok(issue(st, rec.portal, rec.scopes, now))
+            Ok(issue(st, rec.portal, rec.scopes, now, None))
         }
         Some("refresh_token") => {
             check_client(st, f)?;
@@ -240,10 +240,13 @@ fn token(st: &mut State, f: &HashMap<String, String>, now: DateTime<Utc>) -> Api
                     "missing or unknown refresh token",
                 )
             };
+            let rotate = st.cfg.rotate_refresh_tokens;
             let (portal, scopes) = match st.refresh_tokens.get_mut(rt) {
                 Some(r) if !r.revoked => {
                     // Rotation: the used refresh token dies now.
-                    r.revoked = true;
+                    if rotate {
+                        r.revoked = true;
+                    }
                     (r.portal, r.scopes.clone())
                 }
                 _ => return Err(bad()),
@@ -251,7 +254,9 @@ fn token(st: &mut State, f: &HashMap<String, String>, now: DateTime<Utc>) -> Api
             if !st.portals.contains_key(&portal) {
                 return Err(bad());
             }
-            Ok(issue(st, portal, scopes, now))
+            // Without rotation the answer carries the refresh token that was used.
+            let keep = (!rotate).then(|| rt.to_string());
+            Ok(issue(st, portal, scopes, now, keep))
         }
         _ => Err(ApiError::oauth(
             "unsupported_grant_type",
@@ -261,10 +266,16 @@ fn token(st: &mut State, f: &HashMap<String, String>, now: DateTime<Utc>) -> Api
     }
 }
 
-fn issue(st: &mut State, portal: u64, scopes: Vec<String>, now: DateTime<Utc>) -> Reply {
+fn issue(
+    st: &mut State,
+    portal: u64,
+    scopes: Vec<String>,
+    now: DateTime<Utc>,
+    refresh: Option<String>,
+) -> Reply {
     let ttl = st.cfg.token_ttl;
     let access = format!("emu-at-na1-{}", rand_hex(48));
-    let refresh = format!("na1-{}", uuid());
+    let refresh = refresh.unwrap_or_else(|| format!("na1-{}", uuid()));
     let far = now + chrono::Duration::days(3650);
     let expires_at = chrono::Duration::from_std(ttl)
         .ok()

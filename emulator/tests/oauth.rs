@@ -214,6 +214,38 @@ async fn refresh_tokens_rotate() {
 }
 
 #[tokio::test]
+async fn without_rotation_the_refresh_token_stays_valid() {
+    let emu = start_with(EmulatorConfig {
+        rotate_refresh_tokens: false,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let t = connect(&emu, &c).await;
+    for _ in 0..2 {
+        let r = c
+            .post(format!("{}/oauth/2026-03/token", emu.base_url()))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("client_id", ID),
+                ("client_secret", SECRET),
+                ("refresh_token", t.refresh.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        let (s, v) = split(r).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            v["refresh_token"],
+            t.refresh.as_str(),
+            "the same refresh token"
+        );
+        assert_ne!(v["access_token"], t.access.as_str(), "a new access token");
+    }
+}
+
+#[tokio::test]
 async fn refresh_token_revocation() {
     let emu = start().await;
     let c = client();

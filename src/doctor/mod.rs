@@ -20,12 +20,14 @@ mod sql;
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
 
 use checks::{evaluate, version_text, Check, Status};
 use snapshot::collect;
+
+use crate::config::DatabaseConfig;
+use crate::store::{Db, DbClient, DbError};
 
 /// The tables the sidecar needs in its publication (see `sql/publication.sql`).
 pub(crate) const REQUIRED_TABLES: [&str; 12] = [
@@ -54,6 +56,7 @@ pub(crate) const LOOKUP_TABLES: [&str; 5] = ["spots", "lives", "topics", "docume
 /// The schema of the MeltingSpot tables.
 pub(crate) const SOURCE_SCHEMA: &str = "public";
 
+/// Flags and environment variables of `hubspot-sidecar doctor`.
 #[derive(Debug, Clone, Args)]
 pub struct DoctorArgs {
     /// postgres://… URL, as given to `hubspot-sidecar run`.
@@ -163,20 +166,16 @@ fn connection_failure(e: &DoctorError) -> Check {
     Check::fail("connection", e.to_string(), fix)
 }
 
-/// The one place doctor opens a connection to the server.
-async fn connect(url: &str) -> Result<tokio_postgres::Client, DoctorError> {
-    let cfg: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e: tokio_postgres::Error| DoctorError::BadUrl(e.to_string()))?;
-    let target = describe_target(&cfg);
-    let attempt = tokio::time::timeout(Duration::from_secs(15), cfg.connect(tokio_postgres::NoTls))
-        .await
-        .map_err(|_| DoctorError::ConnectTimeout(target.clone()))?;
-    let (client, conn) = attempt.map_err(|source| DoctorError::Connect { target, source })?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
+/// The one place doctor opens a connection to the server: through the
+/// sidecar's own connector, so doctor sees the database as `run` does.
+async fn connect(url: &str) -> Result<DbClient, DoctorError> {
+    let cfg = DatabaseConfig::from_url(url).map_err(|e| DoctorError::BadUrl(e.to_string()))?;
+    let target = describe_target(&cfg.pg);
+    let db = Db::new(&cfg).map_err(|_| DoctorError::ConnectTimeout(target.clone()))?;
+    db.client().await.map_err(|e| match e {
+        DbError::Postgres(source) => DoctorError::Connect { target, source },
+        DbError::Unavailable(_) => DoctorError::ConnectTimeout(target),
+    })
 }
 
 /// host:port/db as user, never the password.

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-pub use contacts::{CreateResult, UpdateOutcome};
+pub use contacts::CreateResult;
 pub use endpoint::Endpoint;
 use ratelimit::RateLimiter;
 pub use transport::{ApiError, Auth, HubSpotClient, HubSpotError};

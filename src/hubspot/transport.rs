@@ -18,9 +18,8 @@ pub enum Auth<'a> {
     /// A portal's access token (OAuth) or static token, as a bearer token.
     Bearer(&'a str),
     /// The developer API key of the app, as `hapikey` (timeline-v3 templates).
+    /// (The OAuth endpoints take the client credentials in the form: `send_form`.)
     DeveloperKey(&'a str),
-    /// None: the OAuth endpoints take the client credentials in the form.
-    None,
 }
 
 /// HubSpot's standard error body; every field is optional.
@@ -31,8 +30,6 @@ pub struct ApiError {
     pub message: String,
     #[serde(default)]
     pub category: String,
-    #[serde(default)]
-    pub sub_category: Option<String>,
     #[serde(default)]
     pub policy_name: Option<String>,
     #[serde(default)]
@@ -116,7 +113,6 @@ impl HubSpotClient {
         match auth {
             Auth::Bearer(token) => req = req.bearer_auth(token),
             Auth::DeveloperKey(key) => req = req.query(&[("hapikey", key)]),
-            Auth::None => {}
         }
         if let Some(b) = body {
             req = req.json(b);

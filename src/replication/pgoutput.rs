@@ -12,6 +12,8 @@ use bytes::Bytes;
 
 /// A decoded pgoutput message.
 #[derive(Debug, Clone, PartialEq)]
+// `LogicalMessage` is pgoutput's own name for the 'M' message.
+#[allow(clippy::enum_variant_names)]
 pub enum Message {
     Begin(Begin),
     Commit(Commit),

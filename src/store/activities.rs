@@ -191,16 +191,25 @@ pub(super) async fn queue_activities(
 /// A queued timeline event.
 #[derive(Clone, Debug)]
 pub struct QueuedActivity {
+    /// Deterministic id (`ms-{spot}-{type}-{source row id}`): a replay never adds a second event.
     pub event_id: String,
+    /// The Spot the event belongs to.
     pub spot_id: i64,
+    /// The member whose contact's timeline gets the event.
     pub member_id: i64,
+    /// Which of the timeline activities it is.
     pub activity: ActivityType,
+    /// When it happened: the source row's own time, else the commit time.
     pub occurred_at: DateTime<Utc>,
+    /// The Spot's name when the event was queued.
     pub spot_name: String,
+    /// Title of the object (live, topic, document, course), or the Spot's name.
     pub title: String,
+    /// Link to the object, if it has one.
     pub url: Option<String>,
 }
 
+/// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of these Spots, oldest first.
 pub async fn due_activities(
     db: &Client,
     spot_ids: &[i64],
@@ -241,14 +250,18 @@ pub enum ActivityDone {
     NoContact(String),
     /// HubSpot refused it: dead-lettered with its reason.
     Rejected {
+        /// The refused event.
         event: QueuedActivity,
+        /// HubSpot record id of the member's contact, if known.
         contact_id: Option<String>,
+        /// HubSpot's reason for refusing it.
         reason: String,
     },
     /// Not yet: e.g. its contact is still being created.
     Later(String, std::time::Duration),
 }
 
+/// In one transaction: deletes finished events (dead-lettering refused ones), reschedules the rest.
 pub async fn complete_activities(db: &mut Client, done: &[ActivityDone]) -> Result<(), DbError> {
     let tx = db.transaction().await?;
     let mut delete: Vec<&str> = Vec::new();
@@ -292,6 +305,7 @@ pub async fn complete_activities(db: &mut Client, done: &[ActivityDone]) -> Resu
     Ok(tx.commit().await?)
 }
 
+/// Pushes these `hubspot_sync.activity_outbox` events back by `delay` after a transient failure.
 pub async fn postpone_activities(
     db: &Client,
     ids: &[String],

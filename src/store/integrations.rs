@@ -76,27 +76,40 @@ impl AuthKind {
 /// Sealed (encrypted) credentials of an activation.
 #[derive(Clone, Debug)]
 pub struct Credentials {
+    /// OAuth tokens or a static token.
     pub kind: AuthKind,
+    /// Access token, sealed with SIDECAR_SECRET_KEY.
     pub access_token_enc: Vec<u8>,
+    /// Refresh token, sealed (OAuth only).
     pub refresh_token_enc: Option<Vec<u8>>,
+    /// When the access token expires (OAuth only).
     pub expires_at: Option<DateTime<Utc>>,
 }
 
 /// An integration as the delivery stage needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveIntegration {
+    /// The connected Spot.
     pub spot_id: i64,
+    /// HubSpot portal (account) id; one delivery worker runs per portal.
     pub portal_id: i64,
+    /// OAuth or static token.
     pub credentials_kind: AuthKind,
+    /// Access token, sealed with SIDECAR_SECRET_KEY.
     pub access_token_enc: Vec<u8>,
+    /// Refresh token, sealed (OAuth only).
     pub refresh_token_enc: Option<Vec<u8>>,
+    /// When the access token expires (OAuth only).
     pub expires_at: Option<DateTime<Utc>>,
+    /// The property group and properties exist (`initialized_at` is set).
     pub initialized: bool,
+    /// Backfill cursor: the last member id queued, 0 before the first page; None once done.
     pub backfill_after: Option<i64>,
     /// Identifies one activation (connect): initialization runs once per activation.
     pub activation: i64,
 }
 
+/// Reads the `active` integrations that have a portal and a token from `hubspot_sync.integrations`.
 pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, DbError> {
     let rows = db
         .query(
@@ -133,23 +146,35 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
 /// The integration as the admin API shows it (SPEC §6).
 #[derive(Clone, Debug, Serialize)]
 pub struct IntegrationView {
+    /// The Spot.
     pub spot_id: i64,
+    /// `inactive`, `active` or `failed`.
     pub status: Status,
+    /// Connected HubSpot portal, if any.
     pub portal_id: Option<i64>,
+    /// Whether members inserted without a contact get one created (SPEC §4.4).
     pub create_contacts: bool,
+    /// Activity categories enabled.
     pub activities: Activities,
+    /// Last HubSpot error recorded for the integration since it connected, if any.
     pub last_error: Option<String>,
+    /// Outbox rows not yet delivered.
     pub backlog: Backlog,
+    /// How the Spot authenticates; not shown, used to refuse activities on a static token.
     #[serde(skip)]
     pub auth_kind: Option<AuthKind>,
 }
 
+/// Undelivered work of a Spot, by outbox.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Backlog {
+    /// Rows in `hubspot_sync.property_outbox`.
     pub properties: i64,
+    /// Rows in `hubspot_sync.activity_outbox`.
     pub activities: i64,
 }
 
+/// Reads a Spot's integration and backlog counts; `inactive` if it never connected.
 pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationView, DbError> {
     let row = db
         .query_opt(
@@ -187,6 +212,7 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
     })
 }
 
+/// Every row of `hubspot_sync.integrations` as the admin API shows it, by Spot.
 pub async fn list_integrations(db: &Client) -> Result<Vec<IntegrationView>, DbError> {
     let rows = db
         .query(
@@ -201,6 +227,7 @@ pub async fn list_integrations(db: &Client) -> Result<Vec<IntegrationView>, DbEr
     Ok(out)
 }
 
+/// Whether the Spot exists in `public.spots` (an unknown Spot is a 404).
 pub async fn spot_exists(db: &Client, spot_id: i64) -> Result<bool, DbError> {
     Ok(db
         .query_opt("SELECT 1 FROM public.spots WHERE id = $1", &[&spot_id])
@@ -538,11 +565,15 @@ pub async fn consume_oauth_state(db: &Client, nonce: &str) -> Result<Option<i64>
 /// An e-mail notification waiting to be sent.
 #[derive(Clone, Debug)]
 pub struct PendingEmail {
+    /// `hubspot_sync.notifications` row id.
     pub id: i64,
+    /// The admin's e-mail address (`members.email`).
     pub to: String,
+    /// Notification payload (`spot_name`, `error`, the admin's name and e-mail).
     pub payload: serde_json::Value,
 }
 
+/// Reads up to `limit` undelivered `email` rows of `hubspot_sync.notifications`, oldest first.
 pub async fn pending_emails(db: &Client, limit: i64) -> Result<Vec<PendingEmail>, DbError> {
     let rows = db
         .query(
@@ -563,6 +594,7 @@ pub async fn pending_emails(db: &Client, limit: i64) -> Result<Vec<PendingEmail>
         .collect())
 }
 
+/// Marks a `hubspot_sync.notifications` row delivered, so it is not mailed again.
 pub async fn mark_delivered(db: &Client, id: i64) -> Result<(), DbError> {
     db.execute(
         "UPDATE hubspot_sync.notifications SET delivered_at = now() WHERE id = $1",

@@ -69,6 +69,7 @@ pub async fn migrate(db: &mut Client) -> Result<(), DbError> {
     Ok(tx.commit().await?)
 }
 
+/// LSN of the last hand-off for `slot` in `hubspot_sync.checkpoint`; streaming resumes there.
 pub async fn load_checkpoint(db: &Client, slot: &str) -> Result<Option<u64>, DbError> {
     let row = db
         .query_opt(

@@ -11,14 +11,19 @@ use super::DbError;
 /// A due outbox row.
 #[derive(Clone, Debug)]
 pub struct Marker {
+    /// Spot whose integration the row belongs to.
     pub spot_id: i64,
+    /// Member whose HubSpot properties are due.
     pub member_id: i64,
+    /// Outbox version at read time; completion deletes the row only if it is unchanged.
     pub version: i64,
     /// The member was inserted while contact creation was on.
     pub create_contact: bool,
+    /// When the change was handed off (delivery latency starts here).
     pub enqueued_at: DateTime<Utc>,
 }
 
+/// Reads up to `limit` due `hubspot_sync.property_outbox` rows of these Spots, oldest first.
 pub async fn due_markers(
     db: &Client,
     spot_ids: &[i64],
@@ -44,6 +49,7 @@ pub async fn due_markers(
         .collect())
 }
 
+/// Counts a Spot's `hubspot_sync.property_outbox` rows (paces its backfill).
 pub async fn spot_backlog(db: &Client, spot_id: i64) -> Result<i64, DbError> {
     Ok(db
         .query_one(
@@ -54,6 +60,7 @@ pub async fn spot_backlog(db: &Client, spot_id: i64) -> Result<i64, DbError> {
         .get(0))
 }
 
+/// Counts all `hubspot_sync.property_outbox` rows (the `properties` backlog gauge).
 pub async fn backlog_size(db: &Client) -> Result<i64, DbError> {
     Ok(db
         .query_one("SELECT count(*) FROM hubspot_sync.property_outbox", &[])
@@ -64,22 +71,37 @@ pub async fn backlog_size(db: &Client) -> Result<i64, DbError> {
 /// A member's source values, read at delivery time.
 #[derive(Clone, Debug)]
 pub struct MemberRecord {
+    /// The member's Spot.
     pub spot_id: i64,
+    /// `members.id`.
     pub member_id: i64,
+    /// `members.email`.
     pub email: String,
+    /// `members.first_name`.
     pub first_name: Option<String>,
+    /// `members.last_name`.
     pub last_name: Option<String>,
+    /// `members.status` (`invited`, `accepted`, `left`, ...).
     pub status: String,
+    /// `members.role` (`admin` or `member`).
     pub role: String,
+    /// Name of the member's custom role, if any.
     pub custom_role: Option<String>,
+    /// `members.invited_at`.
     pub invited_at: Option<DateTime<Utc>>,
+    /// `members.registered_at`.
     pub registered_at: Option<DateTime<Utc>>,
+    /// Names of the groups the member belongs to.
     pub groups: Vec<String>,
+    /// Names of the member's tags.
     pub tags: Vec<String>,
+    /// `members.headline`.
     pub headline: Option<String>,
+    /// `members.bio`.
     pub bio: Option<String>,
 }
 
+/// Reads these members' current values (with group, tag and custom role names) from `public`.
 pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<MemberRecord>, DbError> {
     let rows = db
         .query(
@@ -119,11 +141,15 @@ pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<Membe
 /// What is known of a member's contact.
 #[derive(Clone, Debug, Default)]
 pub struct ContactState {
+    /// E-mail the contact was looked up or written under.
     pub email: String,
+    /// HubSpot record id, or None when no contact has the e-mail.
     pub contact_id: Option<String>,
+    /// Property values last written to the contact, by property name.
     pub written: HashMap<String, String>,
 }
 
+/// Reads the `hubspot_sync.contact_map` entries of these (spot, member) keys.
 pub async fn contact_states(
     db: &Client,
     keys: &[(i64, i64)],
@@ -161,29 +187,43 @@ pub async fn contact_states(
 pub enum Completion {
     /// Written (or nothing to write): remember the contact and the values now in HubSpot.
     Written {
+        /// The outbox row delivered.
         marker: Marker,
+        /// The member's e-mail.
         email: String,
+        /// HubSpot record id of the contact.
         contact_id: String,
+        /// Property values now in HubSpot, by property name.
         written: HashMap<String, String>,
     },
     /// The member has no contact, or no longer exists: nothing is written.
     NoContact {
+        /// The outbox row delivered.
         marker: Marker,
+        /// The member's e-mail, or None when the member no longer exists.
         email: Option<String>,
     },
     /// The contact turned out to exist under another id (a 409 on creation):
     /// remember it and deliver the row again as an update.
     Remap {
+        /// The outbox row, kept for the next round.
         marker: Marker,
+        /// The member's e-mail.
         email: String,
+        /// Id of the existing contact.
         contact_id: String,
     },
     /// HubSpot rejected the write: dead-letter it; the next change writes again.
     DeadLetter {
+        /// The outbox row rejected.
         marker: Marker,
+        /// The member's e-mail.
         email: String,
+        /// HubSpot record id of the contact, if known.
         contact_id: Option<String>,
+        /// What was to be written (e-mail, contact id or create flag, properties).
         payload: serde_json::Value,
+        /// HubSpot's reason for the rejection.
         reason: String,
     },
 }

@@ -4,22 +4,26 @@ use aes_gcm::aead::{Aead, KeyInit};
 use aes_gcm::{Aes256Gcm, Nonce};
 use rand::RngCore;
 
+/// A sealed token failed to decrypt: corrupt, or sealed under another SIDECAR_SECRET_KEY.
 #[derive(Debug, thiserror::Error)]
 #[error("a stored token could not be decrypted: was SIDECAR_SECRET_KEY changed?")]
 pub struct DecryptError;
 
+/// Seals and opens tokens with AES-256-GCM under SIDECAR_SECRET_KEY.
 #[derive(Clone)]
 pub struct Sealer {
     cipher: Aes256Gcm,
 }
 
 impl Sealer {
+    /// A sealer for the 32-byte SIDECAR_SECRET_KEY.
     pub fn new(key: &[u8; 32]) -> Self {
         Sealer {
             cipher: Aes256Gcm::new(key.into()),
         }
     }
 
+    /// Encrypts a token under a fresh random nonce; returns nonce || ciphertext.
     pub fn seal(&self, plaintext: &str) -> Vec<u8> {
         let mut nonce = [0u8; 12];
         rand::thread_rng().fill_bytes(&mut nonce);
@@ -33,6 +37,7 @@ impl Sealer {
         out
     }
 
+    /// Decrypts nonce || ciphertext from [`Sealer::seal`] back to the token.
     pub fn open(&self, sealed: &[u8]) -> Result<String, DecryptError> {
         if sealed.len() < 12 {
             return Err(DecryptError);

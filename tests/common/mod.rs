@@ -429,3 +429,57 @@ pub async fn wait_headlines_converge(
     )
     .await;
 }
+
+/// The hand-off checkpoint stored for the slot (0 before the first hand-off).
+pub async fn checkpoint(db: &Client, slot: &str) -> u64 {
+    db.query_opt(
+        "SELECT (lsn - '0/0')::bigint FROM hubspot_sync.checkpoint WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .map(|r| r.get::<_, i64>(0) as u64)
+    .unwrap_or(0)
+}
+
+/// The OAuth round trip against a sidecar process listening on `listen`:
+/// connect `{}`, then a browser follows the authorize URL through the
+/// emulator back to the callback. Returns the callback page's status.
+pub async fn oauth_connect_process(http: &reqwest::Client, listen: &str, spot_id: i64) -> u16 {
+    let (status, body) = api_call(
+        http,
+        &format!("http://{listen}/api/spots/{spot_id}/hubspot/connect"),
+        reqwest::Method::POST,
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::limited(3))
+        .build()
+        .unwrap();
+    browser
+        .get(body["authorize_url"].as_str().expect("authorize_url"))
+        .send()
+        .await
+        .expect("authorize and callback")
+        .status()
+        .as_u16()
+}
+
+/// `PATCH …/settings` on a sidecar process; asserts 200.
+pub async fn change_settings_process(
+    http: &reqwest::Client,
+    listen: &str,
+    spot_id: i64,
+    body: serde_json::Value,
+) {
+    let (status, v) = api_call(
+        http,
+        &format!("http://{listen}/api/spots/{spot_id}/hubspot/settings"),
+        reqwest::Method::PATCH,
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+}
