@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use clap::Args;
 
+use crate::hubspot::endpoint::KNOWN_VERSIONS;
+
 /// A missing or invalid setting, with the variable to fix and how.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -281,6 +283,7 @@ impl Config {
     /// touches the database, so that a bad combination never migrates or
     /// creates a slot first.
     pub fn check(&self) -> Result<(), ConfigError> {
+        check_api_version(&self.hubspot.api_version)?;
         self.hubspot.activity_sink()?;
         Ok(())
     }
@@ -387,13 +390,6 @@ impl RunArgs {
             }
         };
         let version = self.hubspot_api_version.trim().to_string();
-        if !(version == "v3" || is_date_version(&version)) {
-            return Err(ConfigError::Invalid {
-                var: "HUBSPOT_API_VERSION",
-                problem: format!("{version:?} is neither v3 nor YYYY-MM"),
-                fix: "use a date version such as 2026-03, or v3 for the legacy paths",
-            });
-        }
         if self.hubspot_rate_limit == 0 {
             return Err(ConfigError::Invalid {
                 var: "HUBSPOT_RATE_LIMIT",
@@ -443,13 +439,20 @@ impl RunArgs {
     }
 }
 
-fn is_date_version(v: &str) -> bool {
-    let b = v.as_bytes();
-    b.len() == 7
-        && b[4] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || c.is_ascii_digit())
+/// What HUBSPOT_API_VERSION may be; names every entry of `KNOWN_VERSIONS`.
+const VERSION_FIX: &str = "use 2026-03 or 2026-09 (date-versioned paths), or v3 (legacy paths): \
+                           the versions that exist for every API the sidecar calls";
+
+fn check_api_version(version: &str) -> Result<(), ConfigError> {
+    if KNOWN_VERSIONS.contains(&version) {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            var: "HUBSPOT_API_VERSION",
+            problem: format!("{version:?} is not a version of every API the sidecar calls"),
+            fix: VERSION_FIX,
+        })
+    }
 }
 
 /// Decodes SIDECAR_SECRET_KEY: 32 bytes as 64 hex digits or base64.
@@ -562,6 +565,19 @@ mod tests {
             cfg.activity_sink().expect("app events"),
             ActivitySinkConfig::AppEvents { ref prefix } if prefix == "pfx_"
         ));
+    }
+
+    #[test]
+    fn only_versions_of_every_api_are_accepted() {
+        for v in KNOWN_VERSIONS {
+            check_api_version(v).expect("known");
+            assert!(VERSION_FIX.contains(v), "the fix names {v}");
+        }
+        for v in ["2025-09", "2027-01", "v4", "latest"] {
+            let err = check_api_version(v).expect_err(v).to_string();
+            assert!(err.starts_with("HUBSPOT_API_VERSION is invalid"), "{err}");
+            assert!(err.contains("2026-09"), "{err}");
+        }
     }
 
     #[test]

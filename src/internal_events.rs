@@ -60,6 +60,8 @@ pub enum DeadLetterKind {
     ContactWrite,
     /// A contact creation.
     ContactCreation,
+    /// The look-up of a member's e-mail.
+    ContactLookup,
     /// A timeline event.
     Event,
 }
@@ -69,6 +71,7 @@ impl DeadLetterKind {
         match self {
             DeadLetterKind::ContactWrite => "a contact write",
             DeadLetterKind::ContactCreation => "a contact creation",
+            DeadLetterKind::ContactLookup => "a contact look-up",
             DeadLetterKind::Event => "an event",
         }
     }
@@ -217,6 +220,8 @@ pub enum MailOutcome<'a> {
     Sent,
     /// The recipient is not an address: skipped for good.
     InvalidAddress,
+    /// The SMTP server refused this recipient for good: marked, never retried.
+    Rejected(&'a str),
     /// The SMTP server failed: retried later.
     Failed(&'a str),
 }
@@ -235,14 +240,22 @@ impl MailAttempted<'_> {
         let label = match self.outcome {
             MailOutcome::Sent => "sent",
             MailOutcome::InvalidAddress => "invalid_address",
+            MailOutcome::Rejected(_) => "rejected",
             MailOutcome::Failed(_) => "error",
         };
         m.notifications_sent.with_label_values(&[label]).inc();
+        if matches!(self.outcome, MailOutcome::Rejected(_)) {
+            m.notifications_rejected.inc();
+        }
         match self.outcome {
             MailOutcome::Sent => info!(notification = self.notification, "failure e-mail sent"),
             MailOutcome::InvalidAddress => warn!(
                 notification = self.notification,
                 "failure e-mail has an invalid recipient; skipped"
+            ),
+            MailOutcome::Rejected(reason) => warn!(
+                notification = self.notification,
+                reason, "failure e-mail refused for good by the SMTP server; marked, not retried"
             ),
             MailOutcome::Failed(error) => warn!(
                 notification = self.notification,

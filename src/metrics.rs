@@ -68,6 +68,12 @@ pub struct Metrics {
     pub rate_limit_wait_seconds: prometheus::Counter,
     /// Replication stream failures, each followed by a reconnect.
     pub stream_errors: IntCounter,
+    /// Extra batch calls made to isolate rejected inputs, by `operation`.
+    pub batch_split_calls: IntCounterVec,
+    /// Mail rows given up on for good (a permanent SMTP rejection).
+    pub notifications_rejected: IntCounter,
+    /// Refresh tokens HubSpot rotated that could not be stored.
+    pub refresh_tokens_lost: IntCounter,
 }
 
 macro_rules! reg {
@@ -202,6 +208,30 @@ impl Metrics {
                 IntCounter::new(
                     p("members_without_contact_total"),
                     "Member changes skipped because no HubSpot contact has the member's e-mail"
+                )
+            ),
+            batch_split_calls: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("batch_split_calls_total"),
+                        "Extra batch calls made to isolate rejected inputs (atomic batches, unnamed errors)"
+                    ),
+                    &["operation"]
+                )
+            ),
+            notifications_rejected: reg!(
+                r,
+                IntCounter::new(
+                    p("notification_emails_rejected_total"),
+                    "Failure e-mails the SMTP server rejected permanently (marked, not retried)"
+                )
+            ),
+            refresh_tokens_lost: reg!(
+                r,
+                IntCounter::new(
+                    p("refresh_tokens_lost_total"),
+                    "Rotated refresh tokens that could not be stored after a refresh"
                 )
             ),
             delivery_retries: reg!(

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use hubspot_emulator::CreatedBy;
+use hubspot_emulator::{CreatedBy, Emulator, EmulatorConfig};
 
 const SECOND: Duration = Duration::from_secs(1);
 const STATUSES: [&str; 6] = [
@@ -155,6 +155,35 @@ async fn oauth_connect_initializes_and_backfills_only_existing_contacts() {
         .contacts(portal)
         .iter()
         .all(|c| c.created_by == CreatedBy::Seed));
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_answer_without_hub_id_still_connects_the_right_portal() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = Emulator::start(EmulatorConfig {
+        omit_hub_id: true,
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let spot = seed_spot(&db, "No hub id").await;
+    let (portal, _) = emu.create_portal();
+    emu.set_next_grant_portal(Some(portal));
+    seed_member(&db, spot, "hub@example.com", "accepted").await;
+    emu.add_contact(portal, "hub@example.com", &[]);
+    let (status, page) = oauth_connect(&sidecar, spot).await;
+    assert_eq!(status, 200, "{page}");
+    let v = sidecar.integration(spot).await;
+    assert_eq!(v["status"], "active", "{v}");
+    assert_eq!(v["portal_id"], portal, "learned from account-info");
+    wait_for("the backfill reaches the portal", 30 * SECOND, || async {
+        prop(&emu, portal, "hub@example.com", "meltingspot_member_status").as_deref()
+            == Some("accepted")
+    })
+    .await;
     sidecar.stop().await;
 }
 
@@ -616,7 +645,12 @@ async fn the_backfill_never_overwrites_a_newer_value_from_the_stream() {
 async fn an_expired_access_token_is_refreshed_and_the_rotated_refresh_token_stored() {
     let (url, name) = fresh_db().await;
     let db = sql(&url).await;
-    let emu = emulator().await;
+    let emu = Emulator::start(EmulatorConfig {
+        rotate_refresh_tokens: true,
+        ..EmulatorConfig::default()
+    })
+    .await
+    .expect("emulator");
     let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
     let spot = seed_spot(&db, "Refresh").await;
     let (portal, _) = emu.create_portal();

@@ -108,7 +108,12 @@ async fn api(
                 Some(e) => Err(e),
                 None => oauth::handle(&mut shared.lock(), &ep, body, Utc::now()),
             };
-            finish(shared, portal, &ep, res, None, corr)
+            let applied = res.is_ok();
+            let resp = finish(shared, portal, &ep, res, None, corr);
+            if applied && loses_answer(shared, portal) {
+                return lost(resp);
+            }
+            resp
         }
         Access::Developer => {
             let checked = {
@@ -154,7 +159,12 @@ async fn api(
                         .and_then(|_| dispatch(&mut st, &ctx, &ep, body))
                 }
             };
-            finish(shared, Some(portal), &ep, res, rate, corr)
+            let applied = res.is_ok();
+            let resp = finish(shared, Some(portal), &ep, res, rate, corr);
+            if applied && loses_answer(shared, Some(portal)) {
+                return lost(resp);
+            }
+            resp
         }
     }
 }
@@ -339,6 +349,25 @@ async fn apply_faults(shared: &Shared, portal: Option<u64>) -> Option<ApiError> 
         }
     }
     None
+}
+
+/// Whether this applied call's answer is to be lost (`Faults::lose_answer_rate`).
+fn loses_answer(shared: &Shared, portal: Option<u64>) -> bool {
+    let rate = shared.lock().faults_for(portal).lose_answer_rate;
+    rate > 0.0 && rand::thread_rng().gen::<f64>() < rate
+}
+
+/// The answer with its body broken off after the status line: what a client
+/// sees when the connection resets while the answer is on its way.
+fn lost(resp: Response) -> Response {
+    let (parts, _) = resp.into_parts();
+    let broken = futures_util::stream::once(async {
+        Err::<axum::body::Bytes, std::io::Error>(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "answer lost (emulated fault)",
+        ))
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(broken))
 }
 
 fn unavailable() -> ApiError {

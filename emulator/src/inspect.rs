@@ -93,14 +93,16 @@ fn route(shared: &Shared, method: &Method, segs: &[String], body: &[u8]) -> ApiR
                 latency_ms: Option<u64>,
                 error_rate: Option<f64>,
                 hang: Option<bool>,
+                lose_answer_rate: Option<f64>,
             }
             let i: In = parse_body(body)
                 .map_err(|e| err(StatusCode::BAD_REQUEST, e.body["message"].to_string()))?;
             let rate = i.error_rate.unwrap_or(0.0);
-            if !(0.0..=1.0).contains(&rate) {
+            let lose = i.lose_answer_rate.unwrap_or(0.0);
+            if !(0.0..=1.0).contains(&rate) || !(0.0..=1.0).contains(&lose) {
                 return Err(err(
                     StatusCode::BAD_REQUEST,
-                    "error_rate must be within 0..=1",
+                    "error_rate and lose_answer_rate must be within 0..=1",
                 ));
             }
             shared.set_faults(
@@ -109,6 +111,7 @@ fn route(shared: &Shared, method: &Method, segs: &[String], body: &[u8]) -> ApiR
                     latency: i.latency_ms.map(Duration::from_millis),
                     error_rate: rate,
                     hang: i.hang.unwrap_or(false),
+                    lose_answer_rate: lose,
                 },
             );
             ok(json!({}))

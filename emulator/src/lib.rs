@@ -43,8 +43,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 pub use model::{
-    Contact, CreatedBy, EventApi, Faults, PropertyDef, PropertyGroup, PropertyOption, RequestStats,
-    TimelineEvent,
+    Contact, CreatedBy, EventApi, Faults, OAuthErrorStyle, PropertyDef, PropertyGroup,
+    PropertyOption, RequestStats, TimelineEvent,
 };
 
 use state::Shared;
@@ -58,9 +58,14 @@ pub struct EmulatorConfig {
     /// Lifetime of OAuth access tokens (`expires_in`).
     pub token_ttl: Duration,
     /// Whether a refresh answers with a new refresh token and invalidates
-    /// the one used (the strictest client test); off, the refresh token
-    /// stays valid and is answered again.
+    /// the one used (the strictest client test); off (the default, as
+    /// HubSpot's definitions only promise a `refresh_token` in every answer),
+    /// the refresh token stays valid and is answered again.
     pub rotate_refresh_tokens: bool,
+    /// Token answers without `hub_id` (optional in the published definitions).
+    pub omit_hub_id: bool,
+    /// How refusals of the token endpoint are worded.
+    pub oauth_error_style: OAuthErrorStyle,
     pub client_id: String,
     pub client_secret: String,
     pub app_id: u64,
@@ -77,7 +82,9 @@ impl Default for EmulatorConfig {
             rate_limit_per_10s: 110,
             search_rate_per_s: 5,
             token_ttl: Duration::from_secs(1800),
-            rotate_refresh_tokens: true,
+            rotate_refresh_tokens: false,
+            omit_hub_id: false,
+            oauth_error_style: OAuthErrorStyle::default(),
             client_id: "emulator-client-id".into(),
             client_secret: "emulator-client-secret".into(),
             app_id: 4242,

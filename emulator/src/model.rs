@@ -123,4 +123,21 @@ pub struct Faults {
     pub error_rate: f64,
     /// Accept the request but never answer until the faults are changed (or the emulator stops).
     pub hang: bool,
+    /// Probability (0..=1) of doing the work and then losing the answer: the
+    /// status line goes out, the body breaks off (the client sees a reset
+    /// while reading it). The call was applied all the same.
+    pub lose_answer_rate: f64,
+}
+
+/// How the OAuth token endpoint words a refusal. HubSpot has been seen
+/// answering in each of these; a client must understand all of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OAuthErrorStyle {
+    /// `{"status":"BAD_REFRESH_TOKEN","message":…}`: HubSpot's own, no `error` field.
+    #[default]
+    StatusOnly,
+    /// The same with `"error":"invalid_request"`.
+    InvalidRequest,
+    /// OAuth 2 style: `error` (`invalid_grant`, …), `error_description`, plus `status`.
+    OAuth2,
 }

@@ -1,7 +1,8 @@
 //! OAuth 2 of a public app: authorize (auto-approved), code exchange, refresh, metadata,
 //! introspection and revocation.
 //!
-//! Choice (the reference marks rotation UNCONFIRMED): refresh tokens ROTATE. Every refresh answer
+//! Refresh tokens do not rotate by default (`rotate_refresh_tokens` turns it on).
+//! With rotation on: refresh tokens ROTATE. Every refresh answer
 //! carries a new refresh token and the one used becomes invalid (`BAD_REFRESH_TOKEN`), which is
 //! the strictest behaviour a client can meet: a client that persists every returned refresh token
 //! works against both behaviours.
@@ -14,6 +15,7 @@ use serde_json::{json, Value};
 
 use crate::ctx::Ctx;
 use crate::errors::{ApiError, ApiResult, Reply};
+use crate::model::OAuthErrorStyle;
 use crate::routes::Endpoint;
 use crate::state::{rand_hex, uuid, CodeRec, RefreshRec, State, TokenKind, TokenRec};
 
@@ -166,7 +168,10 @@ fn token_param(f: &HashMap<String, String>) -> Option<&str> {
 
 pub(crate) fn handle(st: &mut State, ep: &Endpoint, body: &[u8], now: DateTime<Utc>) -> ApiResult {
     match ep {
-        Endpoint::Token => token(st, &form(body), now),
+        Endpoint::Token => {
+            let style = st.cfg.oauth_error_style;
+            token(st, &form(body), now).map_err(|e| restyle(e, style))
+        }
         Endpoint::Introspect => introspect(st, &form(body), now),
         Endpoint::Revoke => revoke(st, &form(body)),
         Endpoint::AccessTokenMeta(t) => access_meta(st, t, now),
@@ -266,6 +271,28 @@ fn token(st: &mut State, f: &HashMap<String, String>, now: DateTime<Utc>) -> Api
     }
 }
 
+/// Rewords a token endpoint refusal in the configured style.
+fn restyle(mut e: ApiError, style: OAuthErrorStyle) -> ApiError {
+    let Some(obj) = e.body.as_object_mut() else {
+        return e;
+    };
+    if !obj.contains_key("error") {
+        return e;
+    }
+    match style {
+        OAuthErrorStyle::OAuth2 => {}
+        OAuthErrorStyle::StatusOnly => {
+            obj.remove("error");
+            obj.remove("error_description");
+        }
+        OAuthErrorStyle::InvalidRequest => {
+            obj.insert("error".into(), json!("invalid_request"));
+            obj.remove("error_description");
+        }
+    }
+    e
+}
+
 fn issue(
     st: &mut State,
     portal: u64,
@@ -299,14 +326,21 @@ fn issue(
             revoked: false,
         },
     );
-    Reply::ok(json!({
+    let mut answer = json!({
         "token_type": "bearer",
+        "token_use": "access_token",
         "access_token": access,
         "refresh_token": refresh,
         "expires_in": ttl.as_secs(),
         "hub_id": portal,
         "scopes": scopes,
-    }))
+    });
+    if st.cfg.omit_hub_id {
+        if let Some(obj) = answer.as_object_mut() {
+            obj.remove("hub_id");
+        }
+    }
+    Reply::ok(answer)
 }
 
 fn live_access<'a>(st: &'a State, t: &str, now: DateTime<Utc>) -> Option<&'a TokenRec> {

@@ -143,14 +143,16 @@ impl Endpoint {
     }
 }
 
-/// `YYYY-MM` date-based API version segment.
-pub(crate) fn is_date_version(s: &str) -> bool {
-    let b = s.as_bytes();
-    b.len() == 7
-        && b[4] == b'-'
-        && b.iter()
-            .enumerate()
-            .all(|(i, c)| i == 4 || c.is_ascii_digit())
+/// CRM (contacts, properties) and account-info versions that exist.
+const CRM_VERSIONS: [&str; 3] = ["2025-09", "2026-03", "2026-09"];
+/// OAuth's date versions (there is no 2025-09).
+const OAUTH_VERSIONS: [&str; 2] = ["2026-03", "2026-09"];
+/// App Events' date versions.
+const APP_EVENT_VERSIONS: [&str; 1] = ["2026-03"];
+
+/// A date version that HubSpot publishes for the CRM APIs; any other answers 404.
+pub(crate) fn is_crm_version(s: &str) -> bool {
+    CRM_VERSIONS.contains(&s)
 }
 
 fn one(method: &Method, want: Method, ep: Endpoint) -> Result<Endpoint, ApiError> {
@@ -166,8 +168,9 @@ pub(crate) fn classify(method: &Method, segs: &[String], path: &str) -> Result<E
     let s: Vec<&str> = segs.iter().map(String::as_str).collect();
     let get = |ep| one(method, Method::GET, ep);
     let post = |ep| one(method, Method::POST, ep);
-    let oauth_ver = |v: &str| v == "v1" || v == "v3" || is_date_version(v);
-    let v3_or_date = |v: &str| v == "v3" || is_date_version(v);
+    let oauth_ver = |v: &str| v == "v1" || v == "v3" || OAUTH_VERSIONS.contains(&v);
+    let oauth_v3_or_date = |v: &str| v == "v3" || OAUTH_VERSIONS.contains(&v);
+    let v3_or_date = |v: &str| v == "v3" || is_crm_version(v);
     match s.as_slice() {
         ["oauth", "authorize"] => get(Authorize { portal: None }),
         ["oauth", p, "authorize"] => match p.parse::<u64>() {
@@ -175,8 +178,8 @@ pub(crate) fn classify(method: &Method, segs: &[String], path: &str) -> Result<E
             Err(_) => Err(ApiError::route_not_found(path)),
         },
         ["oauth", v, "token"] if oauth_ver(v) => post(Token),
-        ["oauth", v, "token", "introspect"] if v3_or_date(v) => post(Introspect),
-        ["oauth", v, "token", "revoke"] if v3_or_date(v) => post(Revoke),
+        ["oauth", v, "token", "introspect"] if oauth_v3_or_date(v) => post(Introspect),
+        ["oauth", v, "token", "revoke"] if oauth_v3_or_date(v) => post(Revoke),
         ["oauth", "v1", "access-tokens", t] => get(AccessTokenMeta(t.to_string())),
         ["oauth", "v1", "refresh-tokens", t] => match *method {
             Method::GET => Ok(RefreshTokenMeta(t.to_string())),
@@ -185,11 +188,11 @@ pub(crate) fn classify(method: &Method, segs: &[String], path: &str) -> Result<E
         },
         ["account-info", v, "details"] if v3_or_date(v) => get(AccountDetails),
         ["crm", "v3", "properties", obj, rest @ ..] => properties(method, obj, rest, path),
-        ["crm", "properties", v, obj, rest @ ..] if is_date_version(v) => {
+        ["crm", "properties", v, obj, rest @ ..] if is_crm_version(v) => {
             properties(method, obj, rest, path)
         }
         ["crm", "v3", "objects", obj, rest @ ..] => objects(method, obj, rest, path),
-        ["crm", "objects", v, obj, rest @ ..] if is_date_version(v) => {
+        ["crm", "objects", v, obj, rest @ ..] if is_crm_version(v) => {
             objects(method, obj, rest, path)
         }
         ["crm", "v3", "timeline", "events"] | ["integrators", "timeline", "v3", "events"] => {
@@ -203,11 +206,15 @@ pub(crate) fn classify(method: &Method, segs: &[String], path: &str) -> Result<E
         | ["integrators", "timeline", "v3", app, "event-templates", rest @ ..] => {
             templates(method, app, rest, path)
         }
-        // The date-versioned alias of App Events is UNCONFIRMED; accepted to be lenient.
-        ["integrators", "timeline", v, "events"] if *v == "v4" || is_date_version(v) => {
+        // App Events: v4 (documented, until 2027-03-30) and the published date versions.
+        ["integrators", "timeline", v, "events"]
+            if *v == "v4" || APP_EVENT_VERSIONS.contains(v) =>
+        {
             post(AppEventCreate)
         }
-        ["integrators", "timeline", v, "events", "batch"] if *v == "v4" || is_date_version(v) => {
+        ["integrators", "timeline", v, "events", "batch"]
+            if *v == "v4" || APP_EVENT_VERSIONS.contains(v) =>
+        {
             post(AppEventBatch)
         }
         _ => Err(ApiError::route_not_found(path)),

@@ -201,6 +201,43 @@ async fn hang_until_faults_are_cleared() {
 }
 
 #[tokio::test]
+async fn a_lost_answer_was_applied_all_the_same() {
+    let emu = start().await;
+    let c = client();
+    let (portal, tok) = emu.create_portal();
+    let id = emu.add_contact(portal, "lost@example.com", &[]);
+    emu.set_faults(
+        Some(portal),
+        Faults {
+            lose_answer_rate: 1.0,
+            ..Default::default()
+        },
+    );
+    let body = json!({"inputs": [{"id": id, "properties": {"lastname": "Lovelace"}}]});
+    let read = async {
+        c.post(format!(
+            "{}/crm/v3/objects/contacts/batch/update",
+            emu.base_url()
+        ))
+        .bearer_auth(&tok)
+        .json(&body)
+        .send()
+        .await?
+        .text()
+        .await
+    }
+    .await;
+    assert!(read.is_err(), "the client never reads the answer: {read:?}");
+    let contact = emu
+        .contact_by_email(portal, "lost@example.com")
+        .expect("contact");
+    assert_eq!(
+        contact.properties["lastname"], "Lovelace",
+        "the write was applied"
+    );
+}
+
+#[tokio::test]
 async fn inspection_endpoints_mirror_the_rust_api() {
     let emu = start().await;
     let c = client();

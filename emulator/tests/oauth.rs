@@ -82,7 +82,11 @@ async fn code_exchange_metadata_and_introspection() {
     bad[2] = ("client_secret", "wrong");
     let (s, v) = token(&emu, &c, &bad).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(v["error"], "invalid_client");
+    assert_eq!(v["status"], "BAD_CLIENT_SECRET");
+    assert!(
+        v.get("error").is_none(),
+        "HubSpot's own style names no error: {v}"
+    );
 
     let (s, v) = token(&emu, &c, &form).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -101,7 +105,6 @@ async fn code_exchange_metadata_and_introspection() {
     // Single use.
     let (s, v) = token(&emu, &c, &form).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(v["error"], "invalid_grant");
     assert_eq!(v["status"], "EXPIRED_AUTH_CODE");
 
     let (s, v) = split(
@@ -173,7 +176,11 @@ async fn code_exchange_metadata_and_introspection() {
 
 #[tokio::test]
 async fn refresh_tokens_rotate() {
-    let emu = start().await;
+    let emu = start_with(EmulatorConfig {
+        rotate_refresh_tokens: true,
+        ..Default::default()
+    })
+    .await;
     let c = client();
     let t = connect(&emu, &c).await;
     let refresh = |rt: String| {
@@ -204,13 +211,59 @@ async fn refresh_tokens_rotate() {
 
     let (s, v) = refresh(t.refresh.clone()).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(v["error"], "invalid_grant");
     assert_eq!(v["status"], "BAD_REFRESH_TOKEN");
 
     let (s, _) = get(&emu, &c, &new_access, "/crm/v3/properties/contacts").await;
     assert_eq!(s, StatusCode::OK);
     let (s, _) = refresh(new_refresh).await;
     assert_eq!(s, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn refusals_come_in_each_style_and_hub_id_can_be_absent() {
+    use hubspot_emulator::OAuthErrorStyle;
+    for (style, error) in [
+        (OAuthErrorStyle::StatusOnly, None),
+        (OAuthErrorStyle::InvalidRequest, Some("invalid_request")),
+        (OAuthErrorStyle::OAuth2, Some("invalid_grant")),
+    ] {
+        let emu = start_with(EmulatorConfig {
+            oauth_error_style: style,
+            omit_hub_id: true,
+            ..Default::default()
+        })
+        .await;
+        let c = client();
+        let t = connect(&emu, &c).await;
+        let (s, v) = token(
+            &emu,
+            &c,
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", ID),
+                ("client_secret", SECRET),
+                ("refresh_token", "na1-unknown"),
+            ],
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert_eq!(v["status"], "BAD_REFRESH_TOKEN", "{v}");
+        assert_eq!(v.get("error").and_then(|e| e.as_str()), error, "{v}");
+        let (s, v) = token(
+            &emu,
+            &c,
+            &[
+                ("grant_type", "refresh_token"),
+                ("client_id", ID),
+                ("client_secret", SECRET),
+                ("refresh_token", &t.refresh),
+            ],
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert!(v.get("hub_id").is_none(), "{v}");
+        assert_eq!(v["token_use"], "access_token");
+    }
 }
 
 #[tokio::test]
@@ -413,7 +466,7 @@ async fn revoked_portal_gets_401_and_can_reinstall() {
     )
     .await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
-    assert_eq!(v["error"], "invalid_grant");
+    assert_eq!(v["status"], "BAD_REFRESH_TOKEN");
     // Reinstall on the same portal.
     emu.set_next_grant_portal(Some(t.portal));
     let t2 = connect(&emu, &c).await;

@@ -1,4 +1,4 @@
-//! App Events v4 and timeline v3.
+//! App Events (v4 and the date-versioned path) and timeline v3.
 
 mod common;
 
@@ -15,6 +15,50 @@ fn ev(id: &str, object: &str) -> Value {
 }
 
 #[tokio::test]
+async fn app_events_batches_are_atomic_on_both_paths() {
+    let emu = start().await;
+    let c = client();
+    let t = connect(&emu, &c).await;
+    let ada = emu.add_contact(t.portal, "ada@example.com", &[]);
+    let (s, v) = post(
+        &emu,
+        &c,
+        &t.access,
+        "/integrators/timeline/2026-03/events/batch",
+        json!({"inputs": [ev("d1", &ada)]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "the date-versioned path: {v}");
+    let (s, v) = post(
+        &emu,
+        &c,
+        &t.access,
+        "/integrators/timeline/2026-03/events/batch",
+        json!({"inputs": [ev("d1", &ada), ev("d2", &ada)]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(
+        emu.timeline_events(t.portal).len(),
+        1,
+        "d2 was not stored either"
+    );
+    let (s, _) = post(
+        &emu,
+        &c,
+        &t.access,
+        "/integrators/timeline/2025-09/events/batch",
+        json!({"inputs": [ev("d3", &ada)]}),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::NOT_FOUND,
+        "App Events have no 2025-09 version"
+    );
+}
+
+#[tokio::test]
 async fn app_events_batch_success_and_repeated_ids() {
     let emu = start().await;
     let c = client();
@@ -28,7 +72,7 @@ async fn app_events_batch_success_and_repeated_ids() {
         json!({"inputs": [ev("e1", &ada), ev("e2", &ada)]}),
     )
     .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["status"], "COMPLETE");
     assert_eq!(v["results"].as_array().unwrap().len(), 2);
     let events = emu.timeline_events(t.portal);
@@ -39,7 +83,7 @@ async fn app_events_batch_success_and_repeated_ids() {
     assert_eq!(events[0].timestamp, "2026-03-18T15:30:32.123Z");
     assert_eq!(events[0].properties["spot_name"], "Growth Club");
 
-    // The same ids again: 409, nothing stored twice.
+    // The same ids again: 409, nothing stored twice, and the body names no id.
     let (s, v) = post(
         &emu,
         &c,
@@ -50,10 +94,10 @@ async fn app_events_batch_success_and_repeated_ids() {
     .await;
     assert_eq!(s, StatusCode::CONFLICT, "{v}");
     assert_eq!(v["category"], "CONFLICT");
-    assert_eq!(v["context"]["ids"], json!(["e1", "e2"]));
+    assert!(v.get("context").is_none(), "{v}");
     assert!(v["message"].as_str().unwrap().contains("already exist"));
     assert_eq!(emu.timeline_events(t.portal).len(), 2);
-    // Mixed: the new one is stored, the repeat reported (207).
+    // Mixed: atomic, so the new one is NOT stored either (409, none accepted).
     let (s, v) = post(
         &emu,
         &c,
@@ -62,8 +106,17 @@ async fn app_events_batch_success_and_repeated_ids() {
         json!({"inputs": [ev("e1", &ada), ev("e3", &ada)]}),
     )
     .await;
-    assert_eq!(s, StatusCode::MULTI_STATUS, "{v}");
-    assert_eq!(v["errors"][0]["context"]["ids"], json!(["e1"]));
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(emu.timeline_events(t.portal).len(), 2);
+    let (s, v) = post(
+        &emu,
+        &c,
+        &t.access,
+        BATCH,
+        json!({"inputs": [ev("e3", &ada)]}),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(emu.timeline_events(t.portal).len(), 3);
     // Single endpoint.
     let (s, v) = post(
@@ -87,9 +140,9 @@ async fn app_events_batch_success_and_repeated_ids() {
     assert_eq!(s, StatusCode::CONFLICT);
     assert_eq!(emu.timeline_events(t.portal).len(), 4);
     let stats = emu.request_stats(t.portal);
-    assert_eq!(stats.count("app_events.batch", 201), 1);
-    assert_eq!(stats.count("app_events.batch", 409), 1);
-    assert_eq!(stats.count("app_events.batch", 207), 1);
+    assert_eq!(stats.count("app_events.batch", 200), 2);
+    assert_eq!(stats.count("app_events.batch", 409), 2);
+    assert_eq!(stats.count("app_events.batch", 207), 0, "never a 207");
     assert_eq!(stats.count("app_events.create", 409), 1);
 }
 

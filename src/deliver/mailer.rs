@@ -102,8 +102,9 @@ impl Mailer {
         }
     }
 
-    /// Sends what is pending; an SMTP failure stops the batch (the server is
-    /// probably down) and is retried with the backoff.
+    /// Sends what is pending. A recipient refused for good is marked and
+    /// skipped; any other SMTP failure stops the batch (the server is
+    /// probably down) and is retried with the shared backoff.
     async fn send_pending(&self, db: &Db, metrics: &Metrics) -> Result<(), MailError> {
         let client = db.client().await?;
         for n in store::pending_emails(&client, 50).await? {
@@ -126,6 +127,18 @@ impl Mailer {
                     .emit(metrics);
                     store::mark_delivered(&client, notification).await?;
                 }
+                // A permanent refusal (5xx: no such mailbox, policy) belongs to
+                // this recipient: mark it with the reason and go on with the others.
+                Err(e) if e.is_permanent() => {
+                    let reason = e.to_string();
+                    MailAttempted {
+                        notification,
+                        outcome: MailOutcome::Rejected(&reason),
+                    }
+                    .emit(metrics);
+                    store::mark_rejected(&client, notification, &reason).await?;
+                }
+                // Anything else is the server or the network: retry the batch later.
                 Err(e) => {
                     let error = e.to_string();
                     MailAttempted {

@@ -118,7 +118,12 @@ pub(super) struct PropertyPlan {
     pub truncated: usize,
     /// Members with no contact and no contact creation.
     pub without_contact: usize,
+    /// Dead letters decided by the plan (e-mails HubSpot refused to look up).
+    pub tallies: Vec<Tally>,
 }
+
+/// E-mails HubSpot refused to look up, with (category, reason).
+pub(super) type Refused = HashMap<String, (String, String)>;
 
 /// Plans a property round over `markers`, given the members' current
 /// records, what we know of their contacts, and the e-mails HubSpot resolved.
@@ -127,6 +132,7 @@ pub(super) fn plan_properties(
     records: &Records,
     states: &States,
     found: &HashMap<String, String>,
+    refused: &Refused,
 ) -> PropertyPlan {
     let mut plan = PropertyPlan::default();
     for (i, mk) in markers.iter().enumerate() {
@@ -144,6 +150,21 @@ pub(super) fn plan_properties(
         let contact_id = known_contact(states, key, &email).or_else(|| found.get(&email).cloned());
         let (desired, truncated) = derive(rec);
         plan.truncated += truncated;
+        if let (None, Some((category, reason))) = (&contact_id, refused.get(&email)) {
+            plan.tallies.push(Tally::DeadLetter {
+                kind: DeadLetterKind::ContactLookup,
+                member_id: mk.member_id,
+                category: category.clone(),
+            });
+            plan.completions.push(Completion::DeadLetter {
+                marker: mk.clone(),
+                payload: serde_json::json!({"lookup": true, "email": email}),
+                email,
+                contact_id: None,
+                reason: reason.clone(),
+            });
+            continue;
+        }
         let Some(contact_id) = contact_id else {
             if mk.create_contact {
                 let mut properties = desired.clone();
@@ -341,6 +362,8 @@ pub(super) struct ActivityPlan {
     pub sending: HashMap<String, (QueuedActivity, String)>,
     /// Events whose member has no contact.
     pub without_contact: usize,
+    /// Dead letters decided by the plan (e-mails HubSpot refused to look up).
+    pub tallies: Vec<Tally>,
 }
 
 /// Plans an activity round: each event needs its member's contact (by record
@@ -352,6 +375,7 @@ pub(super) fn plan_activities(
     states: &States,
     creating: &HashSet<(i64, i64)>,
     found: &HashMap<String, String>,
+    refused: &Refused,
 ) -> ActivityPlan {
     let mut plan = ActivityPlan::default();
     for q in queued {
@@ -362,6 +386,19 @@ pub(super) fn plan_activities(
         };
         let email = normalize_email(&rec.email);
         let contact = known_contact(states, key, &email).or_else(|| found.get(&email).cloned());
+        if let (None, Some((category, reason))) = (&contact, refused.get(&email)) {
+            plan.tallies.push(Tally::DeadLetter {
+                kind: DeadLetterKind::Event,
+                member_id: q.member_id,
+                category: category.clone(),
+            });
+            plan.done.push(ActivityDone::Rejected {
+                event: q,
+                contact_id: None,
+                reason: reason.clone(),
+            });
+            continue;
+        }
         let Some(contact) = contact else {
             if creating.contains(&key) {
                 plan.done
@@ -476,7 +513,13 @@ mod tests {
             },
         )]);
         assert!(emails_to_look_up(&recs, &states, &[(1, 10)]).is_empty());
-        let plan = plan_properties(&[marker(1, 10, false)], &recs, &states, &HashMap::new());
+        let plan = plan_properties(
+            &[marker(1, 10, false)],
+            &recs,
+            &states,
+            &HashMap::new(),
+            &Refused::new(),
+        );
         assert_eq!(plan.updates.len(), 1);
         let u = &plan.updates[0];
         assert_eq!(u.contact_id, "c1");
@@ -491,7 +534,13 @@ mod tests {
         let recs = records(&[member(2, 10, "ada@example.com")]);
         assert!(emails_to_look_up(&recs, &States::new(), &[(1, 10)]).is_empty());
         let found = HashMap::from([("ada@example.com".to_string(), "c9".to_string())]);
-        let plan = plan_properties(&[marker(1, 10, true)], &recs, &States::new(), &found);
+        let plan = plan_properties(
+            &[marker(1, 10, true)],
+            &recs,
+            &States::new(),
+            &found,
+            &Refused::new(),
+        );
         assert!(plan.updates.is_empty() && plan.creates.is_empty());
         assert!(matches!(
             plan.completions[..],
@@ -507,6 +556,7 @@ mod tests {
             &recs,
             &States::new(),
             &HashMap::new(),
+            &Refused::new(),
         );
         assert_eq!(plan.without_contact, 1);
         assert_eq!(plan.creates.len(), 1);
@@ -518,7 +568,13 @@ mod tests {
     fn a_rejected_creation_is_dead_lettered_and_an_unanswered_one_stays_queued() {
         let markers = [marker(1, 10, true), marker(1, 11, true)];
         let recs = records(&[member(1, 10, "a@x.io"), member(1, 11, "b@x.io")]);
-        let plan = plan_properties(&markers, &recs, &States::new(), &HashMap::new());
+        let plan = plan_properties(
+            &markers,
+            &recs,
+            &States::new(),
+            &HashMap::new(),
+            &Refused::new(),
+        );
         let results = HashMap::from([(
             "spot1-member10".to_string(),
             CreateResult::Rejected {
@@ -534,6 +590,30 @@ mod tests {
         assert!(matches!(
             settled[0].1,
             Tally::DeadLetter { member_id: 10, .. }
+        ));
+    }
+
+    #[test]
+    fn an_email_hubspot_refuses_to_look_up_is_dead_lettered_not_retried() {
+        let recs = records(&[member(1, 10, "not an email"), member(1, 11, "b@x.io")]);
+        let refused = Refused::from([(
+            "not an email".to_string(),
+            ("INVALID_EMAIL".to_string(), "bad e-mail".to_string()),
+        )]);
+        let plan = plan_properties(
+            &[marker(1, 10, true), marker(1, 11, true)],
+            &recs,
+            &States::new(),
+            &HashMap::new(),
+            &refused,
+        );
+        assert!(
+            matches!(plan.completions[..], [Completion::DeadLetter { ref reason, .. }] if reason == "bad e-mail")
+        );
+        assert_eq!(plan.creates.len(), 1, "the other member is still created");
+        assert!(matches!(
+            plan.tallies[..],
+            [Tally::DeadLetter { member_id: 10, .. }]
         ));
     }
 
@@ -557,6 +637,7 @@ mod tests {
             &States::new(),
             &creating,
             &HashMap::new(),
+            &Refused::new(),
         );
         assert!(plan.events.is_empty());
         assert_eq!(plan.without_contact, 1);

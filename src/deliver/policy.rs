@@ -25,6 +25,8 @@ pub enum Disposition {
     /// Transient: back off, postpone the rows, and (HubSpot only) run the
     /// clock towards `failed`.
     Retry(RetryCause),
+    /// Our properties are missing in HubSpot: ensure the schema again, then retry.
+    Reinitialize,
 }
 
 /// Classifies `error` for a Spot authenticated by `auth`; `refreshed` says
@@ -43,6 +45,7 @@ pub fn classify(error: &DeliverError, auth: AuthKind, refreshed: bool) -> Dispos
         | DeliverError::NoOAuthApp
         | DeliverError::Decrypt(_) => Disposition::Fail(FailCause::Auth),
         DeliverError::Db(_) => Disposition::Retry(RetryCause::Database),
+        DeliverError::HubSpot(HubSpotError::SchemaMissing(_)) => Disposition::Reinitialize,
         DeliverError::HubSpot(HubSpotError::Rejected { .. } | HubSpotError::Transient(_)) => {
             Disposition::Retry(RetryCause::HubSpot)
         }
@@ -107,6 +110,15 @@ mod tests {
         assert_eq!(
             classify(&DeliverError::NoOAuthApp, AuthKind::OAuth, false),
             Disposition::Fail(FailCause::Auth)
+        );
+    }
+
+    #[test]
+    fn a_deleted_property_reinitializes_instead_of_dead_lettering() {
+        let e = DeliverError::HubSpot(HubSpotError::SchemaMissing("meltingspot_bio".into()));
+        assert_eq!(
+            classify(&e, AuthKind::Token, false),
+            Disposition::Reinitialize
         );
     }
 

@@ -8,8 +8,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::plan::{self, ItemResult, Records, Tally};
 use super::DeliverError;
 use crate::failpoints::{crash_point, CONTACT_CREATED, HUBSPOT_ACCEPTED};
+use crate::hubspot::contacts::schema_missing_in;
 use crate::hubspot::timeline::ActivitySink;
-use crate::hubspot::{ApiError, HubSpotError, Portal};
+use crate::hubspot::{ApiError, CreateResult, Endpoint, HubSpotError, Portal};
 use crate::internal_events::DeadLettered;
 use crate::metrics::Metrics;
 use crate::store::{self, Db, Marker, QueuedActivity};
@@ -59,13 +60,12 @@ pub(super) async fn deliver_properties(
 
     // Resolve e-mails we do not know yet, or that changed, in one batch read.
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
-    let found = if lookups.is_empty() {
-        HashMap::new()
-    } else {
-        portal.read_contacts_by_email(&lookups).await?
-    };
+    let (found, refused) = look_up(portal, &lookups).await?;
 
-    let plan = plan::plan_properties(markers, &records, &states, &found);
+    let plan = plan::plan_properties(markers, &records, &states, &found, &refused);
+    for tally in &plan.tallies {
+        count(metrics, tally);
+    }
     metrics.values_truncated.inc_by(plan.truncated as u64);
     metrics
         .members_without_contact
@@ -78,8 +78,22 @@ pub(super) async fn deliver_properties(
             .iter()
             .map(|c| (c.trace.clone(), c.properties.clone()))
             .collect();
-        let results = portal.create_contacts(&inputs).await?;
+        let (answers, rejected) = isolating(
+            portal,
+            Endpoint::ContactsBatchCreate.operation(),
+            &inputs,
+            |batch| async move { portal.create_contacts(&batch).await },
+        )
+        .await?;
         crash_point(CONTACT_CREATED);
+        let mut results: HashMap<String, CreateResult> = answers.into_iter().flatten().collect();
+        for (i, e) in rejected {
+            let (category, message) = reason(&e);
+            results.insert(
+                inputs[i].0.clone(),
+                CreateResult::Rejected { category, message },
+            );
+        }
         for (completion, tally) in plan::settle_creates(markers, plan.creates, &results) {
             count(metrics, &tally);
             completions.push(completion);
@@ -103,6 +117,81 @@ pub(super) async fn deliver_properties(
     Ok(())
 }
 
+/// Calls `call` with the whole batch; when HubSpot rejects a batch as a whole
+/// (a permanent 4xx), splits it in halves until each rejected input stands
+/// alone, so one bad input never stalls the portal (G8). Returns the answers
+/// of the accepted groups and the error of each input rejected alone.
+async fn isolating<I, R, F, Fut>(
+    portal: &Portal,
+    operation: &'static str,
+    inputs: &[I],
+    mut call: F,
+) -> Result<(Vec<R>, Vec<(usize, Box<ApiError>)>), HubSpotError>
+where
+    I: Clone,
+    F: FnMut(Vec<I>) -> Fut,
+    Fut: std::future::Future<Output = Result<R, HubSpotError>>,
+{
+    let mut answers = Vec::new();
+    let mut rejected = Vec::new();
+    let mut pending: Vec<Vec<usize>> = if inputs.is_empty() {
+        Vec::new()
+    } else {
+        vec![(0..inputs.len()).collect()]
+    };
+    while let Some(group) = pending.pop() {
+        let batch: Vec<I> = group.iter().map(|&i| inputs[i].clone()).collect();
+        match call(batch).await {
+            Ok(answer) => answers.push(answer),
+            Err(HubSpotError::Rejected { error, .. }) if group.len() == 1 => {
+                rejected.push((group[0], error));
+            }
+            Err(HubSpotError::Rejected { .. }) => {
+                portal.split_call(operation);
+                let (a, b) = group.split_at(group.len() / 2);
+                pending.push(b.to_vec());
+                pending.push(a.to_vec());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((answers, rejected))
+}
+
+/// The reason a rejected input is dead-lettered with.
+fn reason(error: &ApiError) -> (String, String) {
+    let text = if error.message.is_empty() {
+        error.category.clone()
+    } else {
+        error.message.clone()
+    };
+    (error.category.clone(), text)
+}
+
+/// Looks e-mails up; an e-mail HubSpot refuses is returned apart with its
+/// reason instead of failing the round.
+async fn look_up(
+    portal: &Portal,
+    emails: &[String],
+) -> Result<(HashMap<String, String>, HashMap<String, (String, String)>), HubSpotError> {
+    if emails.is_empty() {
+        return Ok(Default::default());
+    }
+    let (answers, rejected) = isolating(
+        portal,
+        Endpoint::ContactsBatchRead.operation(),
+        emails,
+        |batch| async move { portal.read_contacts_by_email(&batch).await },
+    )
+    .await?;
+    let found = answers.into_iter().flatten().collect();
+    let refused = rejected
+        .into_iter()
+        .map(|(i, e)| (emails[i].clone(), reason(&e)))
+        .collect();
+    Ok((found, refused))
+}
+
 /// Batch update; when HubSpot rejects the batch, the inputs it names (or, when
 /// it names none, halves of the batch) are retried apart until each bad input
 /// stands alone and can be dead-lettered without holding back the others.
@@ -121,22 +210,26 @@ async fn update_isolating_rejects(
         match portal.update_contacts(&batch).await {
             Ok(outcome) => {
                 for &i in &group {
-                    results[i] = Some(if outcome.missing.contains(&inputs[i].0) {
+                    let id = &inputs[i].0;
+                    results[i] = Some(if outcome.missing.contains(id) {
                         ItemResult::Missing
+                    } else if let Some((category, message)) = outcome.rejected.get(id) {
+                        ItemResult::Rejected(category.clone(), message.clone())
                     } else {
                         ItemResult::Ok
                     });
                 }
             }
+            // Our own properties are gone: recreate them, dead-letter nothing.
+            Err(HubSpotError::Rejected { error, .. }) if schema_missing_in(&error) => {
+                return Err(HubSpotError::SchemaMissing(error.message.clone()));
+            }
             Err(HubSpotError::Rejected { error, .. }) if group.len() == 1 => {
-                let reason = if error.message.is_empty() {
-                    error.category.clone()
-                } else {
-                    error.message.clone()
-                };
-                results[group[0]] = Some(ItemResult::Rejected(error.category.clone(), reason));
+                let (category, text) = reason(&error);
+                results[group[0]] = Some(ItemResult::Rejected(category, text));
             }
             Err(HubSpotError::Rejected { error, .. }) => {
+                portal.split_call(Endpoint::ContactsBatchUpdate.operation());
                 let named = named_ids(&error);
                 let (bad, good): (Vec<usize>, Vec<usize>) =
                     group.iter().partition(|&&i| named.contains(&inputs[i].0));
@@ -198,13 +291,12 @@ pub(super) async fn deliver_activities(
         (states, creating)
     };
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
-    let found = if lookups.is_empty() {
-        HashMap::new()
-    } else {
-        portal.read_contacts_by_email(&lookups).await?
-    };
+    let (found, refused) = look_up(portal, &lookups).await?;
 
-    let plan = plan::plan_activities(queued, &records, &states, &creating, &found);
+    let plan = plan::plan_activities(queued, &records, &states, &creating, &found, &refused);
+    for tally in &plan.tallies {
+        count(metrics, tally);
+    }
     metrics
         .activities_without_contact
         .inc_by(plan.without_contact as u64);

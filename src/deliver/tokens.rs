@@ -12,8 +12,28 @@ use crate::failpoints::{crash_point, TOKEN_REFRESHED};
 use crate::internal_events::TokenRefreshed;
 use crate::store::{self, AuthKind, LiveIntegration};
 
-/// OAuth access tokens are refreshed this long before they expire.
+/// OAuth access tokens are refreshed at most this long before they expire…
 const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+
+/// …and, for short-lived tokens, when a third of their lifetime is left, so
+/// that a token is refreshed once per lifetime, never on every call.
+fn refresh_margin(issued_at: Option<DateTime<Utc>>, expires_at: DateTime<Utc>) -> chrono::Duration {
+    let cap = chrono::Duration::from_std(REFRESH_MARGIN).unwrap_or_default();
+    match issued_at {
+        Some(issued) if issued < expires_at => cap.min((expires_at - issued) / 3),
+        _ => cap,
+    }
+}
+
+/// Whether a token issued at `issued_at` and expiring at `expires_at` is due
+/// for a refresh at `now`.
+fn refresh_due(
+    issued_at: Option<DateTime<Utc>>,
+    expires_at: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> bool {
+    expires_at - refresh_margin(issued_at, expires_at) <= now
+}
 
 /// An activation: one connect of one Spot.
 pub(super) type Activation = (i64, i64);
@@ -22,6 +42,7 @@ pub(super) type Activation = (i64, i64);
 struct OAuthTokens {
     access: String,
     refresh: String,
+    issued_at: Option<DateTime<Utc>>,
     expires_at: DateTime<Utc>,
 }
 
@@ -71,10 +92,11 @@ impl TokenCache {
                     Some(r) => ctx.sealer.open(r)?,
                     None => String::new(),
                 },
+                issued_at: spot.issued_at,
                 expires_at: spot.expires_at.unwrap_or_else(Utc::now),
             },
         };
-        let due = current.expires_at - REFRESH_MARGIN < Utc::now();
+        let due = refresh_due(current.issued_at, current.expires_at, Utc::now());
         if !(due || self.force_refresh) {
             return Ok(current.access);
         }
@@ -90,22 +112,70 @@ impl TokenCache {
         let refreshed = OAuthTokens {
             access: tokens.access_token.clone(),
             refresh: tokens.refresh_token.clone(),
+            issued_at: Some(Utc::now()),
             expires_at: tokens.expires_at(),
         };
-        // The refresh token may have rotated: store both every time.
-        store::store_tokens(
-            &*ctx.db.client().await?,
-            spot.spot_id,
-            &ctx.sealer.seal(&refreshed.access),
-            &ctx.sealer.seal(&refreshed.refresh),
-            refreshed.expires_at,
-        )
-        .await?;
+        // The refresh token may have rotated: store both before the new access
+        // token is used. If that fails, a rotated refresh token is lost.
+        let stored = async {
+            store::store_tokens(
+                &*ctx.db.client().await?,
+                spot.spot_id,
+                &ctx.sealer.seal(&refreshed.access),
+                &ctx.sealer.seal(&refreshed.refresh),
+                refreshed.expires_at,
+            )
+            .await
+        }
+        .await;
+        if let Err(e) = stored {
+            if refreshed.refresh != current.refresh {
+                ctx.metrics.refresh_tokens_lost.inc();
+                tracing::error!(
+                    spot_id = spot.spot_id,
+                    error = %e,
+                    "HubSpot rotated the refresh token and it could not be stored: \
+                     the integration may need a reconnect"
+                );
+            }
+            return Err(e.into());
+        }
         if self.force_refresh {
             self.force_refresh = false;
             self.refreshed_after_401 = true;
         }
         self.refreshed.insert(key, refreshed.clone());
         Ok(refreshed.access)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> DateTime<Utc> {
+        DateTime::<Utc>::from_timestamp(1_800_000_000 + secs, 0).expect("valid time")
+    }
+
+    #[test]
+    fn a_long_lived_token_is_refreshed_five_minutes_before_expiry() {
+        let (issued, expires) = (Some(at(0)), at(1800));
+        assert!(!refresh_due(issued, expires, at(1499)));
+        assert!(refresh_due(issued, expires, at(1500)));
+    }
+
+    #[test]
+    fn a_short_lived_token_is_refreshed_once_per_lifetime() {
+        // A 4-minute token: refreshed with 80 s left, not on every call.
+        let (issued, expires) = (Some(at(0)), at(240));
+        assert!(!refresh_due(issued, expires, at(0)));
+        assert!(!refresh_due(issued, expires, at(159)));
+        assert!(refresh_due(issued, expires, at(160)));
+    }
+
+    #[test]
+    fn an_unknown_issue_time_keeps_the_five_minute_margin() {
+        assert!(refresh_due(None, at(299), at(0)));
+        assert!(!refresh_due(None, at(301), at(0)));
     }
 }

@@ -77,6 +77,9 @@ pub(super) struct PortalWorker {
     clock_may_run: bool,
     /// timeline-v3 templates exist (checked once per worker).
     templates_ready: bool,
+    /// HubSpot said one of our properties does not exist: ensure the schema
+    /// again before the next write.
+    schema_stale: bool,
 }
 
 impl PortalWorker {
@@ -97,6 +100,7 @@ impl PortalWorker {
             backfill: HashMap::new(),
             clock_may_run: true,
             templates_ready: false,
+            schema_stale: false,
         }
     }
 
@@ -174,6 +178,12 @@ impl PortalWorker {
                 .emit(&self.ctx.metrics);
                 self.tokens.force_refresh();
                 Duration::ZERO
+            }
+            Disposition::Reinitialize => {
+                let pause = self.backoff.next();
+                warn!(error = %e, "a MeltingSpot property is missing in HubSpot; recreating the schema");
+                self.schema_stale = true;
+                pause
             }
             Disposition::Fail(cause) => {
                 self.fail(&spot_ids, cause, &e.to_string()).await;
@@ -276,8 +286,9 @@ impl PortalWorker {
             .iter()
             .filter(|s| !s.initialized && !self.initialized.contains(&(s.spot_id, s.activation)))
             .collect();
-        if !uninitialized.is_empty() {
+        if !uninitialized.is_empty() || self.schema_stale {
             portal.ensure_schema().await?;
+            self.schema_stale = false;
             let client = self.ctx.db.client().await?;
             for s in &uninitialized {
                 store::mark_initialized(&client, s.spot_id, s.activation).await?;

@@ -33,6 +33,8 @@ fn existing_id(message: &str) -> Option<String> {
 pub struct UpdateOutcome {
     /// Record ids HubSpot no longer has (deleted or merged contacts).
     pub missing: Vec<String>,
+    /// Record ids HubSpot rejected for good: (category, message).
+    pub rejected: HashMap<String, (String, String)>,
 }
 
 impl Portal {
@@ -42,7 +44,13 @@ impl Portal {
         emails: &[String],
     ) -> Result<HashMap<String, String>, HubSpotError> {
         let inputs: Vec<Value> = emails.iter().map(|e| json!({"id": e})).collect();
-        let body = json!({"idProperty": "email", "properties": ["email"], "inputs": inputs});
+        // `propertiesWithHistory` is required by the published definition.
+        let body = json!({
+            "idProperty": "email",
+            "properties": ["email"],
+            "propertiesWithHistory": [],
+            "inputs": inputs,
+        });
         let (_, resp) = self
             .call(
                 &Endpoint::ContactsBatchRead,
@@ -72,7 +80,10 @@ impl Portal {
     ) -> Result<HashMap<String, CreateResult>, HubSpotError> {
         let body: Vec<Value> = inputs
             .iter()
-            .map(|(trace, props)| json!({"objectWriteTraceId": trace, "properties": props}))
+            // `associations` is required per input by the published definition.
+            .map(|(trace, props)| {
+                json!({"objectWriteTraceId": trace, "properties": props, "associations": []})
+            })
             .collect();
         let (_, resp) = self
             .call(
@@ -148,23 +159,123 @@ impl Portal {
                 Some(&json!({"inputs": inputs})),
             )
             .await?;
-        let mut outcome = UpdateOutcome::default();
         if status == 207 {
-            for err in resp
-                .get("errors")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-            {
-                let ids = err
-                    .pointer("/context/ids")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|v| v.as_str().map(str::to_string));
-                outcome.missing.extend(ids);
+            read_update_errors(&resp)
+        } else {
+            Ok(UpdateOutcome::default())
+        }
+    }
+}
+
+/// HubSpot categories that clear by themselves: the batch is retried.
+const TRANSIENT_CATEGORIES: [&str; 3] = ["RATE_LIMITS", "INTERNAL_ERROR", "TIMEOUT"];
+
+/// Reads a 207 of a batch update by category: only OBJECT_NOT_FOUND means the
+/// contact is gone; other categories reject their inputs (or, when they clear
+/// by themselves, fail the batch for a retry). An error that names no input is
+/// never read as success: the batch fails and is split until it stands alone.
+pub(super) fn read_update_errors(resp: &Value) -> Result<UpdateOutcome, HubSpotError> {
+    let mut outcome = UpdateOutcome::default();
+    for err in resp
+        .get("errors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let category = err.get("category").and_then(Value::as_str).unwrap_or("");
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("");
+        let ids: Vec<String> = ["/context/ids", "/context/id"]
+            .iter()
+            .filter_map(|p| err.pointer(p).and_then(Value::as_array))
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        if TRANSIENT_CATEGORIES.contains(&category) {
+            return Err(HubSpotError::Transient(format!(
+                "contacts.batch_update: 207 {category}: {message}"
+            )));
+        }
+        if ids.is_empty() || schema_missing(err) {
+            return Err(HubSpotError::Rejected {
+                status: 207,
+                error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
+            });
+        }
+        for id in ids {
+            if category == "OBJECT_NOT_FOUND" {
+                outcome.missing.push(id);
+            } else {
+                outcome
+                    .rejected
+                    .insert(id, (category.to_string(), message.to_string()));
             }
         }
-        Ok(outcome)
+    }
+    Ok(outcome)
+}
+
+/// `schema_missing` for a parsed error body.
+pub(crate) fn schema_missing_in(e: &super::ApiError) -> bool {
+    e.category == "PROPERTY_DOESNT_EXIST"
+        || e.message.contains("PROPERTY_DOESNT_EXIST")
+        || e.errors.iter().any(schema_missing)
+}
+
+/// Whether an error says one of the properties written does not exist (the
+/// MeltingSpot schema was deleted in HubSpot): checked at the top, per error
+/// and per inner value error.
+pub(crate) fn schema_missing(v: &Value) -> bool {
+    let hit = |e: &Value| {
+        ["category", "code", "subCategory"]
+            .iter()
+            .any(|k| e.get(*k).and_then(Value::as_str) == Some("PROPERTY_DOESNT_EXIST"))
+    };
+    hit(v)
+        || v.get("errors")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|e| hit(e) || schema_missing(e)))
+        || v.get("message")
+            .and_then(Value::as_str)
+            .is_some_and(|m| m.contains("PROPERTY_DOESNT_EXIST"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_207_is_read_by_category() {
+        let resp = json!({"status": "COMPLETE", "results": [], "errors": [
+            {"category": "OBJECT_NOT_FOUND", "message": "gone", "context": {"ids": ["1"]}},
+            {"category": "VALIDATION_ERROR", "message": "bad option", "context": {"ids": ["2"]}},
+        ]});
+        let out = read_update_errors(&resp).expect("read");
+        assert_eq!(out.missing, vec!["1".to_string()]);
+        assert_eq!(out.rejected["2"].0, "VALIDATION_ERROR");
+    }
+
+    #[test]
+    fn an_error_naming_no_input_is_never_success() {
+        let resp = json!({"errors": [{"category": "VALIDATION_ERROR", "message": "?"}]});
+        assert!(matches!(
+            read_update_errors(&resp),
+            Err(HubSpotError::Rejected { status: 207, .. })
+        ));
+        let resp = json!({"errors": [{"category": "INTERNAL_ERROR", "context": {"ids": ["1"]}}]});
+        assert!(matches!(
+            read_update_errors(&resp),
+            Err(HubSpotError::Transient(_))
+        ));
+    }
+
+    #[test]
+    fn a_deleted_property_is_recognised_at_any_depth() {
+        let e = json!({"category": "VALIDATION_ERROR", "errors": [
+            {"message": "Property \"meltingspot_bio\" does not exist", "code": "PROPERTY_DOESNT_EXIST"}
+        ]});
+        assert!(schema_missing(&e));
+        assert!(!schema_missing(
+            &json!({"category": "VALIDATION_ERROR", "errors": [{"code": "INVALID_OPTION"}]})
+        ));
     }
 }

@@ -11,13 +11,26 @@ pub enum ApiVersion {
     V3,
 }
 
+/// The versions that exist for every API the sidecar calls (contacts,
+/// properties, account-info, OAuth and App Events), per HubSpot's published
+/// definitions; `config` refuses any other.
+pub const KNOWN_VERSIONS: [&str; 3] = ["2026-03", "2026-09", "v3"];
+
 impl ApiVersion {
-    /// `v3`, or a date version (checked by `config`).
+    /// `v3`, or a date version (checked by `config` against `KNOWN_VERSIONS`).
     pub fn parse(v: &str) -> ApiVersion {
         if v == "v3" {
             ApiVersion::V3
         } else {
             ApiVersion::Dated(v.to_string())
+        }
+    }
+
+    /// The path segment: the date, or `v3`.
+    pub fn segment(&self) -> &str {
+        match self {
+            ApiVersion::Dated(v) => v,
+            ApiVersion::V3 => "v3",
         }
     }
 }
@@ -45,10 +58,8 @@ pub enum Endpoint<'a> {
     Property(&'a str),
     /// OAuth token grant (code and refresh).
     OAuthToken,
-    /// OAuth refresh-token revocation (date versions).
+    /// OAuth refresh-token revocation.
     OAuthRevoke,
-    /// OAuth refresh-token revocation (legacy v1: the token is in the path).
-    OAuthRefreshToken(&'a str),
     /// App Events, a batch.
     AppEventsBatch,
     /// timeline-v3 event templates of an app (list).
@@ -86,7 +97,7 @@ impl Endpoint<'_> {
             Endpoint::PropertiesBatchCreate => "properties.batch_create",
             Endpoint::Property(_) => "properties.update",
             Endpoint::OAuthToken => "oauth.token",
-            Endpoint::OAuthRevoke | Endpoint::OAuthRefreshToken(_) => "oauth.revoke",
+            Endpoint::OAuthRevoke => "oauth.revoke",
             Endpoint::AppEventsBatch => "app_events.batch",
             Endpoint::TimelineTemplates { .. } => "timeline.templates.list",
             Endpoint::TimelineTemplateCreate { .. } => "timeline.templates.create",
@@ -114,30 +125,25 @@ impl Endpoint<'_> {
             Endpoint::PropertiesBatchRead => crm("properties", "/batch/read"),
             Endpoint::PropertiesBatchCreate => crm("properties", "/batch/create"),
             Endpoint::Property(name) => crm("properties", &format!("/{name}")),
-            Endpoint::OAuthToken => match version {
-                ApiVersion::Dated(v) => format!("/oauth/{v}/token"),
-                ApiVersion::V3 => "/oauth/v1/token".into(),
+            // OAuth v1 is deprecated from 2027-02-16: the legacy mode uses v3.
+            Endpoint::OAuthToken => format!("/oauth/{}/token", version.segment()),
+            Endpoint::OAuthRevoke => format!("/oauth/{}/token/revoke", version.segment()),
+            // App Events: the date version where it exists; v4 (supported until
+            // 2027-03-30) only for the legacy mode.
+            Endpoint::AppEventsBatch => match version {
+                ApiVersion::Dated(v) => format!("/integrators/timeline/{v}/events/batch"),
+                ApiVersion::V3 => "/integrators/timeline/v4/events/batch".into(),
             },
-            Endpoint::OAuthRevoke => match version {
-                ApiVersion::Dated(v) => format!("/oauth/{v}/token/revoke"),
-                ApiVersion::V3 => "/oauth/v1/token/revoke".into(),
-            },
-            Endpoint::OAuthRefreshToken(token) => {
-                let token: String =
-                    url::form_urlencoded::byte_serialize(token.as_bytes()).collect();
-                format!("/oauth/v1/refresh-tokens/{token}")
-            }
-            Endpoint::AppEventsBatch => "/integrators/timeline/v4/events/batch".into(),
             // timeline v3 has no date-versioned path.
             Endpoint::TimelineTemplates { app_id }
             | Endpoint::TimelineTemplateCreate { app_id } => {
-                format!("/crm/v3/timeline/{app_id}/event-templates")
+                format!("/integrators/timeline/v3/{app_id}/event-templates")
             }
             Endpoint::TimelineTemplate {
                 app_id,
                 template_id,
-            } => format!("/crm/v3/timeline/{app_id}/event-templates/{template_id}"),
-            Endpoint::TimelineEventsBatch => "/crm/v3/timeline/events/batch/create".into(),
+            } => format!("/integrators/timeline/v3/{app_id}/event-templates/{template_id}"),
+            Endpoint::TimelineEventsBatch => "/integrators/timeline/v3/events/batch/create".into(),
         }
     }
 }
@@ -173,16 +179,16 @@ mod tests {
         assert_eq!(Endpoint::OAuthToken.path(&dated), "/oauth/2026-09/token");
         assert_eq!(
             Endpoint::OAuthToken.path(&ApiVersion::V3),
-            "/oauth/v1/token"
+            "/oauth/v3/token"
         );
         assert_eq!(
-            Endpoint::OAuthRefreshToken("a/b").path(&ApiVersion::V3),
-            "/oauth/v1/refresh-tokens/a%2Fb"
+            Endpoint::OAuthRevoke.path(&ApiVersion::V3),
+            "/oauth/v3/token/revoke"
         );
     }
 
     #[test]
-    fn timeline_paths_are_unversioned() {
+    fn timeline_paths_follow_the_published_definitions() {
         let dated = ApiVersion::parse("2026-03");
         assert_eq!(
             Endpoint::TimelineTemplate {
@@ -190,7 +196,11 @@ mod tests {
                 template_id: "7"
             }
             .path(&dated),
-            "/crm/v3/timeline/42/event-templates/7"
+            "/integrators/timeline/v3/42/event-templates/7"
+        );
+        assert_eq!(
+            Endpoint::AppEventsBatch.path(&dated),
+            "/integrators/timeline/2026-03/events/batch"
         );
         assert_eq!(
             Endpoint::AppEventsBatch.path(&ApiVersion::V3),

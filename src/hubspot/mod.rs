@@ -33,6 +33,15 @@ pub struct Portal {
 }
 
 impl Portal {
+    /// Counts one extra call made to isolate rejected inputs of a batch.
+    pub(crate) fn split_call(&self, operation: &'static str) {
+        self.client
+            .metrics
+            .batch_split_calls
+            .with_label_values(&[operation])
+            .inc();
+    }
+
     /// One call with the portal's token, within its rate limit.
     pub(crate) async fn call(
         &self,

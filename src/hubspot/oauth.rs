@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::endpoint::{ApiVersion, Endpoint};
+use super::endpoint::Endpoint;
 use super::{HubSpotClient, HubSpotError};
 
 /// Scopes the sidecar asks for: contacts and their schema, and timeline events.
@@ -108,31 +108,18 @@ impl OAuthApp {
         client: &HubSpotClient,
         refresh_token: &str,
     ) -> Result<(), HubSpotError> {
-        match client.version() {
-            ApiVersion::Dated(_) => {
-                client
-                    .send_form(
-                        &Endpoint::OAuthRevoke,
-                        reqwest::Method::POST,
-                        &[
-                            ("client_id", &self.client_id),
-                            ("client_secret", &self.client_secret),
-                            ("token", refresh_token),
-                            ("token_type_hint", "refresh_token"),
-                        ],
-                    )
-                    .await?;
-            }
-            ApiVersion::V3 => {
-                client
-                    .send_form(
-                        &Endpoint::OAuthRefreshToken(refresh_token),
-                        reqwest::Method::DELETE,
-                        &[],
-                    )
-                    .await?;
-            }
-        }
+        client
+            .send_form(
+                &Endpoint::OAuthRevoke,
+                reqwest::Method::POST,
+                &[
+                    ("client_id", &self.client_id),
+                    ("client_secret", &self.client_secret),
+                    ("token", refresh_token),
+                    ("token_type_hint", "refresh_token"),
+                ],
+            )
+            .await?;
         Ok(())
     }
 }

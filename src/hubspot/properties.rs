@@ -183,7 +183,8 @@ impl Portal {
             .call(
                 &Endpoint::PropertiesBatchRead,
                 reqwest::Method::POST,
-                Some(&json!({"archived": false, "inputs": names})),
+                // `dataSensitivity` is required by the published definition.
+                Some(&json!({"archived": false, "dataSensitivity": "non_sensitive", "inputs": names})),
             )
             .await?;
         let existing: HashMap<String, Value> = existing

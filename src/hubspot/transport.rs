@@ -62,6 +62,10 @@ pub enum HubSpotError {
     /// 5xx, timeouts, resets: retry with backoff.
     #[error("transient failure: {0}")]
     Transient(String),
+    /// A property the sidecar writes does not exist (deleted in HubSpot): the
+    /// schema is ensured again, nothing is dead-lettered for it.
+    #[error("the MeltingSpot properties are missing in HubSpot: {0}")]
+    SchemaMissing(String),
 }
 
 /// A stateless REST client; `Portal` adds a token and a limiter.
@@ -87,11 +91,6 @@ impl HubSpotClient {
             version: ApiVersion::parse(version),
             metrics,
         }
-    }
-
-    /// The API version paths are built for.
-    pub fn version(&self) -> &ApiVersion {
-        &self.version
     }
 
     /// The full URL of an endpoint.
@@ -145,16 +144,10 @@ impl HubSpotClient {
             )
             .body(body);
         match self.execute(operation, req).await {
-            // The token endpoint answers a refused grant with 400 invalid_grant:
-            // that is an authorization failure, not bad input.
-            Err(HubSpotError::Rejected { status: 400, error })
-                if matches!(
-                    error.error.as_deref(),
-                    Some("invalid_grant" | "invalid_client")
-                ) =>
-            {
+            // A refused grant or client is an authorization failure, not bad input.
+            Err(HubSpotError::Rejected { status, error }) if is_oauth_refusal(&error) => {
                 Err(HubSpotError::Auth {
-                    status: 400,
+                    status,
                     category: error.category.clone(),
                     message: error.message.clone(),
                 })
@@ -209,16 +202,7 @@ impl HubSpotClient {
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        let error = || {
-            let mut e = serde_json::from_value::<ApiError>(json.clone()).unwrap_or_default();
-            // OAuth errors carry the HubSpot category in `status` (e.g. BAD_REFRESH_TOKEN).
-            if e.category.is_empty() {
-                if let Some(s) = json.get("status").and_then(Value::as_str) {
-                    e.category = s.to_string();
-                }
-            }
-            e
-        };
+        let error = || parse_error(&json);
         match status {
             200..=299 => Ok((status, json)),
             429 => Err(HubSpotError::RateLimited {
@@ -286,5 +270,64 @@ fn scrub(e: HubSpotError, key: &str) -> HubSpotError {
             HubSpotError::Rejected { status, error }
         }
         other => other,
+    }
+}
+
+/// An error body as `ApiError`; every field is optional. OAuth errors carry
+/// HubSpot's category in `status` (e.g. BAD_REFRESH_TOKEN).
+fn parse_error(json: &Value) -> ApiError {
+    let mut e = serde_json::from_value::<ApiError>(json.clone()).unwrap_or_default();
+    if e.category.is_empty() {
+        if let Some(s) = json.get("status").and_then(Value::as_str) {
+            e.category = s.to_string();
+        }
+    }
+    e
+}
+
+/// Whether an OAuth endpoint's error body refuses the grant or the client.
+/// HubSpot answers in two styles: `{"status":"BAD_REFRESH_TOKEN","message":…}`
+/// (the status lands in `category`), sometimes with `"error":"invalid_request"`,
+/// or the OAuth 2 style `{"error":"invalid_grant",…}`.
+pub(super) fn is_oauth_refusal(error: &ApiError) -> bool {
+    matches!(
+        error.category.as_str(),
+        "BAD_REFRESH_TOKEN"
+            | "EXPIRED_AUTH_CODE"
+            | "BAD_AUTH_CODE"
+            | "BAD_CLIENT_ID"
+            | "BAD_CLIENT_SECRET"
+    ) || matches!(
+        error.error.as_deref(),
+        Some("invalid_grant" | "invalid_client")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(v: Value) -> ApiError {
+        parse_error(&v)
+    }
+
+    #[test]
+    fn oauth_refusals_in_both_styles_are_auth_failures() {
+        use serde_json::json;
+        for v in [
+            json!({"status": "BAD_REFRESH_TOKEN", "message": "missing or unknown refresh token"}),
+            json!({"status": "BAD_REFRESH_TOKEN", "message": "x", "error": "invalid_request"}),
+            json!({"status": "EXPIRED_AUTH_CODE", "message": "expired"}),
+            json!({"error": "invalid_grant", "error_description": "refused"}),
+            json!({"error": "invalid_client"}),
+        ] {
+            assert!(is_oauth_refusal(&body(v.clone())), "{v}");
+        }
+        for v in [
+            json!({"error": "invalid_request", "message": "missing parameter"}),
+            json!({"status": "error", "message": "Internal error"}),
+        ] {
+            assert!(!is_oauth_refusal(&body(v.clone())), "{v}");
+        }
     }
 }

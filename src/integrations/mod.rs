@@ -181,10 +181,19 @@ impl Integrations {
             warn!(error = %e, "OAuth code exchange failed");
             IntegrationError::HubSpotUnavailable(e.to_string())
         })?;
-        let Some(portal_id) = tokens.hub_id else {
-            return Err(IntegrationError::HubSpotUnavailable(
-                "HubSpot did not say which portal was authorized.".into(),
-            ));
+        // `hub_id` is optional in every token answer: without it, ask
+        // account-info which portal the new access token belongs to.
+        let portal_id = match tokens.hub_id {
+            Some(id) => id,
+            None => self
+                .hubspot
+                .portal_id(&tokens.access_token)
+                .await
+                .map_err(|e| {
+                    IntegrationError::HubSpotUnavailable(format!(
+                        "could not learn which portal was authorized: {e}"
+                    ))
+                })?,
         };
         let creds = Credentials {
             kind: AuthKind::OAuth,

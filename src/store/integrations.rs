@@ -107,6 +107,9 @@ pub struct LiveIntegration {
     pub backfill_after: Option<i64>,
     /// Identifies one activation (connect): initialization runs once per activation.
     pub activation: i64,
+    /// When the current OAuth access token was issued (unknown for rows
+    /// written before migration 4).
+    pub issued_at: Option<DateTime<Utc>>,
 }
 
 /// Reads the `active` integrations that have a portal and a token from `hubspot_sync.integrations`.
@@ -116,7 +119,8 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
             "SELECT spot_id, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
                     initialized_at IS NOT NULL,
                     CASE WHEN backfill_done_at IS NULL THEN COALESCE(backfill_after, 0) END,
-                    (extract(epoch FROM connected_at) * 1000000)::bigint
+                    (extract(epoch FROM connected_at) * 1000000)::bigint,
+                    token_issued_at
                FROM hubspot_sync.integrations
               WHERE status = 'active' AND portal_id IS NOT NULL AND access_token_enc IS NOT NULL
               ORDER BY spot_id",
@@ -139,6 +143,7 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
             initialized: r.get(6),
             backfill_after: r.get(7),
             activation: r.get::<_, Option<i64>>(8).unwrap_or(0),
+            issued_at: r.get(9),
         })
         .collect())
 }
@@ -260,12 +265,12 @@ pub async fn activate(
     tx.execute(
         "INSERT INTO hubspot_sync.integrations
              (spot_id, status, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
-              initialized_at, backfill_after, backfill_done_at, last_error, failing_since, failed_at,
-              connected_at, updated_at)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, NULL, 0, NULL, NULL, NULL, NULL, now(), now())
+              token_issued_at, initialized_at, backfill_after, backfill_done_at, last_error,
+              failing_since, failed_at, connected_at, updated_at)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, now(), NULL, 0, NULL, NULL, NULL, NULL, now(), now())
          ON CONFLICT (spot_id) DO UPDATE SET
               status = 'active', portal_id = $2, auth_kind = $3, access_token_enc = $4,
-              refresh_token_enc = $5, token_expires_at = $6, initialized_at = NULL,
+              refresh_token_enc = $5, token_expires_at = $6, token_issued_at = now(), initialized_at = NULL,
               backfill_after = 0, backfill_done_at = NULL, last_error = NULL,
               failing_since = NULL, failed_at = NULL, connected_at = now(), updated_at = now()",
         &[
@@ -424,7 +429,8 @@ pub async fn store_tokens(
 ) -> Result<(), DbError> {
     db.execute(
         "UPDATE hubspot_sync.integrations
-            SET access_token_enc = $2, refresh_token_enc = $3, token_expires_at = $4, updated_at = now()
+            SET access_token_enc = $2, refresh_token_enc = $3, token_expires_at = $4,
+                token_issued_at = now(), updated_at = now()
           WHERE spot_id = $1 AND status = 'active'",
         &[&spot_id, &access_enc, &refresh_enc, &expires_at],
     )
@@ -579,7 +585,7 @@ pub async fn pending_emails(db: &Client, limit: i64) -> Result<Vec<PendingEmail>
         .query(
             "SELECT n.id, m.email, n.payload FROM hubspot_sync.notifications n
                JOIN public.members m ON m.id = n.member_id
-              WHERE n.channel = 'email' AND n.delivered_at IS NULL
+              WHERE n.channel = 'email' AND n.delivered_at IS NULL AND n.rejected_at IS NULL
               ORDER BY n.id LIMIT $1",
             &[&limit],
         )
@@ -599,6 +605,17 @@ pub async fn mark_delivered(db: &Client, id: i64) -> Result<(), DbError> {
     db.execute(
         "UPDATE hubspot_sync.notifications SET delivered_at = now() WHERE id = $1",
         &[&id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Marks a failure e-mail the SMTP server refused for good, with the reason;
+/// it is never sent again.
+pub async fn mark_rejected(db: &Client, id: i64, reason: &str) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE hubspot_sync.notifications SET rejected_at = now(), rejected_reason = $2 WHERE id = $1",
+        &[&id, &reason],
     )
     .await?;
     Ok(())

@@ -23,6 +23,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/migrations/0001_init.sql")),
     (2, include_str!("../../sql/migrations/0002_lifecycle.sql")),
     (3, include_str!("../../sql/migrations/0003_activities.sql")),
+    (
+        4,
+        include_str!("../../sql/migrations/0004_refresh_and_mail.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so

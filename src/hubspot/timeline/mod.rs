@@ -304,26 +304,29 @@ impl Portal {
                     }
                     read_batch_answer(&group, &resp, &errors, &mut out);
                 }
+                // App Events batches are atomic: a 409 means one or more ids
+                // exist and NONE of the batch was stored, and its body need not
+                // name them. Only a lone event's 409 proves that event is there.
                 Err(HubSpotError::Rejected { status: 409, error }) => {
-                    // Every input (or those named) already exists.
-                    let e = NamedError::from_api(&error);
-                    let named = e.names(&group);
+                    if group.len() == 1 {
+                        out.insert(group[0].id.clone(), EventOutcome::Duplicate);
+                        continue;
+                    }
+                    let named = NamedError::from_api(&error).names(&group);
+                    self.split_call(endpoint.operation());
                     if named.is_empty() || named.len() == group.len() {
-                        for ev in &group {
-                            out.insert(ev.id.clone(), EventOutcome::Duplicate);
-                        }
+                        let (a, b) = group.split_at(group.len() / 2);
+                        pending.push(b.to_vec());
+                        pending.push(a.to_vec());
                     } else {
+                        // The named ones exist; the rest must be sent again.
                         let named_ids: HashSet<&str> =
                             named.iter().map(|e| e.id.as_str()).collect();
-                        for ev in &named {
-                            out.insert(ev.id.clone(), EventOutcome::Duplicate);
-                        }
-                        pending.push(
-                            group
-                                .into_iter()
-                                .filter(|ev| !named_ids.contains(ev.id.as_str()))
-                                .collect(),
-                        );
+                        let (dup, rest): (Vec<&ActivityEvent>, Vec<&ActivityEvent>) = group
+                            .into_iter()
+                            .partition(|ev| named_ids.contains(ev.id.as_str()));
+                        pending.push(rest);
+                        pending.extend(dup.into_iter().map(|ev| vec![ev]));
                     }
                 }
                 Err(HubSpotError::Rejected { error, .. }) => {
@@ -343,6 +346,7 @@ impl Portal {
                         continue;
                     }
                     let named = e.names(&group);
+                    self.split_call(endpoint.operation());
                     if named.is_empty() {
                         // Nothing named: halve until the bad input stands alone.
                         let (a, b) = group.split_at(group.len() / 2);

@@ -180,7 +180,23 @@ async fn add_missing_tokens(
         return Ok(());
     }
     tokens.extend(missing.iter().map(|n| token_json(n)));
-    let body = json!({"id": id, "name": activity.name(), "tokens": tokens});
+    // Whether an update keeps omitted header and detail templates is not
+    // stated: send the existing ones (or ours), so an update never wipes them.
+    let text = |k: &str, ours: String| {
+        template
+            .get(k)
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_string)
+            .unwrap_or(ours)
+    };
+    let body = json!({
+        "id": id,
+        "name": activity.name(),
+        "headerTemplate": text("headerTemplate", activity.header().to_string()),
+        "detailTemplate": text("detailTemplate", detail_template(activity)),
+        "tokens": tokens,
+    });
     client
         .send(
             &Endpoint::TimelineTemplate {
