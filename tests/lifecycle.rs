@@ -423,6 +423,70 @@ async fn after_a_disconnect_nothing_is_sent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recipient_refused_for_good_is_marked_and_the_others_still_mailed() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let smtp = SmtpSink::refusing(&["gone@example.com"]).await;
+    let mut cfg = oauth_config(&url, &name, &emu);
+    cfg.smtp_url = Some(format!("smtp://127.0.0.1:{}", smtp.port));
+    let sidecar = Sidecar::start(cfg).await;
+    let spot = seed_spot(&db, "Mail").await;
+    let (portal, _) = emu.create_portal();
+    emu.set_next_grant_portal(Some(portal));
+    // The refused admin sorts first, so a blocking mailer would never reach the other.
+    db.batch_execute(&format!(
+        "INSERT INTO members (spot_id, email, status, role) VALUES
+            ({spot}, 'gone@example.com', 'accepted', 'admin'),
+            ({spot}, 'here@example.com', 'accepted', 'admin');"
+    ))
+    .await
+    .unwrap();
+    emu.add_contact(portal, "here@example.com", &[]);
+    assert_eq!(oauth_connect(&sidecar, spot).await.0, 200);
+    wait_for("the backfill", 30 * SECOND, || async {
+        prop(
+            &emu,
+            portal,
+            "here@example.com",
+            "meltingspot_member_status",
+        )
+        .as_deref()
+            == Some("accepted")
+    })
+    .await;
+    emu.revoke_portal(portal);
+    db.execute(
+        "UPDATE members SET headline = 'x' WHERE email = 'here@example.com'",
+        &[],
+    )
+    .await
+    .unwrap();
+    wait_for("the other admin's e-mail", 30 * SECOND, || async {
+        smtp.messages()
+            .iter()
+            .any(|m| m.contains("here@example.com"))
+    })
+    .await;
+    wait_for("the refused one is marked with its reason", 10 * SECOND, || async {
+        db.query_opt(
+            "SELECT n.rejected_reason FROM hubspot_sync.notifications n JOIN members m ON m.id = n.member_id
+              WHERE m.email = 'gone@example.com' AND n.channel = 'email' AND n.rejected_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .is_some_and(|r| r.get::<_, Option<String>>(0).is_some_and(|t| t.contains("550")))
+    })
+    .await;
+    assert!(!smtp
+        .messages()
+        .iter()
+        .any(|m| m.contains("gone@example.com")));
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_portal_fails_notifies_admins_once_and_a_reconnect_converges() {
     let (url, name) = fresh_db().await;
     let db = sql(&url).await;

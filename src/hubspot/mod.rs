@@ -58,7 +58,13 @@ impl Portal {
         }
         let result = self
             .client
-            .send(endpoint, Auth::Bearer(&self.token), method, body)
+            .send_observed(
+                endpoint,
+                Auth::Bearer(&self.token),
+                method,
+                body,
+                Some(&self.limiter),
+            )
             .await;
         if let Err(HubSpotError::RateLimited { .. }) = &result {
             // Someone else shares the portal's budget: treat the window as spent.

@@ -81,6 +81,29 @@ impl RateLimiter {
         self.sent.lock().await.push_back(Instant::now());
     }
 
+    /// Takes in HubSpot's count of the window (`max - remaining` requests
+    /// in the last 10 s, ours included): when HubSpot counts more than we
+    /// remember (we restarted, or someone else shares the portal), the
+    /// difference is recorded as sent just now. Conservative: those requests
+    /// were sent earlier, so they block a little longer than they must.
+    pub async fn observe(&self, hubspot_max: u32, hubspot_remaining: u32) {
+        let used = hubspot_max.saturating_sub(hubspot_remaining) as usize;
+        let mut sent = self.sent.lock().await;
+        let now = Instant::now();
+        while sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            sent.pop_front();
+        }
+        if used > sent.len() {
+            let missing = (used - sent.len()).min(self.limit);
+            sent.extend(std::iter::repeat_n(now, missing));
+            // Keep the log ordered by time.
+            sent.make_contiguous().sort_unstable();
+        }
+    }
+
     /// Pushes every slot to "just used": after a 429 the window is treated as full.
     pub async fn saturate(&self) {
         let mut sent = self.sent.lock().await;
@@ -119,6 +142,32 @@ impl Limiters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn what_hubspot_counts_beyond_our_memory_is_waited_for() {
+        let rl = RateLimiter::new(10);
+        // A new process: HubSpot says 8 of its 110 were used in this window.
+        rl.observe(110, 102).await;
+        let started = Instant::now();
+        for _ in 0..2 {
+            rl.acquire().await;
+        }
+        assert!(
+            started.elapsed() < Duration::from_millis(10),
+            "2 of 10 left"
+        );
+        rl.acquire().await;
+        assert!(started.elapsed() >= WINDOW, "the 11th waits for the window");
+        // What we already count is not counted twice.
+        let rl = RateLimiter::new(10);
+        rl.acquire().await;
+        rl.observe(110, 109).await;
+        let started = Instant::now();
+        for _ in 0..9 {
+            rl.acquire().await;
+        }
+        assert!(started.elapsed() < Duration::from_millis(10));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn never_more_than_limit_in_any_window() {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::endpoint::{ApiVersion, Endpoint};
+use super::ratelimit::RateLimiter;
 use crate::metrics::Metrics;
 
 /// How a request authenticates.
@@ -107,6 +108,20 @@ impl HubSpotClient {
         method: reqwest::Method,
         body: Option<&Value>,
     ) -> Result<(u16, Value), HubSpotError> {
+        self.send_observed(endpoint, auth, method, body, None).await
+    }
+
+    /// `send`, telling `limiter` what HubSpot's rate-limit headers say of
+    /// the portal's window (so a restart or another client sharing the
+    /// portal never makes us overspend).
+    pub async fn send_observed(
+        &self,
+        endpoint: &Endpoint<'_>,
+        auth: Auth<'_>,
+        method: reqwest::Method,
+        body: Option<&Value>,
+        limiter: Option<&RateLimiter>,
+    ) -> Result<(u16, Value), HubSpotError> {
         let operation = endpoint.operation();
         let mut req = self.http.request(method, self.url(endpoint));
         match auth {
@@ -116,7 +131,7 @@ impl HubSpotClient {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let result = self.execute(operation, req).await;
+        let result = self.execute(operation, req, limiter).await;
         match auth {
             // The key travels in the URL: scrub it from any error text.
             Auth::DeveloperKey(key) => result.map_err(|e| scrub(e, key)),
@@ -143,7 +158,7 @@ impl HubSpotClient {
                 "application/x-www-form-urlencoded",
             )
             .body(body);
-        match self.execute(operation, req).await {
+        match self.execute(operation, req, None).await {
             // A refused grant or client is an authorization failure, not bad input.
             Err(HubSpotError::Rejected { status, error }) if is_oauth_refusal(&error) => {
                 Err(HubSpotError::Auth {
@@ -160,6 +175,7 @@ impl HubSpotClient {
         &self,
         operation: &'static str,
         req: reqwest::RequestBuilder,
+        limiter: Option<&RateLimiter>,
     ) -> Result<(u16, Value), HubSpotError> {
         let started = std::time::Instant::now();
         let result = req.send().await;
@@ -187,6 +203,9 @@ impl HubSpotClient {
             .hubspot_requests
             .with_label_values(&[operation, &status.to_string()])
             .inc();
+        if let (Some(limiter), Some((max, remaining))) = (limiter, window_use(resp.headers())) {
+            limiter.observe(max, remaining).await;
+        }
         let retry_after = resp
             .headers()
             .get(reqwest::header::RETRY_AFTER)
@@ -271,6 +290,18 @@ fn scrub(e: HubSpotError, key: &str) -> HubSpotError {
         }
         other => other,
     }
+}
+
+/// HubSpot's view of the portal's ten-second window, from the rate-limit
+/// headers: (max, remaining). Other windows (daily) are ignored.
+fn window_use(headers: &reqwest::header::HeaderMap) -> Option<(u32, u32)> {
+    let num = |name: &str| -> Option<u64> { headers.get(name)?.to_str().ok()?.trim().parse().ok() };
+    if num("x-hubspot-ratelimit-interval-milliseconds")? != 10_000 {
+        return None;
+    }
+    let max = num("x-hubspot-ratelimit-max")?;
+    let remaining = num("x-hubspot-ratelimit-remaining")?;
+    Some((u32::try_from(max).ok()?, u32::try_from(remaining).ok()?))
 }
 
 /// An error body as `ApiError`; every field is optional. OAuth errors carry

@@ -294,7 +294,14 @@ pub struct SmtpSink {
 
 impl SmtpSink {
     pub async fn start() -> SmtpSink {
+        SmtpSink::refusing(&[]).await
+    }
+
+    /// A sink that refuses these recipients for good (550 on RCPT).
+    pub async fn refusing(refused: &[&str]) -> SmtpSink {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+        let refused: std::sync::Arc<Vec<String>> =
+            std::sync::Arc::new(refused.iter().map(|r| r.to_ascii_uppercase()).collect());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let messages = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -302,6 +309,7 @@ impl SmtpSink {
         tokio::spawn(async move {
             while let Ok((sock, _)) = listener.accept().await {
                 let store = store.clone();
+                let refused = refused.clone();
                 tokio::spawn(async move {
                     let (r, mut w) = sock.into_split();
                     let mut lines = BufReader::new(r).lines();
@@ -312,6 +320,10 @@ impl SmtpSink {
                         let reply: &[u8] = if upper.starts_with("EHLO") || upper.starts_with("HELO")
                         {
                             b"250 sink\r\n"
+                        } else if upper.starts_with("RCPT")
+                            && refused.iter().any(|r| upper.contains(r.as_str()))
+                        {
+                            b"550 5.1.1 no such mailbox\r\n"
                         } else if upper.starts_with("MAIL") || upper.starts_with("RCPT") {
                             envelope.push_str(&line);
                             envelope.push('\n');
