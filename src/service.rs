@@ -58,6 +58,8 @@ pub async fn run(
     let sink = ActivitySink::new(cfg.hubspot.activity_sink()?);
     let params = ConnParams::from_config(&cfg.database)?;
     let db = Db::new(&cfg.database)?;
+    // The stream's hand-offs never queue behind delivery for a connection.
+    let stream_db = Db::with_size(&cfg.database, 2)?;
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
@@ -184,7 +186,7 @@ pub async fn run(
     let mut shutdown_rx = shutdown.clone();
     loop {
         let attempt = Instant::now();
-        match capture.stream(&db, shutdown.clone()).await {
+        match capture.stream(&stream_db, shutdown.clone()).await {
             Ok(()) => break,
             Err(e) => {
                 // A stream that ran for a while was healthy: start backing off afresh.

@@ -106,16 +106,23 @@ impl Mailer {
     /// skipped; any other SMTP failure stops the batch (the server is
     /// probably down) and is retried with the shared backoff.
     async fn send_pending(&self, db: &Db, metrics: &Metrics) -> Result<(), MailError> {
-        let client = db.client().await?;
-        for n in store::pending_emails(&client, 50).await? {
+        // No connection is held across SMTP sends (each may take 20 s).
+        let pending = store::pending_emails(&*db.client().await?, 50).await?;
+        for n in pending {
             let notification = n.id;
             let Some(message) = self.message(&n) else {
-                // A bad address is permanent: skip it, never block the others.
+                // A bad address is permanent: mark it, never block the others.
                 MailAttempted {
                     notification,
                     outcome: MailOutcome::InvalidAddress,
                 }
                 .emit(metrics);
+                store::mark_rejected(
+                    &*db.client().await?,
+                    notification,
+                    "not a valid e-mail address",
+                )
+                .await?;
                 continue;
             };
             match self.transport.send(message).await {
@@ -125,18 +132,18 @@ impl Mailer {
                         outcome: MailOutcome::Sent,
                     }
                     .emit(metrics);
-                    store::mark_delivered(&client, notification).await?;
+                    store::mark_delivered(&*db.client().await?, notification).await?;
                 }
                 // A permanent refusal (5xx: no such mailbox, policy) belongs to
                 // this recipient: mark it with the reason and go on with the others.
-                Err(e) if e.is_permanent() => {
+                Err(e) if recipient_refused(&e) => {
                     let reason = e.to_string();
                     MailAttempted {
                         notification,
                         outcome: MailOutcome::Rejected(&reason),
                     }
                     .emit(metrics);
-                    store::mark_rejected(&client, notification, &reason).await?;
+                    store::mark_rejected(&*db.client().await?, notification, &reason).await?;
                 }
                 // Anything else is the server or the network: retry the batch later.
                 Err(e) => {
@@ -152,4 +159,14 @@ impl Mailer {
         }
         Ok(())
     }
+}
+
+/// Whether the SMTP server refused this recipient for good (no such mailbox,
+/// mailbox not local, bad mailbox name). Other permanent replies (535 bad
+/// credentials, 530, 554 at MAIL FROM) are the sidecar's own SMTP settings:
+/// they are retried, never pinned on the recipient.
+fn recipient_refused(e: &lettre::transport::smtp::Error) -> bool {
+    e.is_permanent()
+        && e.status()
+            .is_some_and(|c| matches!(c.to_string().as_str(), "550" | "551" | "553"))
 }

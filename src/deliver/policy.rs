@@ -11,7 +11,7 @@ use crate::store::AuthKind;
 
 /// How long to wait after a 429 that named no Retry-After (the limiter
 /// already treats the window as spent).
-const RATE_LIMIT_PAUSE: Duration = Duration::from_millis(100);
+const RATE_LIMIT_PAUSE: Duration = Duration::from_secs(1);
 
 /// What to do about a failed round.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::plan::{self, ItemResult, Records, Tally};
 use super::DeliverError;
 use crate::failpoints::{crash_point, CONTACT_CREATED, HUBSPOT_ACCEPTED};
-use crate::hubspot::contacts::schema_missing_in;
+use crate::hubspot::contacts::{existing_id, schema_missing_in};
+use crate::hubspot::timeline::is_input_refusal;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{ApiError, CreateResult, Endpoint, HubSpotError, Portal};
 use crate::internal_events::DeadLettered;
@@ -88,11 +89,15 @@ pub(super) async fn deliver_properties(
         crash_point(CONTACT_CREATED);
         let mut results: HashMap<String, CreateResult> = answers.into_iter().flatten().collect();
         for (i, e) in rejected {
-            let (category, message) = reason(&e);
-            results.insert(
-                inputs[i].0.clone(),
-                CreateResult::Rejected { category, message },
-            );
+            // "Contact already exists. Existing ID: N": created meanwhile, use it.
+            let result = match existing_id(&e.message) {
+                Some(id) => CreateResult::Exists(id),
+                None => {
+                    let (category, message) = reason(&e);
+                    CreateResult::Rejected { category, message }
+                }
+            };
+            results.insert(inputs[i].0.clone(), result);
         }
         for (completion, tally) in plan::settle_creates(markers, plan.creates, &results) {
             count(metrics, &tally);
@@ -143,16 +148,17 @@ where
         let batch: Vec<I> = group.iter().map(|&i| inputs[i].clone()).collect();
         match call(batch).await {
             Ok(answer) => answers.push(answer),
+            // A route or request-shape refusal is nobody's input: the round fails.
+            Err(e) if !is_input_refusal(&e) => return Err(e),
             Err(HubSpotError::Rejected { error, .. }) if group.len() == 1 => {
                 rejected.push((group[0], error));
             }
-            Err(HubSpotError::Rejected { .. }) => {
+            Err(_) => {
                 portal.split_call(operation);
                 let (a, b) = group.split_at(group.len() / 2);
                 pending.push(b.to_vec());
                 pending.push(a.to_vec());
             }
-            Err(e) => return Err(e),
         }
     }
     Ok((answers, rejected))

@@ -44,6 +44,8 @@ struct OAuthTokens {
     refresh: String,
     issued_at: Option<DateTime<Utc>>,
     expires_at: DateTime<Utc>,
+    /// Refreshed but not yet stored.
+    unsaved: bool,
 }
 
 /// Tokens refreshed here, until the supervisor's view of the integrations
@@ -94,11 +96,23 @@ impl TokenCache {
                 },
                 issued_at: spot.issued_at,
                 expires_at: spot.expires_at.unwrap_or_else(Utc::now),
+                unsaved: false,
             },
         };
+        if current.unsaved {
+            // Refreshed here, but the database failed to take it: store it
+            // now, before its access token goes out again.
+            self.save(ctx, spot.spot_id, key, &current).await?;
+        }
         let due = refresh_due(current.issued_at, current.expires_at, Utc::now());
         if !(due || self.force_refresh) {
             return Ok(current.access);
+        }
+        if self.force_refresh {
+            // A 401 earns one refresh, counted when tried, not when it works:
+            // a 401 from the refresh itself then fails the Spot.
+            self.force_refresh = false;
+            self.refreshed_after_401 = true;
         }
         let oauth = ctx.oauth.as_ref().ok_or(DeliverError::NoOAuthApp)?;
         let result = oauth.refresh(&ctx.client, &current.refresh).await;
@@ -114,38 +128,47 @@ impl TokenCache {
             refresh: tokens.refresh_token.clone(),
             issued_at: Some(Utc::now()),
             expires_at: tokens.expires_at(),
+            unsaved: true,
         };
-        // The refresh token may have rotated: store both before the new access
-        // token is used. If that fails, a rotated refresh token is lost.
-        let stored = async {
-            store::store_tokens(
-                &*ctx.db.client().await?,
-                spot.spot_id,
-                &ctx.sealer.seal(&refreshed.access),
-                &ctx.sealer.seal(&refreshed.refresh),
-                refreshed.expires_at,
-            )
-            .await
-        }
-        .await;
-        if let Err(e) = stored {
-            if refreshed.refresh != current.refresh {
+        let rotated = refreshed.refresh != current.refresh;
+        // Kept here first: if the store fails, the next round stores these
+        // (a rotated refresh token is never thrown away).
+        self.refreshed.insert(key, refreshed.clone());
+        if let Err(e) = self.save(ctx, spot.spot_id, key, &refreshed).await {
+            if rotated {
                 ctx.metrics.refresh_tokens_lost.inc();
                 tracing::error!(
                     spot_id = spot.spot_id,
                     error = %e,
-                    "HubSpot rotated the refresh token and it could not be stored: \
-                     the integration may need a reconnect"
+                    "HubSpot rotated the refresh token and it could not be stored yet; \
+                     it is kept in memory and stored on the next round (lost if the process dies first)"
                 );
             }
-            return Err(e.into());
+            return Err(e);
         }
-        if self.force_refresh {
-            self.force_refresh = false;
-            self.refreshed_after_401 = true;
-        }
-        self.refreshed.insert(key, refreshed.clone());
         Ok(refreshed.access)
+    }
+
+    /// Stores refreshed tokens (both: the refresh token may have rotated).
+    async fn save(
+        &mut self,
+        ctx: &DeliverContext,
+        spot_id: i64,
+        key: Activation,
+        tokens: &OAuthTokens,
+    ) -> Result<(), DeliverError> {
+        store::store_tokens(
+            &*ctx.db.client().await?,
+            spot_id,
+            &ctx.sealer.seal(&tokens.access),
+            &ctx.sealer.seal(&tokens.refresh),
+            tokens.expires_at,
+        )
+        .await?;
+        if let Some(t) = self.refreshed.get_mut(&key) {
+            t.unsaved = false;
+        }
+        Ok(())
     }
 }
 

@@ -28,6 +28,8 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Members queued per backfill page, and the backlog under which the next
 /// page is queued (so that stream changes never wait behind a whole Spot).
 const BACKFILL_PAGE: i64 = 1000;
+/// How long a worker waits after a 401 before it refreshes and tries again.
+const REFRESH_PAUSE: Duration = Duration::from_millis(250);
 const BACKFILL_BACKLOG: i64 = 500;
 
 enum Round {
@@ -80,6 +82,8 @@ pub(super) struct PortalWorker {
     /// HubSpot said one of our properties does not exist: ensure the schema
     /// again before the next write.
     schema_stale: bool,
+    /// The schema was recreated for that and no write succeeded since.
+    schema_recreated: bool,
 }
 
 impl PortalWorker {
@@ -101,6 +105,7 @@ impl PortalWorker {
             clock_may_run: true,
             templates_ready: false,
             schema_stale: false,
+            schema_recreated: false,
         }
     }
 
@@ -169,45 +174,64 @@ impl PortalWorker {
                 .emit(&self.ctx.metrics);
                 wait
             }
+            // A short pause: a 401 that a refresh cannot fix must not become
+            // a hot loop of refreshes.
             Disposition::Refresh => {
                 DeliveryRetried {
                     cause: RetryCause::Auth,
                     error: &e,
-                    retry_in: Duration::ZERO,
+                    retry_in: REFRESH_PAUSE,
                 }
                 .emit(&self.ctx.metrics);
                 self.tokens.force_refresh();
-                Duration::ZERO
+                REFRESH_PAUSE
             }
-            Disposition::Reinitialize => {
+            // Once: recreate the schema. Missing again right after that, it
+            // is HubSpot refusing our properties: back off and run the clock
+            // like any other failure, so the Spot cannot stall unnoticed.
+            Disposition::Reinitialize if !self.schema_recreated => {
                 let pause = self.backoff.next();
                 warn!(error = %e, "a MeltingSpot property is missing in HubSpot; recreating the schema");
                 self.schema_stale = true;
+                self.schema_recreated = true;
                 pause
+            }
+            Disposition::Reinitialize => {
+                self.retry(RetryCause::HubSpot, &spot_ids, failed.taken, &e)
+                    .await
             }
             Disposition::Fail(cause) => {
                 self.fail(&spot_ids, cause, &e.to_string()).await;
                 Duration::from_secs(1)
             }
-            Disposition::Retry(cause) => {
-                let pause = self.backoff.next();
-                // The rows come due when the worker wakes: one clock for both.
-                if let Err(pe) = self.postpone(failed.taken, pause).await {
-                    warn!(error = %pe, "could not postpone the failed rows");
-                }
-                DeliveryRetried {
-                    cause,
-                    error: &e,
-                    retry_in: pause,
-                }
-                .emit(&self.ctx.metrics);
-                // Only HubSpot's failures run the clock towards `failed`.
-                if cause == RetryCause::HubSpot {
-                    self.run_failure_clock(&spot_ids, &e).await;
-                }
-                pause
-            }
+            Disposition::Retry(cause) => self.retry(cause, &spot_ids, failed.taken, &e).await,
         }
+    }
+
+    /// Backs off, postpones the rows the round had taken by the same delay,
+    /// and (HubSpot's failures only) runs the clock towards `failed`.
+    async fn retry(
+        &mut self,
+        cause: RetryCause,
+        spot_ids: &[i64],
+        taken: Taken,
+        e: &DeliverError,
+    ) -> Duration {
+        let pause = self.backoff.next();
+        // The rows come due when the worker wakes: one clock for both.
+        if let Err(pe) = self.postpone(taken, pause).await {
+            warn!(error = %pe, "could not postpone the failed rows");
+        }
+        DeliveryRetried {
+            cause,
+            error: e,
+            retry_in: pause,
+        }
+        .emit(&self.ctx.metrics);
+        if cause == RetryCause::HubSpot {
+            self.run_failure_clock(spot_ids, e).await;
+        }
+        pause
     }
 
     async fn postpone(&self, taken: Taken, pause: Duration) -> Result<(), DeliverError> {
@@ -404,6 +428,7 @@ impl PortalWorker {
     /// A success ends a failure streak (and the clock towards `failed`).
     async fn succeeded(&mut self, spot_ids: &[i64]) -> Result<(), DeliverError> {
         let after_401 = self.tokens.succeeded();
+        self.schema_recreated = false;
         if self.backoff.failures() > 0 || after_401 || self.clock_may_run {
             self.backoff.reset();
             self.clock_may_run = false;

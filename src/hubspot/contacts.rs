@@ -22,7 +22,7 @@ pub enum CreateResult {
 }
 
 /// The record id in HubSpot's "Contact already exists. Existing ID: 123".
-fn existing_id(message: &str) -> Option<String> {
+pub(crate) fn existing_id(message: &str) -> Option<String> {
     let rest = message.split("Existing ID:").nth(1)?.trim_start();
     let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
     (!id.is_empty()).then_some(id)
@@ -168,7 +168,7 @@ impl Portal {
 }
 
 /// HubSpot categories that clear by themselves: the batch is retried.
-const TRANSIENT_CATEGORIES: [&str; 3] = ["RATE_LIMITS", "INTERNAL_ERROR", "TIMEOUT"];
+const TRANSIENT_CATEGORIES: [&str; 2] = ["INTERNAL_ERROR", "TIMEOUT"];
 
 /// Reads a 207 of a batch update by category: only OBJECT_NOT_FOUND means the
 /// contact is gone; other categories reject their inputs (or, when they clear
@@ -190,6 +190,13 @@ pub(super) fn read_update_errors(resp: &Value) -> Result<UpdateOutcome, HubSpotE
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
+        // Per-item throttling is flow control, never a failure (SPEC §4.7).
+        if category == "RATE_LIMITS" {
+            return Err(HubSpotError::RateLimited {
+                retry_after: None,
+                policy: "batch item".into(),
+            });
+        }
         if TRANSIENT_CATEGORIES.contains(&category) {
             return Err(HubSpotError::Transient(format!(
                 "contacts.batch_update: 207 {category}: {message}"

@@ -11,6 +11,10 @@ pub enum ApiVersion {
     V3,
 }
 
+/// App Events exist in one date version only (their 2026-03 definitions); a
+/// later CRM version still sends them there.
+pub const APP_EVENTS_VERSION: &str = "2026-03";
+
 /// The versions that exist for every API the sidecar calls (contacts,
 /// properties, account-info, OAuth and App Events), per HubSpot's published
 /// definitions; `config` refuses any other.
@@ -131,7 +135,9 @@ impl Endpoint<'_> {
             // App Events: the date version where it exists; v4 (supported until
             // 2027-03-30) only for the legacy mode.
             Endpoint::AppEventsBatch => match version {
-                ApiVersion::Dated(v) => format!("/integrators/timeline/{v}/events/batch"),
+                ApiVersion::Dated(_) => {
+                    format!("/integrators/timeline/{APP_EVENTS_VERSION}/events/batch")
+                }
                 ApiVersion::V3 => "/integrators/timeline/v4/events/batch".into(),
             },
             // timeline v3 has no date-versioned path.
@@ -201,6 +207,11 @@ mod tests {
         assert_eq!(
             Endpoint::AppEventsBatch.path(&dated),
             "/integrators/timeline/2026-03/events/batch"
+        );
+        assert_eq!(
+            Endpoint::AppEventsBatch.path(&ApiVersion::parse("2026-09")),
+            "/integrators/timeline/2026-03/events/batch",
+            "App Events have no 2026-09 version"
         );
         assert_eq!(
             Endpoint::AppEventsBatch.path(&ApiVersion::V3),

@@ -133,9 +133,23 @@ impl HubSpotClient {
         }
         let result = self.execute(operation, req, limiter).await;
         match auth {
-            // The key travels in the URL: scrub it from any error text.
-            Auth::DeveloperKey(key) => result.map_err(|e| scrub(e, key)),
-            _ => result,
+            // The key travels in the URL: scrub it from any error text. A
+            // refused key is the sidecar's configuration, not the portal's
+            // token: never an Auth error that would ask for a token refresh.
+            Auth::DeveloperKey(key) => result.map_err(|e| match scrub(e, key) {
+                HubSpotError::Auth {
+                    status, message, ..
+                } => HubSpotError::Rejected {
+                    status,
+                    error: Box::new(ApiError {
+                        message: format!("HUBSPOT_DEVELOPER_API_KEY was refused: {message}"),
+                        category: "INVALID_DEVELOPER_KEY".into(),
+                        ..ApiError::default()
+                    }),
+                },
+                other => other,
+            }),
+            Auth::Bearer(_) => result,
         }
     }
 

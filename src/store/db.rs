@@ -53,8 +53,15 @@ pub struct Db {
 }
 
 impl Db {
-    /// Builds the pool; no connection is opened until one is asked for.
+    /// Builds the shared pool; no connection is opened until one is asked for.
     pub fn new(cfg: &DatabaseConfig) -> Result<Db, DbError> {
+        Db::with_size(cfg, POOL_SIZE)
+    }
+
+    /// A pool of its own, of `size` connections, for a stage that must never
+    /// wait behind the others (the hand-off, on which the slot's progress
+    /// depends, G3).
+    pub fn with_size(cfg: &DatabaseConfig, size: usize) -> Result<Db, DbError> {
         let manager = Manager::from_config(
             cfg.pg.clone(),
             NoTls,
@@ -65,7 +72,7 @@ impl Db {
             },
         );
         let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE)
+            .max_size(size)
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(WAIT))
             .create_timeout(Some(WAIT))

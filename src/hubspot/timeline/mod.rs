@@ -329,6 +329,9 @@ impl Portal {
                         pending.extend(dup.into_iter().map(|ev| vec![ev]));
                     }
                 }
+                // A route or request-shape refusal is not about any event:
+                // fail the batch (retried with backoff), never dead-letter it.
+                Err(e @ HubSpotError::Rejected { .. }) if !is_input_refusal(&e) => return Err(e),
                 Err(HubSpotError::Rejected { error, .. }) => {
                     let e = NamedError::from_api(&error);
                     if retry_with_fresh_templates(
@@ -390,6 +393,18 @@ impl Portal {
             )),
         }
     }
+}
+
+/// Whether a refusal can be about the inputs (400, 409, 422), not the route
+/// or the request's shape (404, 405, 413, 414, 415, …).
+pub(crate) fn is_input_refusal(e: &HubSpotError) -> bool {
+    matches!(
+        e,
+        HubSpotError::Rejected {
+            status: 400 | 409 | 422 | 207,
+            ..
+        }
+    )
 }
 
 /// timeline v3: once per `send_events`, an error about the event template makes the cached
