@@ -29,6 +29,16 @@ impl RateLimiter {
         }
     }
 
+    /// Drops the send times that have left the window.
+    fn forget_old(&self, sent: &mut VecDeque<Instant>, now: Instant) {
+        while sent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.window)
+        {
+            sent.pop_front();
+        }
+    }
+
     /// Waits until one more request fits in the window, then records it.
     /// Returns how long it waited.
     pub async fn acquire(&self) -> Duration {
@@ -36,12 +46,7 @@ impl RateLimiter {
         let mut sent = self.sent.lock().await;
         loop {
             let now = Instant::now();
-            while sent
-                .front()
-                .is_some_and(|t| now.duration_since(*t) >= self.window)
-            {
-                sent.pop_front();
-            }
+            self.forget_old(&mut sent, now);
             if sent.len() < self.limit {
                 sent.push_back(now);
                 return now.duration_since(started);
@@ -60,12 +65,7 @@ impl RateLimiter {
             let wake_at = {
                 let mut sent = self.sent.lock().await;
                 let now = Instant::now();
-                while sent
-                    .front()
-                    .is_some_and(|t| now.duration_since(*t) >= self.window)
-                {
-                    sent.pop_front();
-                }
+                self.forget_old(&mut sent, now);
                 if sent.len() + n <= self.limit {
                     return;
                 }
@@ -90,12 +90,7 @@ impl RateLimiter {
         let used = hubspot_max.saturating_sub(hubspot_remaining) as usize;
         let mut sent = self.sent.lock().await;
         let now = Instant::now();
-        while sent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) >= self.window)
-        {
-            sent.pop_front();
-        }
+        self.forget_old(&mut sent, now);
         if used > sent.len() {
             let missing = (used - sent.len()).min(self.limit);
             sent.extend(std::iter::repeat_n(now, missing));
