@@ -68,10 +68,7 @@ struct Process(Option<Child>);
 
 impl Process {
     fn start(url: &str, slot: &str, emu: &Emulator, listen: &str) -> Process {
-        let app = EmulatorConfig::default();
-        let child = common::sidecar_command(url, slot, &emu.base_url(), listen)
-            .env("HUBSPOT_CLIENT_ID", app.client_id)
-            .env("HUBSPOT_CLIENT_SECRET", app.client_secret)
+        let child = common::oauth_sidecar_command(url, slot, &emu.base_url(), listen)
             .env("HUBSPOT_RATE_LIMIT", RATE_LIMIT.to_string())
             .env("SIDECAR_FAIL_AFTER", "1h")
             .spawn()

@@ -255,10 +255,7 @@ async fn categories_follow_their_toggles_in_commit_order_and_no_event_creates_a_
 }
 
 fn spawn_sidecar(db_url: &str, slot: &str, emu: &Emulator, listen: &str) -> Child {
-    let d = EmulatorConfig::default();
-    sidecar_command(db_url, slot, &emu.base_url(), listen)
-        .env("HUBSPOT_CLIENT_ID", d.client_id)
-        .env("HUBSPOT_CLIENT_SECRET", d.client_secret)
+    oauth_sidecar_command(db_url, slot, &emu.base_url(), listen)
         .spawn()
         .expect("spawn hubspot-sidecar")
 }

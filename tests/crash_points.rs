@@ -44,10 +44,7 @@ impl Drop for Process {
 
 /// The sidecar process, with the crash point `armed` when given.
 fn spawn(url: &str, slot: &str, emu: &Emulator, listen: &str, armed: Option<&str>) -> Process {
-    let mut cmd = sidecar_command(url, slot, &emu.base_url(), listen);
-    let app = EmulatorConfig::default();
-    cmd.env("HUBSPOT_CLIENT_ID", app.client_id)
-        .env("HUBSPOT_CLIENT_SECRET", app.client_secret);
+    let mut cmd = oauth_sidecar_command(url, slot, &emu.base_url(), listen);
     if let Some(point) = armed {
         cmd.env("FAILPOINTS", format!("{point}=return"));
     }
@@ -166,7 +163,7 @@ async fn handoff_committed_slot_not_acknowledged() {
         "the slot was not acknowledged up to that hand-off: the window was hit"
     );
 
-    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     let (_, committed) = slot_position(&db, &slot).await;
@@ -176,8 +173,6 @@ async fn handoff_committed_slot_not_acknowledged() {
         || async { slot_position(&db, &slot).await.0 >= committed },
     )
     .await;
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +216,7 @@ async fn hubspot_accepted_outbox_rows_not_deleted() {
         "the accepted rows were still queued at the crash"
     );
 
-    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     wait_for(
@@ -231,8 +226,6 @@ async fn hubspot_accepted_outbox_rows_not_deleted() {
     )
     .await;
     assert!(updates(&emu) >= 2, "the accepted rows were sent again");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -304,7 +297,7 @@ async fn hubspot_accepted_events_not_deleted() {
         "the accepted events were still queued at the crash"
     );
 
-    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
     wait_backlog_empty(&http, &listen, spot, "activities").await;
     let events = emu.timeline_events(portal);
@@ -312,8 +305,6 @@ async fn hubspot_accepted_events_not_deleted() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!((events.len(), ids.len()), (10, 10), "each event once (G2)");
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -347,7 +338,7 @@ async fn contact_created_contact_map_not_written() {
         "HubSpot created contacts before the crash"
     );
 
-    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     wait_backlog_empty(&http, &listen, spot, "properties").await;
@@ -364,8 +355,6 @@ async fn contact_created_contact_map_not_written() {
             "{email} exists once"
         );
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -393,7 +382,7 @@ async fn token_refreshed_new_token_not_stored() {
     assert_eq!(oauth_connect_process(&http, &listen, spot).await, 200);
     assert_killed(wait_exit(&mut child, 60 * SECOND).await);
 
-    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     assert_eq!(
@@ -401,6 +390,4 @@ async fn token_refreshed_new_token_not_stored() {
         "active",
         "the stored refresh token still works after the crash"
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
 }

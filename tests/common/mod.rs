@@ -400,6 +400,21 @@ pub fn sidecar_command(
     c
 }
 
+/// `sidecar_command` with the emulator's OAuth app configured, for Spots that
+/// connect through OAuth.
+pub fn oauth_sidecar_command(
+    db_url: &str,
+    slot: &str,
+    hubspot: &str,
+    listen: &str,
+) -> std::process::Command {
+    let app = EmulatorConfig::default();
+    let mut c = sidecar_command(db_url, slot, hubspot, listen);
+    c.env("HUBSPOT_CLIENT_ID", app.client_id)
+        .env("HUBSPOT_CLIENT_SECRET", app.client_secret);
+    c
+}
+
 /// Waits until a sidecar process answers /readyz with 200.
 pub async fn wait_ready(http: &reqwest::Client, listen: &str) {
     wait_for("sidecar /readyz 200", Duration::from_secs(30), || async {
