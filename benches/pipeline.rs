@@ -13,7 +13,7 @@ use hubspot_emulator::{Emulator, EmulatorConfig};
 use hubspot_sidecar::config::{Config, LogFormat};
 use hubspot_sidecar::pg_cluster::PgCluster;
 use hubspot_sidecar::service;
-use hubspot_sidecar::store::{self, secrets::Sealer};
+use hubspot_sidecar::store::{self, secrets::Sealer, ChangeSource, MarkerKey};
 
 struct Args {
     transactions: usize,
@@ -117,11 +117,14 @@ async fn main() -> anyhow::Result<()> {
 
     let key = [9u8; 32];
     let spot = seed_spot(&db, &emu, portal, "Bench", "b", a.members).await?;
+    let markers = MarkerKey::new(&key);
     store::activate(
         &mut db,
+        &markers,
         spot,
         portal as i64,
         &token_credentials(&key, &token),
+        ChangeSource::AdminApi,
     )
     .await?;
     for slot in ["bench_sidecar", "bench_recvlogical"] {
@@ -239,7 +242,15 @@ async fn main() -> anyhow::Result<()> {
     let spot2 = seed_spot(&db, &emu, portal2, "Backfill", "f", a.members).await?;
     let creds2 = token_credentials(&key, &token2);
     let t = Instant::now();
-    store::activate(&mut db, spot2, portal2 as i64, &creds2).await?;
+    store::activate(
+        &mut db,
+        &markers,
+        spot2,
+        portal2 as i64,
+        &creds2,
+        ChangeSource::AdminApi,
+    )
+    .await?;
     loop {
         let row = db
             .query_one(

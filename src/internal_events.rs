@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
+use crate::translate::markers::MarkerRejection;
 
 /// Why a delivery round is retried (`delivery_retries_total{cause}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -262,6 +263,80 @@ impl MailAttempted<'_> {
                 error, "failure e-mail not sent; will retry"
             ),
         }
+    }
+}
+
+/// A settings marker the stream ignored (`translate::markers`): a forged,
+/// replayed or malformed message with our prefix.
+pub struct SettingsMarkerRejected {
+    /// The Spot the marker claimed to be for, if it named one.
+    pub spot_id: Option<i64>,
+    /// Why it was ignored.
+    pub reason: MarkerRejection,
+}
+
+impl SettingsMarkerRejected {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.settings_markers_rejected
+            .with_label_values(&[self.reason.as_str()])
+            .inc();
+        warn!(
+            spot_id = self.spot_id,
+            reason = self.reason.as_str(),
+            "ignored a settings marker that the sidecar did not sign, or signed for an older \
+             version: someone with database access emitted it (see README, Security)"
+        );
+    }
+}
+
+/// An activity table's replica identity, as its Relation message says,
+/// changed from what the sidecar saw last (or is not FULL at first sight).
+pub struct ReplicaIdentityChanged {
+    /// The table (one of `translate::FULL_IDENTITY_TABLES`).
+    pub table: &'static str,
+    /// Whether it is FULL now.
+    pub full: bool,
+}
+
+impl ReplicaIdentityChanged {
+    /// Logs and sets the gauge.
+    pub fn emit(self, m: &Metrics) {
+        m.replica_identity_drift
+            .with_label_values(&[self.table])
+            .set(i64::from(!self.full));
+        if self.full {
+            info!(
+                table = self.table,
+                "replica identity is FULL again; activities of this table are decided again"
+            );
+        } else {
+            error!(
+                table = self.table,
+                fix = %format!("ALTER TABLE public.{} REPLICA IDENTITY FULL;", self.table),
+                "replica identity is not FULL: UPDATEs no longer carry the old row, so member \
+                 status activities are held back (counted in activities_unknown_total) and \
+                 timestamp activities may repeat; run the fix as the table owner"
+            );
+        }
+    }
+}
+
+/// Group memberships, tags or custom roles of a member that belong to
+/// another Spot, left out of the member's values (G4).
+pub struct CrossSpotReferencesIgnored {
+    /// How many, in one round.
+    pub count: i64,
+}
+
+impl CrossSpotReferencesIgnored {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.cross_spot_references.inc_by(self.count.max(0) as u64);
+        warn!(
+            count = self.count,
+            "left out group, tag or custom-role rows that belong to another Spot than the member's"
+        );
     }
 }
 

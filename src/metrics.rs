@@ -74,6 +74,14 @@ pub struct Metrics {
     pub notifications_rejected: IntCounter,
     /// Refresh tokens HubSpot rotated that could not be stored.
     pub refresh_tokens_lost: IntCounter,
+    /// Settings markers ignored (forged, replayed, malformed), by `reason`.
+    pub settings_markers_rejected: IntCounterVec,
+    /// Group memberships, tags and custom roles pointing across Spots, left out of the values.
+    pub cross_spot_references: IntCounter,
+    /// 1 for each activity table whose replica identity is not FULL, by `table`.
+    pub replica_identity_drift: IntGaugeVec,
+    /// Member status changes whose old status the stream did not carry (no event sent).
+    pub activities_unknown: IntCounterVec,
 }
 
 macro_rules! reg {
@@ -234,6 +242,43 @@ impl Metrics {
                     "Rotated refresh tokens that could not be stored after a refresh"
                 )
             ),
+            settings_markers_rejected: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("settings_markers_rejected_total"),
+                        "Settings markers ignored: forged (bad_signature), replayed, or malformed"
+                    ),
+                    &["reason"]
+                )
+            ),
+            cross_spot_references: reg!(
+                r,
+                IntCounter::new(
+                    p("cross_spot_references_total"),
+                    "Group memberships, tags and custom roles of another Spot, left out of a member's values"
+                )
+            ),
+            replica_identity_drift: reg!(
+                r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        p("replica_identity_drift"),
+                        "1 while an activity table's replica identity is not FULL (its activities are held back)"
+                    ),
+                    &["table"]
+                )
+            ),
+            activities_unknown: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("activities_unknown_total"),
+                        "Possible activities the stream could not decide (no old row), never sent"
+                    ),
+                    &["table"]
+                )
+            ),
             delivery_retries: reg!(
                 r,
                 IntCounterVec::new(
@@ -347,6 +392,9 @@ impl Metrics {
         }
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
+        }
+        for table in crate::translate::FULL_IDENTITY_TABLES {
+            m.replica_identity_drift.with_label_values(&[table]).set(0);
         }
         m
     }

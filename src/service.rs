@@ -4,6 +4,7 @@
 //! one transaction) -> ack the slot; deliver::supervise drains the outbox;
 //! http serves the admin API, metrics and health.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tracing::{debug, info, Instrument};
 use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::deliver::mailer::Mailer;
-use crate::deliver::{self, DeliverContext, RoundLocks};
+use crate::deliver::{self, DeliverContext, Fences};
 use crate::http::{self, AppState, Health};
 use crate::hubspot::oauth::OAuthApp;
 use crate::hubspot::ratelimit::Limiters;
@@ -27,7 +28,7 @@ use crate::integrations::Integrations;
 use crate::metrics::Metrics;
 use crate::replication::{self, ConnParams, Source, SourceEvent};
 use crate::store::{self, secrets::Sealer, Db};
-use crate::translate::{self, Work};
+use crate::translate::{self, MarkerKey, Work};
 use crate::{integrations::Status, internal_events as events};
 
 /// Hand off at the latest this long after the first buffered transaction…
@@ -65,7 +66,8 @@ pub async fn run(
     let sealer = Sealer::new(&cfg.secret_key);
     let wake = Arc::new(Notify::new());
     let limiters = Limiters::new(cfg.hubspot.rate_limit);
-    let rounds = RoundLocks::default();
+    let fences = Fences::default();
+    let markers = MarkerKey::new(&cfg.secret_key);
     let hubspot = HubSpotClient::new(
         &cfg.hubspot.api_base,
         &cfg.hubspot.api_version,
@@ -109,7 +111,8 @@ pub async fn run(
             hubspot: hubspot.clone(),
             oauth: oauth.clone(),
             limiters: limiters.clone(),
-            rounds: rounds.clone(),
+            fences: fences.clone(),
+            markers: markers.clone(),
             wake: wake.clone(),
         },
     });
@@ -133,7 +136,8 @@ pub async fn run(
                 sealer,
                 metrics: metrics.clone(),
                 limiters,
-                rounds,
+                fences,
+                markers: markers.clone(),
                 fail_after: cfg.fail_after,
                 failed_retention: cfg.failed_retention,
                 wake: wake.clone(),
@@ -181,6 +185,8 @@ pub async fn run(
         health: health.clone(),
         wake,
         oldest_pending,
+        markers,
+        identity: Default::default(),
     };
     let mut backoff = Backoff::reconnect();
     let mut shutdown_rx = shutdown.clone();
@@ -224,6 +230,10 @@ struct Capture<'a> {
     health: Arc<Health>,
     wake: Arc<Notify>,
     oldest_pending: Arc<AtomicI64>,
+    /// Checks the settings markers in the stream.
+    markers: MarkerKey,
+    /// The replica identity last seen of each activity table (FULL or not).
+    identity: std::sync::Mutex<HashMap<&'static str, bool>>,
 }
 
 /// Transactions decoded but not yet handed off.
@@ -237,6 +247,30 @@ struct Pending {
 }
 
 impl Capture<'_> {
+    /// Logs and counts what translating a transaction noticed about its input.
+    fn observe(&self, work: &Work) {
+        for rejected in &work.rejected_markers {
+            events::SettingsMarkerRejected {
+                spot_id: rejected.spot_id,
+                reason: rejected.reason,
+            }
+            .emit(&self.metrics);
+        }
+        if work.undecidable_status_changes > 0 {
+            self.metrics
+                .activities_unknown
+                .with_label_values(&["members"])
+                .inc_by(work.undecidable_status_changes);
+        }
+        let mut seen = self.identity.lock().unwrap_or_else(|e| e.into_inner());
+        for (&table, &full) in &work.identity_full {
+            // Once per change of state: FULL is what the first sight assumes.
+            if seen.insert(table, full).unwrap_or(true) != full {
+                events::ReplicaIdentityChanged { table, full }.emit(&self.metrics);
+            }
+        }
+    }
+
     /// Streams until shutdown (Ok) or a failure (Err; the caller resumes).
     async fn stream(&self, db: &Db, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let (start, stream_settings) = {
@@ -270,7 +304,8 @@ impl Capture<'_> {
                     Ok(Some(SourceEvent::Transaction(tx))) => {
                         self.metrics.transactions.inc();
                         self.metrics.row_changes.inc_by(tx.items.len() as u64);
-                        let work = translate::translate(&mut settings, &tx);
+                        let work = translate::translate(&mut settings, &self.markers, &tx);
+                        self.observe(&work);
                         if pending.since.is_none() {
                             pending.since = Some(Instant::now());
                             self.oldest_pending.store(tx.commit_time.timestamp_micros(), Ordering::Relaxed);

@@ -177,7 +177,7 @@ async fn a_table_missing_from_the_publication_fails_with_alter_publication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_identity_nothing_fails_and_default_on_activity_tables_warns() {
+async fn replica_identity_nothing_or_default_on_activity_tables_fails() {
     let (url, name) = fresh_db().await;
     sql(&url)
         .await
@@ -196,7 +196,7 @@ async fn replica_identity_nothing_fails_and_default_on_activity_tables_warns() {
         r.fix("replica identity public.group_members"),
         "ALTER TABLE public.group_members REPLICA IDENTITY DEFAULT;"
     );
-    assert_eq!(r.status("replica identity public.course_progress"), "WARN");
+    assert_eq!(r.status("replica identity public.course_progress"), "FAIL");
     assert_eq!(
         r.fix("replica identity public.course_progress"),
         "ALTER TABLE public.course_progress REPLICA IDENTITY FULL;"

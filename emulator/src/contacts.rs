@@ -106,7 +106,7 @@ fn new_contact(
     values: &[(String, String)],
     by: CreatedBy,
 ) -> Result<u64, ApiError> {
-    let id = st.next_contact_id();
+    let id = st.next_contact_id(ctx.portal);
     let p = st.portal_mut(ctx.portal)?;
     let mut c = ContactRec {
         id,

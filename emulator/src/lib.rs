@@ -154,6 +154,24 @@ impl Emulator {
         self.shared.lock().create_portal_with_key()
     }
 
+    /// Another static service key (`pat-na1-…`) for an existing portal, as a
+    /// second private app or service key of the same account would be.
+    pub fn create_service_key(&self, portal: u64) -> String {
+        self.shared.lock().create_service_key(portal)
+    }
+
+    /// This one token stops working (access token, service key or refresh
+    /// token); the portal's other tokens keep working.
+    pub fn revoke_token(&self, token: &str) {
+        self.shared.lock().revoke_token(token);
+    }
+
+    /// How many of the portal's refresh tokens still work (revoked ones, by
+    /// the app or by `revoke_portal`, do not count).
+    pub fn live_refresh_tokens(&self, portal: u64) -> usize {
+        self.shared.lock().live_refresh_tokens(portal)
+    }
+
     /// Seeds a contact (created_by `Seed`, not validated); an existing email is updated instead.
     /// Returns the record id.
     pub fn add_contact(&self, portal: u64, email: &str, props: &[(&str, &str)]) -> String {

@@ -204,6 +204,9 @@ pub(crate) struct EventRec {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The first record id of every portal.
+const FIRST_CONTACT_ID: u64 = 5001;
+
 pub(crate) struct Portal {
     pub id: u64,
     pub contacts: BTreeMap<u64, ContactRec>,
@@ -215,6 +218,10 @@ pub(crate) struct Portal {
     pub window: VecDeque<Instant>,
     /// Admission times of the search secondly window.
     pub search_window: VecDeque<Instant>,
+    /// Record ids are unique within a portal only, as in HubSpot: two
+    /// portals hand out the same ids, so an id used on the wrong portal
+    /// names somebody else's contact there.
+    pub next_contact_id: u64,
 }
 
 impl Portal {
@@ -228,6 +235,7 @@ impl Portal {
             stats: RequestStats::default(),
             window: VecDeque::new(),
             search_window: VecDeque::new(),
+            next_contact_id: FIRST_CONTACT_ID,
         };
         p.groups.insert(
             "contactinformation".into(),
@@ -301,7 +309,6 @@ impl Portal {
 pub(crate) struct State {
     pub cfg: EmulatorConfig,
     pub next_portal_id: u64,
-    pub next_contact_id: u64,
     pub next_template_id: u64,
     pub portals: BTreeMap<u64, Portal>,
     /// Access tokens and service keys.
@@ -331,7 +338,6 @@ impl State {
         State {
             cfg,
             next_portal_id: 1000,
-            next_contact_id: 5001,
             next_template_id: 1_000_001,
             portals: BTreeMap::new(),
             tokens: HashMap::new(),
@@ -349,14 +355,9 @@ impl State {
     /// out before a reset are never reused by a different portal or contact.
     pub fn reset(&mut self) {
         let fresh = State::new(self.cfg.clone());
-        let (np, nc, nt) = (
-            self.next_portal_id,
-            self.next_contact_id,
-            self.next_template_id,
-        );
+        let (np, nt) = (self.next_portal_id, self.next_template_id);
         *self = fresh;
         self.next_portal_id = np;
-        self.next_contact_id = nc;
         self.next_template_id = nt;
     }
 
@@ -384,6 +385,12 @@ impl State {
 
     pub fn create_portal_with_key(&mut self) -> (u64, String) {
         let id = self.new_portal();
+        (id, self.create_service_key(id))
+    }
+
+    /// Another static service key for an existing portal.
+    pub fn create_service_key(&mut self, id: u64) -> String {
+        self.ensure_portal(id);
         let token = format!("pat-na1-{}", uuid());
         self.tokens.insert(
             token.clone(),
@@ -395,12 +402,32 @@ impl State {
                 revoked: false,
             },
         );
-        (id, token)
+        token
     }
 
-    pub fn next_contact_id(&mut self) -> u64 {
-        let id = self.next_contact_id;
-        self.next_contact_id += 1;
+    /// This one token (access token, service key or refresh token) stops working.
+    pub fn revoke_token(&mut self, token: &str) {
+        if let Some(t) = self.tokens.get_mut(token) {
+            t.revoked = true;
+        }
+        if let Some(r) = self.refresh_tokens.get_mut(token) {
+            r.revoked = true;
+        }
+    }
+
+    /// Refresh tokens of the portal that still work.
+    pub fn live_refresh_tokens(&self, portal: u64) -> usize {
+        self.refresh_tokens
+            .values()
+            .filter(|r| r.portal == portal && !r.revoked)
+            .count()
+    }
+
+    /// The next record id of the portal's contacts.
+    pub fn next_contact_id(&mut self, portal: u64) -> u64 {
+        let p = self.ensure_portal(portal);
+        let id = p.next_contact_id;
+        p.next_contact_id += 1;
         id
     }
 
@@ -409,7 +436,7 @@ impl State {
         let existing = self.ensure_portal(portal).find_by_email(email);
         let id = match existing {
             Some(id) => id,
-            None => self.next_contact_id(),
+            None => self.next_contact_id(portal),
         };
         let now = Utc::now();
         let p = self.ensure_portal(portal);

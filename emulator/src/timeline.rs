@@ -458,7 +458,7 @@ fn v3_one(st: &mut State, ctx: &Ctx, inp: V3EventIn) -> Result<Value, ApiError> 
             Some(id) => id,
             None => {
                 // Documented: "If there isn't an existing contact, a new contact will be created".
-                let id = st.next_contact_id();
+                let id = st.next_contact_id(ctx.portal);
                 let p = st.portal_mut(ctx.portal)?;
                 let mut props = BTreeMap::new();
                 props.insert("email".to_string(), email.trim().to_string());

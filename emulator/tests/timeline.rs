@@ -195,9 +195,14 @@ async fn app_events_refuse_unknown_objects_bad_inputs_and_service_keys() {
     let (s, _) = post(&emu, &c, &t.access, BATCH, json!({"inputs": many})).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
 
-    // A contact of another portal is unknown here (isolation).
+    // A contact of another portal is unknown here (isolation). Record ids
+    // are per portal, as in HubSpot: bob's id is one this portal never gave.
     let (other, key) = emu.create_portal();
+    for i in 0..50 {
+        emu.add_contact(other, &format!("filler{i}@example.com"), &[]);
+    }
     let bob = emu.add_contact(other, "bob@example.com", &[]);
+    assert!(emu.contacts(t.portal).iter().all(|c| c.id != bob));
     let (s, _) = post(
         &emu,
         &c,

@@ -1,5 +1,6 @@
-//! Deliver stage: one worker per HubSpot portal drains the outbox of the
-//! portal's active Spots: it initializes and backfills each activation,
+//! Deliver stage: one worker per active Spot (per activation) drains the
+//! Spot's outbox with the Spot's own token, sharing the portal's rate limit
+//! with the other Spots of the portal: it initializes and backfills the activation,
 //! resolves e-mails to record ids, creates contacts where contact creation
 //! asks for it, writes only the changed properties in batches of 100 within
 //! the portal's rate limit, retries what is transient, dead-letters what
@@ -7,6 +8,7 @@
 //! refuses its credentials or stays unreachable (SPEC §4.7). Outbox rows are
 //! deleted only after HubSpot has accepted the write.
 
+mod fence;
 pub mod mailer;
 mod plan;
 pub(crate) use plan::derive;
@@ -30,26 +32,10 @@ use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::metrics::Metrics;
 use crate::store::secrets::Sealer;
 use crate::store::{self, Db, LiveIntegration};
-use worker::PortalWorker;
+use crate::translate::MarkerKey;
+use worker::SpotWorker;
 
-/// The lock a portal's delivery round holds, so that a disconnect can wait
-/// for the round in flight and no call for the Spot follows its commit.
-#[derive(Clone, Default)]
-pub struct RoundLocks {
-    by_portal: Arc<std::sync::Mutex<HashMap<i64, Arc<tokio::sync::Mutex<()>>>>>,
-}
-
-impl RoundLocks {
-    /// Waits until no round of the portal is in flight and holds it off
-    /// until the guard is dropped.
-    pub async fn wait_for_round(&self, portal_id: i64) -> tokio::sync::OwnedMutexGuard<()> {
-        let lock = {
-            let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
-            map.entry(portal_id).or_default().clone()
-        };
-        lock.lock_owned().await
-    }
-}
+pub use fence::Fences;
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -62,7 +48,10 @@ pub struct DeliverContext {
     pub sealer: Sealer,
     pub metrics: Arc<Metrics>,
     pub limiters: Limiters,
-    pub rounds: RoundLocks,
+    /// Fences each call and write to the activation it belongs to.
+    pub fences: Fences,
+    /// Signs the settings markers a failure writes.
+    pub markers: MarkerKey,
     pub fail_after: Duration,
     pub failed_retention: Duration,
     /// Signalled by the hand-off when new work was stored.
@@ -81,21 +70,28 @@ pub enum DeliverError {
     Decrypt(#[from] store::secrets::DecryptError),
     #[error("OAuth is not configured (HUBSPOT_CLIENT_ID / HUBSPOT_CLIENT_SECRET), so the token cannot be refreshed")]
     NoOAuthApp,
+    /// The Spot was reconnected or disconnected: this activation's work ends.
+    #[error("the integration was reconnected or disconnected; this activation's round ends")]
+    Superseded,
 }
+
+/// A running worker: what it is told of its integration (None: stop), and its task.
+type Worker = (watch::Sender<Option<LiveIntegration>>, JoinHandle<()>);
 
 /// How often the supervisor compares its workers with the integrations.
 const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
 /// How often work of long-failed integrations is purged (retention is in days).
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
-/// Starts and stops portal workers as integrations come and go, until shutdown.
+/// Starts and stops a worker per Spot activation as integrations come and
+/// go, until shutdown. A reconnect is a new activation, so a new worker with
+/// nothing cached; the old one is told to stop and is fenced meanwhile.
 pub async fn supervise(
     ctx: DeliverContext,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliverError> {
     let mut last_purge: Option<std::time::Instant> = None;
-    let mut workers: HashMap<i64, (watch::Sender<Vec<LiveIntegration>>, JoinHandle<()>)> =
-        HashMap::new();
+    let mut workers: HashMap<(i64, i64), Worker> = HashMap::new();
     loop {
         // Survive a database restart: keep the workers, reconnect, try again.
         let db = match ctx.db.client().await {
@@ -121,34 +117,43 @@ pub async fn supervise(
                 continue;
             }
         };
-        let mut by_portal: HashMap<i64, Vec<LiveIntegration>> = HashMap::new();
-        for i in live {
-            by_portal.entry(i.portal_id).or_default().push(i);
-        }
-        workers.retain(|portal, (tx, handle)| {
-            let keep = by_portal.contains_key(portal) && !handle.is_finished();
+        let by_activation: HashMap<(i64, i64), LiveIntegration> = live
+            .into_iter()
+            .map(|i| ((i.spot_id, i.activation), i))
+            .collect();
+        ctx.metrics.backfills_running.set(
+            by_activation
+                .values()
+                .filter(|i| i.backfill_after.is_some())
+                .count() as i64,
+        );
+        workers.retain(|key, (tx, handle)| {
+            let keep = by_activation.contains_key(key) && !handle.is_finished();
             if !keep {
-                let _ = tx.send(Vec::new());
+                let _ = tx.send(None);
             }
             keep
         });
-        for (portal, spots) in by_portal {
-            match workers.get(&portal) {
+        for (key, spot) in by_activation {
+            let spot = Some(spot);
+            match workers.get(&key) {
                 Some((tx, _)) => {
                     tx.send_if_modified(|cur| {
-                        let changed = *cur != spots;
+                        let changed = *cur != spot;
                         if changed {
-                            *cur = spots.clone();
+                            cur.clone_from(&spot);
                         }
                         changed
                     });
                 }
                 None => {
-                    let (tx, rx) = watch::channel(spots);
-                    let worker = PortalWorker::new(ctx.clone(), portal, rx);
-                    let span = tracing::info_span!("portal_worker", portal);
+                    let (spot_id, activation) = key;
+                    let portal = spot.as_ref().map_or(0, |s| s.portal_id);
+                    let (tx, rx) = watch::channel(spot);
+                    let worker = SpotWorker::new(ctx.clone(), portal, rx);
+                    let span = tracing::info_span!("spot_worker", spot_id, activation, portal);
                     let handle = tokio::spawn(worker.run(shutdown.clone()).instrument(span));
-                    workers.insert(portal, (tx, handle));
+                    workers.insert(key, (tx, handle));
                 }
             }
         }
@@ -176,7 +181,7 @@ pub async fn supervise(
         }
     }
     for (_, (tx, handle)) in workers {
-        let _ = tx.send(Vec::new());
+        let _ = tx.send(None);
         let _ = handle.await;
     }
     info!("delivery stopped");

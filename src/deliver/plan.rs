@@ -481,6 +481,7 @@ mod tests {
             tags: vec![],
             headline: Some("hi".into()),
             bio: None,
+            cross_spot_refs: 0,
         }
     }
 

@@ -27,6 +27,8 @@ pub enum Disposition {
     Retry(RetryCause),
     /// Our properties are missing in HubSpot: ensure the schema again, then retry.
     Reinitialize,
+    /// The Spot was reconnected or disconnected: this activation's worker stops.
+    Stop,
 }
 
 /// Classifies `error` for a Spot authenticated by `auth`; `refreshed` says
@@ -44,7 +46,10 @@ pub fn classify(error: &DeliverError, auth: AuthKind, refreshed: bool) -> Dispos
         DeliverError::HubSpot(HubSpotError::Auth { .. })
         | DeliverError::NoOAuthApp
         | DeliverError::Decrypt(_) => Disposition::Fail(FailCause::Auth),
-        DeliverError::Db(_) => Disposition::Retry(RetryCause::Database),
+        DeliverError::Superseded | DeliverError::HubSpot(HubSpotError::Fenced) => Disposition::Stop,
+        DeliverError::Db(_) | DeliverError::HubSpot(HubSpotError::FenceUnchecked(_)) => {
+            Disposition::Retry(RetryCause::Database)
+        }
         DeliverError::HubSpot(HubSpotError::SchemaMissing(_)) => Disposition::Reinitialize,
         DeliverError::HubSpot(HubSpotError::Rejected { .. } | HubSpotError::Transient(_)) => {
             Disposition::Retry(RetryCause::HubSpot)

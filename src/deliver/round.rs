@@ -12,17 +12,18 @@ use crate::hubspot::contacts::{existing_id, schema_missing_in};
 use crate::hubspot::timeline::is_input_refusal;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{ApiError, CreateResult, Endpoint, HubSpotError, Portal};
-use crate::internal_events::DeadLettered;
+use crate::internal_events::{CrossSpotReferencesIgnored, DeadLettered};
 use crate::metrics::Metrics;
-use crate::store::{self, Db, Marker, QueuedActivity};
+use crate::store::{self, Db, Fence, Marker, QueuedActivity};
 
 /// Reads the members' records, keyed by member id.
-async fn records(db: &Db, member_ids: &[i64]) -> Result<Records, DeliverError> {
-    Ok(store::member_records(&*db.client().await?, member_ids)
-        .await?
-        .into_iter()
-        .map(|r| (r.member_id, r))
-        .collect())
+async fn records(metrics: &Metrics, db: &Db, member_ids: &[i64]) -> Result<Records, DeliverError> {
+    let records = store::member_records(&*db.client().await?, member_ids).await?;
+    let crossing: i64 = records.iter().map(|r| r.cross_spot_refs).sum();
+    if crossing > 0 {
+        CrossSpotReferencesIgnored { count: crossing }.emit(metrics);
+    }
+    Ok(records.into_iter().map(|r| (r.member_id, r)).collect())
 }
 
 fn count(metrics: &Metrics, tally: &Tally) {
@@ -52,12 +53,13 @@ pub(super) async fn deliver_properties(
     metrics: &Metrics,
     db: &Db,
     portal: &Portal,
+    fence: Fence,
     markers: &[Marker],
 ) -> Result<(), DeliverError> {
     let member_ids: Vec<i64> = markers.iter().map(|m| m.member_id).collect();
-    let records = records(db, &member_ids).await?;
+    let records = records(metrics, db, &member_ids).await?;
     let keys: Vec<(i64, i64)> = markers.iter().map(|m| (m.spot_id, m.member_id)).collect();
-    let states = store::contact_states(&*db.client().await?, &keys).await?;
+    let states = store::contact_states(&*db.client().await?, fence.portal_id, &keys).await?;
 
     // Resolve e-mails we do not know yet, or that changed, in one batch read.
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
@@ -118,7 +120,9 @@ pub(super) async fn deliver_properties(
         count(metrics, &tally);
         completions.push(completion);
     }
-    store::complete(&mut *db.client().await?, &completions).await?;
+    if !store::complete(&mut *db.client().await?, fence, &completions).await? {
+        return Err(DeliverError::Superseded);
+    }
     Ok(())
 }
 
@@ -279,17 +283,18 @@ pub(super) async fn deliver_activities(
     metrics: &Metrics,
     db: &Db,
     portal: &Portal,
+    fence: Fence,
     sink: &ActivitySink,
     queued: Vec<QueuedActivity>,
 ) -> Result<(), DeliverError> {
     let mut member_ids: Vec<i64> = queued.iter().map(|q| q.member_id).collect();
     member_ids.sort_unstable();
     member_ids.dedup();
-    let records = records(db, &member_ids).await?;
+    let records = records(metrics, db, &member_ids).await?;
     let keys: Vec<(i64, i64)> = queued.iter().map(|q| (q.spot_id, q.member_id)).collect();
     let (states, creating) = {
         let client = db.client().await?;
-        let states = store::contact_states(&client, &keys).await?;
+        let states = store::contact_states(&client, fence.portal_id, &keys).await?;
         let creating: HashSet<(i64, i64)> = store::pending_creations(&client, &keys)
             .await?
             .into_iter()
@@ -321,6 +326,8 @@ pub(super) async fn deliver_activities(
             done.push(d);
         }
     }
-    store::complete_activities(&mut *db.client().await?, &done).await?;
+    if !store::complete_activities(&mut *db.client().await?, fence, &done).await? {
+        return Err(DeliverError::Superseded);
+    }
     Ok(())
 }

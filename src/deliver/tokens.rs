@@ -160,6 +160,7 @@ impl TokenCache {
         store::store_tokens(
             &*ctx.db.client().await?,
             spot_id,
+            key.1,
             &ctx.sealer.seal(&tokens.access),
             &ctx.sealer.seal(&tokens.refresh),
             tokens.expires_at,

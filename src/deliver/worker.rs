@@ -1,8 +1,9 @@
-//! The worker of one HubSpot portal: one round at a time under the portal's
-//! round lock, initialization and backfill first, then property changes and
-//! activities; a failed round is classified by `policy` and carried out here.
+//! The worker of one Spot's activation: one round at a time with the Spot's
+//! own token, within the portal's shared rate limit; initialization and
+//! backfill first, then property changes and activities. A failed round is
+//! classified by `policy` and carried out here, for this Spot only: another
+//! Spot on the same portal has its own worker, token and failures.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,13 +12,13 @@ use tokio::sync::watch;
 use tracing::{info, warn, Instrument};
 
 use super::policy::{self, Disposition};
-use super::tokens::{Activation, TokenCache};
+use super::tokens::TokenCache;
 use super::{round, DeliverContext, DeliverError};
 use crate::backoff::Backoff;
 use crate::hubspot::ratelimit::RateLimiter;
 use crate::hubspot::{Portal, BATCH_LIMIT};
 use crate::internal_events::{DeliveryRetried, FailCause, IntegrationFailed, RetryCause};
-use crate::store::{self, AuthKind, LiveIntegration, Marker};
+use crate::store::{self, AuthKind, Fence, LiveIntegration, Marker};
 
 /// How long a partial batch waits for more work before the next round: the
 /// first change after a quiet spell goes out at once, a steady stream is
@@ -63,17 +64,16 @@ impl<E: Into<DeliverError>> From<E> for RoundError {
     }
 }
 
-pub(super) struct PortalWorker {
+pub(super) struct SpotWorker {
     ctx: DeliverContext,
-    portal_id: i64,
-    spots: watch::Receiver<Vec<LiveIntegration>>,
+    spot: watch::Receiver<Option<LiveIntegration>>,
     limiter: Arc<RateLimiter>,
     backoff: Backoff,
     tokens: TokenCache,
-    /// Activations this worker initialized, until the supervisor's view catches up.
-    initialized: HashSet<Activation>,
-    /// Backfill position per activation (None: complete).
-    backfill: HashMap<Activation, Option<i64>>,
+    /// This worker initialized the activation, before the supervisor's view caught up.
+    initialized: bool,
+    /// Backfill position, once read (inner None: complete).
+    backfill: Option<Option<i64>>,
     /// A failure clock (`failing_since`) may be running from before this
     /// worker started: the first success clears it.
     clock_may_run: bool,
@@ -86,22 +86,21 @@ pub(super) struct PortalWorker {
     schema_recreated: bool,
 }
 
-impl PortalWorker {
+impl SpotWorker {
     pub(super) fn new(
         ctx: DeliverContext,
         portal_id: i64,
-        spots: watch::Receiver<Vec<LiveIntegration>>,
+        spot: watch::Receiver<Option<LiveIntegration>>,
     ) -> Self {
         let limiter = ctx.limiters.portal(portal_id);
-        PortalWorker {
+        SpotWorker {
             ctx,
-            portal_id,
-            spots,
+            spot,
             limiter,
             backoff: Backoff::delivery(),
             tokens: TokenCache::default(),
-            initialized: HashSet::new(),
-            backfill: HashMap::new(),
+            initialized: false,
+            backfill: None,
             clock_may_run: true,
             templates_ready: false,
             schema_stale: false,
@@ -110,22 +109,18 @@ impl PortalWorker {
     }
 
     pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        info!("portal worker started");
+        info!("spot worker started");
         loop {
             if *shutdown.borrow() {
                 break;
             }
-            let spots = self.spots.borrow_and_update().clone();
-            if spots.is_empty() || self.spots.has_changed().is_err() {
-                // Disconnected, failed, or the supervisor is gone.
+            let spot = self.spot.borrow_and_update().clone();
+            let Some(spot) = spot.filter(|_| self.spot.has_changed().is_ok()) else {
+                // Disconnected, failed, reconnected, or the supervisor is gone.
                 break;
-            }
-            let result = {
-                // Held for the whole round: a disconnect waits for it, so that
-                // no call for a Spot is made after its disconnect commits.
-                let _round = self.ctx.rounds.wait_for_round(self.portal_id).await;
-                self.step(&spots).await
             };
+            // Every call of the round passes the fence (see `fence`).
+            let result = self.step(&spot).await;
             match result {
                 Ok(Round::Full) => {}
                 // A partial batch: let the next one gather what arrives meanwhile.
@@ -136,76 +131,82 @@ impl PortalWorker {
                 // Idle: new work or a settings change ends the wait early.
                 Ok(Round::Idle) => tokio::select! {
                     _ = shutdown.changed() => {}
-                    _ = self.spots.changed() => {}
+                    _ = self.spot.changed() => {}
                     _ = self.ctx.wake.notified() => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 },
                 // Backing off: new work must not end the wait, or an outage would
                 // be hammered once per change.
                 Err(e) => {
-                    let pause = self.on_error(&spots, e).await;
+                    let Some(pause) = self.on_error(&spot, e).await else {
+                        break;
+                    };
                     tokio::select! {
                         _ = shutdown.changed() => {}
-                        _ = self.spots.changed() => {}
+                        _ = self.spot.changed() => {}
                         _ = tokio::time::sleep(pause) => {}
                     }
                 }
             }
         }
-        info!("portal worker stopped");
+        info!("spot worker stopped");
     }
 
     /// Carries out what `policy` says about a failed round; returns how long
-    /// to wait before the next one.
-    async fn on_error(&mut self, spots: &[LiveIntegration], failed: RoundError) -> Duration {
-        let spot_ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
-        let auth = spots
-            .first()
-            .map(|s| s.credentials_kind)
-            .unwrap_or(AuthKind::Token);
+    /// to wait before the next one, or None when this activation's work ends.
+    async fn on_error(&mut self, spot: &LiveIntegration, failed: RoundError) -> Option<Duration> {
+        let fence = spot.fence();
         let e = failed.error;
-        match policy::classify(&e, auth, self.tokens.refreshed_after_401()) {
-            Disposition::FlowControl(wait) => {
-                DeliveryRetried {
-                    cause: RetryCause::RateLimited,
-                    error: &e,
-                    retry_in: wait,
+        Some(
+            match policy::classify(&e, spot.credentials_kind, self.tokens.refreshed_after_401()) {
+                Disposition::Stop => {
+                    info!(
+                        "the Spot was reconnected or disconnected; this activation's worker stops"
+                    );
+                    return None;
                 }
-                .emit(&self.ctx.metrics);
-                wait
-            }
-            // A short pause: a 401 that a refresh cannot fix must not become
-            // a hot loop of refreshes.
-            Disposition::Refresh => {
-                DeliveryRetried {
-                    cause: RetryCause::Auth,
-                    error: &e,
-                    retry_in: REFRESH_PAUSE,
+                Disposition::FlowControl(wait) => {
+                    DeliveryRetried {
+                        cause: RetryCause::RateLimited,
+                        error: &e,
+                        retry_in: wait,
+                    }
+                    .emit(&self.ctx.metrics);
+                    wait
                 }
-                .emit(&self.ctx.metrics);
-                self.tokens.force_refresh();
-                REFRESH_PAUSE
-            }
-            // Once: recreate the schema. Missing again right after that, it
-            // is HubSpot refusing our properties: back off and run the clock
-            // like any other failure, so the Spot cannot stall unnoticed.
-            Disposition::Reinitialize if !self.schema_recreated => {
-                let pause = self.backoff.next();
-                warn!(error = %e, "a MeltingSpot property is missing in HubSpot; recreating the schema");
-                self.schema_stale = true;
-                self.schema_recreated = true;
-                pause
-            }
-            Disposition::Reinitialize => {
-                self.retry(RetryCause::HubSpot, &spot_ids, failed.taken, &e)
-                    .await
-            }
-            Disposition::Fail(cause) => {
-                self.fail(&spot_ids, cause, &e.to_string()).await;
-                Duration::from_secs(1)
-            }
-            Disposition::Retry(cause) => self.retry(cause, &spot_ids, failed.taken, &e).await,
-        }
+                // A short pause: a 401 that a refresh cannot fix must not become
+                // a hot loop of refreshes.
+                Disposition::Refresh => {
+                    DeliveryRetried {
+                        cause: RetryCause::Auth,
+                        error: &e,
+                        retry_in: REFRESH_PAUSE,
+                    }
+                    .emit(&self.ctx.metrics);
+                    self.tokens.force_refresh();
+                    REFRESH_PAUSE
+                }
+                // Once: recreate the schema. Missing again right after that, it
+                // is HubSpot refusing our properties: back off and run the clock
+                // like any other failure, so the Spot cannot stall unnoticed.
+                Disposition::Reinitialize if !self.schema_recreated => {
+                    let pause = self.backoff.next();
+                    warn!(error = %e, "a MeltingSpot property is missing in HubSpot; recreating the schema");
+                    self.schema_stale = true;
+                    self.schema_recreated = true;
+                    pause
+                }
+                Disposition::Reinitialize => {
+                    self.retry(RetryCause::HubSpot, fence, failed.taken, &e)
+                        .await
+                }
+                Disposition::Fail(cause) => {
+                    self.fail(fence, cause, &e.to_string()).await;
+                    Duration::from_secs(1)
+                }
+                Disposition::Retry(cause) => self.retry(cause, fence, failed.taken, &e).await,
+            },
+        )
     }
 
     /// Backs off, postpones the rows the round had taken by the same delay,
@@ -213,7 +214,7 @@ impl PortalWorker {
     async fn retry(
         &mut self,
         cause: RetryCause,
-        spot_ids: &[i64],
+        fence: Fence,
         taken: Taken,
         e: &DeliverError,
     ) -> Duration {
@@ -229,7 +230,7 @@ impl PortalWorker {
         }
         .emit(&self.ctx.metrics);
         if cause == RetryCause::HubSpot {
-            self.run_failure_clock(spot_ids, e).await;
+            self.run_failure_clock(fence, e).await;
         }
         pause
     }
@@ -247,113 +248,117 @@ impl PortalWorker {
         Ok(())
     }
 
-    async fn run_failure_clock(&mut self, spot_ids: &[i64], e: &DeliverError) {
+    async fn run_failure_clock(&mut self, fence: Fence, e: &DeliverError) {
         let recorded = match self.ctx.db.client().await {
-            Ok(c) => store::record_outcome(&c, spot_ids, Some(&e.to_string())).await,
+            Ok(c) => {
+                store::record_outcome(&c, fence.spot_id, fence.activation, Some(&e.to_string()))
+                    .await
+            }
             Err(de) => Err(de),
         };
         match recorded {
             Ok(failing_for) if failing_for >= self.ctx.fail_after => {
                 let msg = format!("HubSpot unreachable for {} s: {e}", failing_for.as_secs());
-                self.fail(spot_ids, FailCause::Unreachable, &msg).await;
+                self.fail(fence, FailCause::Unreachable, &msg).await;
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "could not record the failure"),
         }
     }
 
-    async fn fail(&mut self, spot_ids: &[i64], cause: FailCause, error: &str) {
+    async fn fail(&mut self, fence: Fence, cause: FailCause, error: &str) {
         let marked = match self.ctx.db.client().await {
-            Ok(mut c) => store::mark_failed(&mut c, spot_ids, error).await,
+            Ok(mut c) => {
+                store::mark_failed(
+                    &mut c,
+                    &self.ctx.markers,
+                    fence.spot_id,
+                    fence.activation,
+                    error,
+                )
+                .await
+            }
             Err(e) => Err(e),
         };
         match marked {
-            Ok(failed) => {
-                for &spot_id in &failed {
-                    IntegrationFailed {
-                        spot_id,
-                        cause,
-                        error,
-                    }
-                    .emit(&self.ctx.metrics);
+            Ok(true) => {
+                IntegrationFailed {
+                    spot_id: fence.spot_id,
+                    cause,
+                    error,
                 }
-                if !failed.is_empty() {
-                    self.ctx.notify.notify_one();
-                }
+                .emit(&self.ctx.metrics);
+                self.ctx.notify.notify_one();
             }
+            // Another activation took over meanwhile: it is not this one's to fail.
+            Ok(false) => {}
             Err(e) => warn!(error = %e, "could not mark the integration failed"),
         }
     }
 
-    /// One unit of work, under the portal's round lock.
-    async fn step(&mut self, spots: &[LiveIntegration]) -> Result<Round, RoundError> {
-        // The supervisor's view may be up to 0.5 s old: a Spot disconnected or
-        // failed meanwhile gets nothing.
-        let ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
-        let active = store::still_active(&*self.ctx.db.client().await?, &ids).await?;
-        let spots: Vec<&LiveIntegration> = spots
-            .iter()
-            .filter(|s| active.contains(&s.spot_id))
-            .collect();
-        let Some(first) = spots.first() else {
-            return Ok(Round::Idle);
-        };
-        let token = self.tokens.access_token(&self.ctx, first).await?;
+    /// One unit of work for the Spot.
+    async fn step(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
+        let fence = spot.fence();
+        // The supervisor's view may be up to 0.5 s old: a Spot disconnected,
+        // failed or reconnected meanwhile gets nothing.
+        let client = self.ctx.db.client().await?;
+        if !store::is_current(&client, spot.spot_id, spot.portal_id, spot.activation).await? {
+            return Err(DeliverError::Superseded.into());
+        }
+        drop(client);
+        let token = self.tokens.access_token(&self.ctx, spot).await?;
         let portal = Portal {
             client: self.ctx.client.clone(),
             token,
             limiter: self.limiter.clone(),
+            fence: Some(self.ctx.fences.gate(&self.ctx.db, fence)),
         };
 
         // Initialization, once per activation (SPEC §4.2).
-        let uninitialized: Vec<&&LiveIntegration> = spots
-            .iter()
-            .filter(|s| !s.initialized && !self.initialized.contains(&(s.spot_id, s.activation)))
-            .collect();
-        if !uninitialized.is_empty() || self.schema_stale {
+        let uninitialized = !spot.initialized && !self.initialized;
+        if uninitialized || self.schema_stale {
             portal.ensure_schema().await?;
             self.schema_stale = false;
-            let client = self.ctx.db.client().await?;
-            for s in &uninitialized {
-                store::mark_initialized(&client, s.spot_id, s.activation).await?;
-                self.initialized.insert((s.spot_id, s.activation));
+            if uninitialized {
+                let client = self.ctx.db.client().await?;
+                store::mark_initialized(&client, spot.spot_id, spot.activation).await?;
+                self.initialized = true;
+                info!("property group and properties are in place");
             }
-            info!(
-                spots = uninitialized.len(),
-                "property group and properties are in place"
-            );
             return Ok(Round::Full);
         }
 
-        // Backfill: queue the next page of a Spot's members when its backlog is short.
-        for s in &spots {
-            let key = (s.spot_id, s.activation);
-            let after = *self.backfill.entry(key).or_insert(s.backfill_after);
-            let Some(after) = after else { continue };
+        // Backfill: queue the next page of the Spot's members when its backlog is short.
+        let after = *self.backfill.get_or_insert(spot.backfill_after);
+        if let Some(after) = after {
             let client = self.ctx.db.client().await?;
-            if store::spot_backlog(&client, s.spot_id).await? >= BACKFILL_BACKLOG {
-                continue;
+            if store::spot_backlog(&client, spot.spot_id).await? < BACKFILL_BACKLOG {
+                let (queued, next_after, done) = store::backfill_page(
+                    &client,
+                    spot.spot_id,
+                    spot.activation,
+                    after,
+                    BACKFILL_PAGE,
+                )
+                .await?;
+                self.ctx.metrics.backfill_queued.inc_by(queued as u64);
+                self.backfill = Some((!done).then_some(next_after));
+                info!(queued, done, "backfill progress");
+                return Ok(Round::Full);
             }
-            let (queued, next_after, done) =
-                store::backfill_page(&client, s.spot_id, s.activation, after, BACKFILL_PAGE)
-                    .await?;
-            self.ctx.metrics.backfill_queued.inc_by(queued as u64);
-            self.backfill.insert(key, (!done).then_some(next_after));
-            info!(spot_id = s.spot_id, queued, done, "backfill progress");
-            return Ok(Round::Full);
         }
-        self.ctx
-            .metrics
-            .backfills_running
-            .set(self.backfill.values().filter(|v| v.is_some()).count() as i64);
 
         // A round costs at most three calls (read, create, update); wait for room
         // first, so that while the portal is throttled the batch grows instead
         // of the number of calls.
         self.limiter.wait_available(3).await;
-        let spot_ids: Vec<i64> = spots.iter().map(|s| s.spot_id).collect();
-        let properties = self.property_round(&portal, &spot_ids).await?;
-        let activities = self.activity_round(&portal, &spot_ids).await?;
+        let properties = self.property_round(&portal, fence).await?;
+        // Static tokens cannot send timeline events (SPEC §9).
+        let activities = if spot.credentials_kind == AuthKind::OAuth {
+            self.activity_round(&portal, fence).await?
+        } else {
+            Round::Idle
+        };
         Ok(match (properties, activities) {
             (Round::Full, _) | (_, Round::Full) => Round::Full,
             (Round::Partial, _) | (_, Round::Partial) => Round::Partial,
@@ -361,20 +366,20 @@ impl PortalWorker {
         })
     }
 
-    async fn property_round(
-        &mut self,
-        portal: &Portal,
-        spot_ids: &[i64],
-    ) -> Result<Round, RoundError> {
-        let markers =
-            store::due_markers(&*self.ctx.db.client().await?, spot_ids, BATCH_LIMIT as i64).await?;
+    async fn property_round(&mut self, portal: &Portal, fence: Fence) -> Result<Round, RoundError> {
+        let markers = store::due_markers(
+            &*self.ctx.db.client().await?,
+            &[fence.spot_id],
+            BATCH_LIMIT as i64,
+        )
+        .await?;
         if markers.is_empty() {
             return Ok(Round::Idle);
         }
         let full = markers.len() == BATCH_LIMIT;
         let span = tracing::debug_span!("delivery_batch", items = markers.len());
         if let Err(error) =
-            round::deliver_properties(&self.ctx.metrics, &self.ctx.db, portal, &markers)
+            round::deliver_properties(&self.ctx.metrics, &self.ctx.db, portal, fence, &markers)
                 .instrument(span)
                 .await
         {
@@ -388,18 +393,17 @@ impl PortalWorker {
             let age = (now - m.enqueued_at).to_std().unwrap_or_default();
             self.ctx.metrics.delivery_seconds.observe(age.as_secs_f64());
         }
-        self.succeeded(spot_ids).await?;
+        self.succeeded(fence).await?;
         Ok(if full { Round::Full } else { Round::Partial })
     }
 
-    async fn activity_round(
-        &mut self,
-        portal: &Portal,
-        spot_ids: &[i64],
-    ) -> Result<Round, RoundError> {
-        let due =
-            store::due_activities(&*self.ctx.db.client().await?, spot_ids, BATCH_LIMIT as i64)
-                .await?;
+    async fn activity_round(&mut self, portal: &Portal, fence: Fence) -> Result<Round, RoundError> {
+        let due = store::due_activities(
+            &*self.ctx.db.client().await?,
+            &[fence.spot_id],
+            BATCH_LIMIT as i64,
+        )
+        .await?;
         if due.is_empty() {
             return Ok(Round::Idle);
         }
@@ -411,28 +415,40 @@ impl PortalWorker {
         let full = due.len() == BATCH_LIMIT;
         let ids: Vec<String> = due.iter().map(|q| q.event_id.clone()).collect();
         let span = tracing::debug_span!("activity_batch", items = due.len());
-        if let Err(error) =
-            round::deliver_activities(&self.ctx.metrics, &self.ctx.db, portal, &self.ctx.sink, due)
-                .instrument(span)
-                .await
+        if let Err(error) = round::deliver_activities(
+            &self.ctx.metrics,
+            &self.ctx.db,
+            portal,
+            fence,
+            &self.ctx.sink,
+            due,
+        )
+        .instrument(span)
+        .await
         {
             return Err(RoundError {
                 error,
                 taken: Taken::Activities(ids),
             });
         }
-        self.succeeded(spot_ids).await?;
+        self.succeeded(fence).await?;
         Ok(if full { Round::Full } else { Round::Partial })
     }
 
     /// A success ends a failure streak (and the clock towards `failed`).
-    async fn succeeded(&mut self, spot_ids: &[i64]) -> Result<(), DeliverError> {
+    async fn succeeded(&mut self, fence: Fence) -> Result<(), DeliverError> {
         let after_401 = self.tokens.succeeded();
         self.schema_recreated = false;
         if self.backoff.failures() > 0 || after_401 || self.clock_may_run {
             self.backoff.reset();
             self.clock_may_run = false;
-            store::record_outcome(&*self.ctx.db.client().await?, spot_ids, None).await?;
+            store::record_outcome(
+                &*self.ctx.db.client().await?,
+                fence.spot_id,
+                fence.activation,
+                None,
+            )
+            .await?;
         }
         Ok(())
     }

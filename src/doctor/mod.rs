@@ -45,10 +45,7 @@ pub(crate) const REQUIRED_TABLES: [&str; 12] = [
     "course_progress",
 ];
 
-/// Published tables whose UPDATEs must carry the old row, so that the sidecar
-/// can tell that attended_at / started_at / completed_at *became* non-null.
-pub(crate) const FULL_IDENTITY_TABLES: [&str; 3] =
-    ["members", "live_registrations", "course_progress"];
+pub(crate) use crate::translate::FULL_IDENTITY_TABLES;
 
 /// Tables the sidecar only reads (names and titles), never through the slot.
 pub(crate) const LOOKUP_TABLES: [&str; 5] = ["spots", "lives", "topics", "documents", "courses"];

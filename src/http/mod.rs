@@ -53,6 +53,10 @@ pub fn router(state: AppState) -> Router {
             patch(patch_settings),
         )
         .route("/api/spots/{spot_id}/hubspot/disconnect", post(disconnect))
+        .route(
+            "/api/spots/{spot_id}/hubspot/events",
+            get(integration_events),
+        )
         .route("/oauth/hubspot/callback", get(oauth_callback))
         .with_state(state)
 }
@@ -294,4 +298,33 @@ async fn disconnect(
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
     Ok(Json(s.integrations.disconnect(id).await?).into_response())
+}
+
+/// Paging of the audit trail: newest first, `before` an event id.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventsQuery {
+    before: Option<i64>,
+    limit: Option<i64>,
+}
+
+/// Entries per page of the audit trail, by default and at most.
+const EVENTS_PAGE: i64 = 50;
+const EVENTS_PAGE_MAX: i64 = 500;
+
+async fn integration_events(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Query(q): Query<EventsQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let limit = q.limit.unwrap_or(EVENTS_PAGE).clamp(1, EVENTS_PAGE_MAX);
+    let events = s.integrations.events(id, q.before, limit).await?;
+    // The next page starts below the oldest entry of this one.
+    let next_before = (events.len() as i64 == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    Ok(Json(json!({"spot_id": id, "events": events, "next_before": next_before})).into_response())
 }

@@ -13,6 +13,8 @@ pub mod ratelimit;
 pub mod timeline;
 pub mod transport;
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use serde_json::Value;
@@ -25,11 +27,34 @@ pub use transport::{ApiError, Auth, HubSpotClient, HubSpotError};
 /// HubSpot's limit on inputs per batch call.
 pub const BATCH_LIMIT: usize = 100;
 
-/// One portal: its token and its share of HubSpot's rate limit.
+/// Held while a call is in flight; dropped when its answer is in.
+pub struct FencePass(#[allow(dead_code)] Box<dyn Send>);
+
+impl FencePass {
+    /// A pass that holds `guard` until the call's answer is in.
+    pub fn holding<G: Send + 'static>(guard: G) -> FencePass {
+        FencePass(Box::new(guard))
+    }
+}
+
+/// What a call waits for after the rate limiter granted it: whether the
+/// caller may still make it (for delivery: the Spot's activation is still
+/// the current one). The pass it returns is held until the answer is in, so
+/// a reconnect or disconnect can wait for the call in flight and no call of
+/// the old activation starts after it.
+pub trait CallFence: Send + Sync {
+    /// `Ok` with a pass to make the call; `Err(Fenced)` when it must not be made.
+    fn pass(&self) -> Pin<Box<dyn Future<Output = Result<FencePass, HubSpotError>> + Send + '_>>;
+}
+
+/// One portal as one Spot's activation sees it: its token, its share of
+/// HubSpot's rate limit, and the fence every call passes.
 pub struct Portal {
     pub client: HubSpotClient,
     pub token: String,
     pub limiter: Arc<RateLimiter>,
+    /// None for calls outside delivery (tests, tools).
+    pub fence: Option<Arc<dyn CallFence>>,
 }
 
 impl Portal {
@@ -56,6 +81,12 @@ impl Portal {
                 .rate_limit_wait_seconds
                 .inc_by(waited.as_secs_f64());
         }
+        // Checked after the wait, right before the call: a rate-limit wait can
+        // be long, and a reconnect may have happened during it.
+        let _pass = match &self.fence {
+            Some(fence) => Some(fence.pass().await?),
+            None => None,
+        };
         let result = self
             .client
             .send_observed(

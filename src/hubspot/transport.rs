@@ -67,6 +67,14 @@ pub enum HubSpotError {
     /// schema is ensured again, nothing is dead-lettered for it.
     #[error("the MeltingSpot properties are missing in HubSpot: {0}")]
     SchemaMissing(String),
+    /// The call was not made: the Spot was reconnected or disconnected since
+    /// the round began (see `Portal::fence`).
+    #[error("the integration was reconnected or disconnected; the call was not made")]
+    Fenced,
+    /// The call was not made: whether the round's activation is still
+    /// current could not be checked (the database failed).
+    #[error("the call was not made: the integration could not be checked ({0})")]
+    FenceUnchecked(String),
 }
 
 /// A stateless REST client; `Portal` adds a token and a limiter.

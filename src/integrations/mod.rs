@@ -8,12 +8,15 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::deliver::RoundLocks;
+use crate::deliver::Fences;
 use crate::hubspot::oauth::{OAuthApp, Tokens};
 use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::{HubSpotClient, HubSpotError};
-use crate::store::{self, secrets::Sealer, AuthKind, Credentials, Db, DbError, IntegrationView};
-use crate::translate::ActivitiesPatch;
+use crate::store::{
+    self, secrets::Sealer, AuthKind, ChangeSource, Credentials, Db, DbError, IntegrationEvent,
+    IntegrationView,
+};
+use crate::translate::{ActivitiesPatch, MarkerKey};
 
 pub mod oauth_state;
 
@@ -66,8 +69,11 @@ pub struct Integrations {
     pub oauth: Option<OAuthApp>,
     /// Per-portal rate limiters, shared with delivery.
     pub limiters: Limiters,
-    /// Per-portal delivery round locks (a disconnect waits for the round in flight).
-    pub rounds: RoundLocks,
+    /// Per-Spot call fences: a connect or disconnect waits for the call in
+    /// flight, and no call of the old activation follows it.
+    pub fences: Fences,
+    /// Signs the settings markers every change writes into the stream.
+    pub markers: MarkerKey,
     /// Wakes delivery when an integration changed.
     pub wake: Arc<Notify>,
 }
@@ -76,6 +82,16 @@ impl Integrations {
     /// The integration as the admin API shows it.
     pub async fn view(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
         Ok(store::integration_view(&*self.db.client().await?, spot_id).await?)
+    }
+
+    /// The Spot's audit trail, newest first (`before`: an event id, for the next page).
+    pub async fn events(
+        &self,
+        spot_id: i64,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<IntegrationEvent>, IntegrationError> {
+        Ok(store::integration_events(&*self.db.client().await?, spot_id, before, limit).await?)
     }
 
     /// Every Spot with an integration.
@@ -150,7 +166,8 @@ impl Integrations {
             refresh_token_enc: None,
             expires_at: None,
         };
-        self.activate(spot_id, portal_id, &creds).await?;
+        self.activate(spot_id, portal_id, &creds, None, ChangeSource::AdminApi)
+            .await?;
         info!(spot_id, portal_id, "integration connected with a token");
         self.view(spot_id).await
     }
@@ -201,7 +218,14 @@ impl Integrations {
             refresh_token_enc: Some(self.sealer.seal(&tokens.refresh_token)),
             expires_at: Some(tokens.expires_at()),
         };
-        self.activate(verified.spot_id, portal_id, &creds).await?;
+        self.activate(
+            verified.spot_id,
+            portal_id,
+            &creds,
+            Some(&tokens.refresh_token),
+            ChangeSource::OAuthCallback,
+        )
+        .await?;
         info!(
             spot_id = verified.spot_id,
             portal_id, "integration connected through OAuth"
@@ -209,16 +233,52 @@ impl Integrations {
         Ok(verified.spot_id)
     }
 
+    /// A new activation. Waits for the Spot's call in flight, so that once
+    /// this returns no call of the previous activation (maybe to another
+    /// portal) is made; revokes the previous refresh token unless it is the new one.
     async fn activate(
         &self,
         spot_id: i64,
         portal_id: i64,
         creds: &Credentials,
+        new_refresh_token: Option<&str>,
+        source: ChangeSource,
     ) -> Result<(), IntegrationError> {
-        let mut client = self.db.client().await?;
-        store::activate(&mut client, spot_id, portal_id, creds).await?;
+        let replaced = {
+            let _fence = self.fences.exclusive(spot_id).await;
+            let mut client = self.db.client().await?;
+            store::activate(
+                &mut client,
+                &self.markers,
+                spot_id,
+                portal_id,
+                creds,
+                source,
+            )
+            .await?
+        };
         self.wake.notify_waiters();
+        if let Some(old) = replaced.refresh_token_enc {
+            match self.sealer.open(&old) {
+                Ok(old) if Some(old.as_str()) != new_refresh_token => self.revoke_later(old),
+                _ => {}
+            }
+        }
         Ok(())
+    }
+
+    /// Revokes a refresh token at HubSpot, best effort, in the background
+    /// (it is erased here already).
+    fn revoke_later(&self, token: String) {
+        let Some(app) = self.oauth.clone() else {
+            return;
+        };
+        let client = self.hubspot.clone();
+        tokio::spawn(async move {
+            if let Err(e) = app.revoke(&client, &token).await {
+                warn!(error = %e, "could not revoke the old refresh token (it is erased here anyway)");
+            }
+        });
     }
 
     /// Changes contact creation and activity categories; they apply in
@@ -233,39 +293,35 @@ impl Integrations {
         let current = self.view(spot_id).await?;
         activities_need_oauth(current.auth_kind, activities.enables_any())?;
         let mut client = self.db.client().await?;
-        store::update_settings(&mut client, spot_id, create_contacts, &activities).await?;
+        store::update_settings(
+            &mut client,
+            &self.markers,
+            spot_id,
+            create_contacts,
+            &activities,
+            ChangeSource::AdminApi,
+        )
+        .await?;
         drop(client);
         self.view(spot_id).await
     }
 
-    /// Disconnects: `inactive`, backlog dropped, tokens erased and the
-    /// refresh token revoked (best effort). Waits for the portal's delivery
-    /// round in flight, so nothing is sent for the Spot after it returns.
+    /// Disconnects: `inactive`, both backlogs dropped, tokens erased and the
+    /// refresh token revoked (best effort). Waits for the Spot's call in
+    /// flight, so nothing is sent for the Spot after it returns.
     pub async fn disconnect(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
         let view = self.view(spot_id).await?;
         if view.status == Status::Inactive {
             return Ok(view);
         }
         let erased = {
-            let _round = match view.portal_id {
-                Some(p) => Some(self.rounds.wait_for_round(p).await),
-                None => None,
-            };
+            let _fence = self.fences.exclusive(spot_id).await;
             let mut client = self.db.client().await?;
-            store::deactivate(&mut client, spot_id).await?
+            store::deactivate(&mut client, &self.markers, spot_id, ChangeSource::AdminApi).await?
         };
         info!(spot_id, "integration disconnected");
-        // Revoke the refresh token at HubSpot, best effort, after the commit.
-        if let (Some(app), Some(sealed)) = (self.oauth.clone(), erased) {
-            let client = self.hubspot.clone();
-            let sealer = self.sealer.clone();
-            tokio::spawn(async move {
-                if let Ok(token) = sealer.open(&sealed) {
-                    if let Err(e) = app.revoke(&client, &token).await {
-                        warn!(error = %e, "could not revoke the refresh token (it is erased here anyway)");
-                    }
-                }
-            });
+        if let Some(token) = erased.and_then(|sealed| self.sealer.open(&sealed).ok()) {
+            self.revoke_later(token);
         }
         self.view(spot_id).await
     }

@@ -96,10 +96,21 @@ pub struct RowChange {
     pub new: Option<Row>,
     /// The old key or full old row (Update with a changed key or FULL identity, Delete).
     pub old: Option<Row>,
-    /// Which old tuple pgoutput sent (key only, or the full row): what a
-    /// replica-identity drift check needs; nothing reads it yet.
-    #[allow(dead_code)]
+    /// Which old tuple pgoutput sent (key only, or the full row).
     pub old_kind: Option<OldKind>,
+    /// The table's replica identity is FULL, as its latest Relation message
+    /// says (a DBA may change it while the sidecar runs).
+    pub identity_full: bool,
+}
+
+impl RowChange {
+    /// The whole old row, when pgoutput sent it (REPLICA IDENTITY FULL);
+    /// a key-only old tuple says nothing about the other columns.
+    pub fn full_old(&self) -> Option<&Row> {
+        self.old
+            .as_ref()
+            .filter(|_| self.old_kind == Some(OldKind::Full))
+    }
 }
 
 /// An item of a transaction, in stream order.
@@ -171,6 +182,7 @@ impl Assembler {
             new: new.map(|t| self.row(relation_id, t)).transpose()?,
             old: old.map(|o| self.row(relation_id, o.tuple)).transpose()?,
             old_kind,
+            identity_full: relation.replica_identity == b'f',
         }))
     }
 

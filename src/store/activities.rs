@@ -262,8 +262,15 @@ pub enum ActivityDone {
 }
 
 /// In one transaction: deletes finished events (dead-lettering refused ones), reschedules the rest.
-pub async fn complete_activities(db: &mut Client, done: &[ActivityDone]) -> Result<(), DbError> {
+pub async fn complete_activities(
+    db: &mut Client,
+    fence: super::Fence,
+    done: &[ActivityDone],
+) -> Result<bool, DbError> {
     let tx = db.transaction().await?;
+    if !super::outbox::hold_fence(&tx, fence).await? {
+        return Ok(false);
+    }
     let mut delete: Vec<&str> = Vec::new();
     for d in done {
         match d {
@@ -302,7 +309,8 @@ pub async fn complete_activities(db: &mut Client, done: &[ActivityDone]) -> Resu
         &[&delete],
     )
     .await?;
-    Ok(tx.commit().await?)
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Pushes these `hubspot_sync.activity_outbox` events back by `delay` after a transient failure.

@@ -8,7 +8,7 @@ use serde::Serialize;
 use tokio_postgres::{Client, GenericClient};
 
 use super::DbError;
-use crate::translate::{Activities, ActivitiesPatch, SETTINGS_PREFIX};
+use crate::translate::{Activities, ActivitiesPatch, MarkerKey, SpotSettings, SETTINGS_PREFIX};
 
 /// An integration's state (SPEC §4): what the admin API shows and the stream obeys.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -86,6 +86,17 @@ pub struct Credentials {
     pub expires_at: Option<DateTime<Utc>>,
 }
 
+impl LiveIntegration {
+    /// The activation its rounds are fenced by.
+    pub fn fence(&self) -> super::Fence {
+        super::Fence {
+            spot_id: self.spot_id,
+            portal_id: self.portal_id,
+            activation: self.activation,
+        }
+    }
+}
+
 /// An integration as the delivery stage needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LiveIntegration {
@@ -105,7 +116,9 @@ pub struct LiveIntegration {
     pub initialized: bool,
     /// Backfill cursor: the last member id queued, 0 before the first page; None once done.
     pub backfill_after: Option<i64>,
-    /// Identifies one activation (connect): initialization runs once per activation.
+    /// The activation (generation): moved on by every connect and
+    /// disconnect. Delivery checks it before each call and each write, so a
+    /// round of an older activation can neither call HubSpot nor store record ids.
     pub activation: i64,
     /// When the current OAuth access token was issued (unknown for rows
     /// written before migration 4).
@@ -119,8 +132,7 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
             "SELECT spot_id, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
                     initialized_at IS NOT NULL,
                     CASE WHEN backfill_done_at IS NULL THEN COALESCE(backfill_after, 0) END,
-                    (extract(epoch FROM connected_at) * 1000000)::bigint,
-                    token_issued_at
+                    activation, token_issued_at
                FROM hubspot_sync.integrations
               WHERE status = 'active' AND portal_id IS NOT NULL AND access_token_enc IS NOT NULL
               ORDER BY spot_id",
@@ -142,7 +154,7 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
             expires_at: r.get(5),
             initialized: r.get(6),
             backfill_after: r.get(7),
-            activation: r.get::<_, Option<i64>>(8).unwrap_or(0),
+            activation: r.get(8),
             issued_at: r.get(9),
         })
         .collect())
@@ -240,35 +252,165 @@ pub async fn spot_exists(db: &Client, spot_id: i64) -> Result<bool, DbError> {
         .is_some())
 }
 
-/// Puts the Spot's current settings into the stream, in this transaction.
-async fn emit_settings(tx: &impl GenericClient, spot_id: i64) -> Result<(), DbError> {
+/// Puts the Spot's current settings into the stream, in this transaction,
+/// as a signed marker with the next settings version (`translate::markers`).
+async fn emit_settings(
+    tx: &impl GenericClient,
+    key: &MarkerKey,
+    spot_id: i64,
+) -> Result<(), DbError> {
+    let Some(row) = tx
+        .query_opt(
+            "UPDATE hubspot_sync.integrations SET settings_version = settings_version + 1
+              WHERE spot_id = $1
+          RETURNING settings_version, status, create_contacts, activities",
+            &[&spot_id],
+        )
+        .await?
+    else {
+        return Ok(());
+    };
+    let settings = SpotSettings {
+        spot_id,
+        version: row.get(0),
+        status: row.get(1),
+        create_contacts: row.get(2),
+        activities: serde_json::from_value(row.get(3)).unwrap_or_default(),
+    };
     tx.execute(
-        "SELECT pg_logical_emit_message(true, $2::text,
-                json_build_object('spot_id', spot_id, 'status', status,
-                                  'create_contacts', create_contacts, 'activities', activities)::text)
-           FROM hubspot_sync.integrations WHERE spot_id = $1",
-        &[&spot_id, &SETTINGS_PREFIX],
+        "SELECT pg_logical_emit_message(true, $1::text, $2::text)",
+        &[&SETTINGS_PREFIX, &key.seal(&settings)],
     )
     .await?;
     Ok(())
 }
 
-/// Connect or reconnect: the Spot becomes `active` with these credentials;
-/// initialization and the backfill run again; settings are kept (SPEC §9).
+/// Who changed an integration (`integration_events.source`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeSource {
+    /// The admin API (MeltingSpot's web app on behalf of a Spot admin).
+    AdminApi,
+    /// HubSpot's OAuth redirect, authenticated by the signed state.
+    OAuthCallback,
+    /// The delivery stage (a failure).
+    Delivery,
+}
+
+impl ChangeSource {
+    /// The name stored in `integration_events.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeSource::AdminApi => "admin_api",
+            ChangeSource::OAuthCallback => "oauth_callback",
+            ChangeSource::Delivery => "delivery",
+        }
+    }
+}
+
+/// Appends to the Spot's audit trail, in this transaction.
+async fn record_event(
+    tx: &impl GenericClient,
+    spot_id: i64,
+    kind: &str,
+    source: ChangeSource,
+    changes: serde_json::Value,
+    detail: Option<&str>,
+) -> Result<(), DbError> {
+    tx.execute(
+        "INSERT INTO hubspot_sync.integration_events (spot_id, kind, source, changes, detail)
+         VALUES ($1, $2, $3, $4, $5)",
+        &[&spot_id, &kind, &source.as_str(), &changes, &detail],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `{"from": a, "to": b}`, the shape of every change in the audit trail.
+fn change<T: Serialize>(from: T, to: T) -> serde_json::Value {
+    serde_json::json!({ "from": from, "to": to })
+}
+
+/// One entry of a Spot's audit trail (`GET /api/spots/{id}/hubspot/events`).
+#[derive(Clone, Debug, Serialize)]
+pub struct IntegrationEvent {
+    /// Increasing id (pages go backwards from `before`).
+    pub id: i64,
+    /// `connected`, `settings_changed`, `disconnected` or `failed`.
+    pub kind: String,
+    /// `admin_api`, `oauth_callback` or `delivery`.
+    pub source: String,
+    /// What changed, each as `{"from": …, "to": …}`.
+    pub changes: serde_json::Value,
+    /// The error of a failure.
+    pub detail: Option<String>,
+    /// When it happened.
+    pub at: DateTime<Utc>,
+}
+
+/// The Spot's audit trail, newest first, up to `limit` entries older than `before`.
+pub async fn integration_events(
+    db: &Client,
+    spot_id: i64,
+    before: Option<i64>,
+    limit: i64,
+) -> Result<Vec<IntegrationEvent>, DbError> {
+    let rows = db
+        .query(
+            "SELECT id, kind, source, changes, detail, created_at FROM hubspot_sync.integration_events
+              WHERE spot_id = $1 AND id < COALESCE($2, 9223372036854775807)
+              ORDER BY id DESC LIMIT $3",
+            &[&spot_id, &before, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| IntegrationEvent {
+            id: r.get(0),
+            kind: r.get(1),
+            source: r.get(2),
+            changes: r.get(3),
+            detail: r.get(4),
+            at: r.get(5),
+        })
+        .collect())
+}
+
+/// What a connect replaced.
+#[derive(Debug, Default)]
+pub struct Replaced {
+    /// The previous activation's refresh token (sealed): to be revoked at
+    /// HubSpot unless it is the new one (sealing is randomised, so only the
+    /// caller, who can open it, can tell).
+    pub refresh_token_enc: Option<Vec<u8>>,
+}
+
+/// Connect or reconnect: the Spot becomes `active` with these credentials
+/// under a new activation; initialization and the backfill run again;
+/// settings are kept (SPEC §9).
 pub async fn activate(
     db: &mut Client,
+    key: &MarkerKey,
     spot_id: i64,
     portal_id: i64,
     creds: &Credentials,
-) -> Result<(), DbError> {
+    source: ChangeSource,
+) -> Result<Replaced, DbError> {
     let tx = db.transaction().await?;
+    let before = tx
+        .query_opt(
+            "SELECT status, portal_id, auth_kind, refresh_token_enc FROM hubspot_sync.integrations
+              WHERE spot_id = $1 FOR UPDATE",
+            &[&spot_id],
+        )
+        .await?;
     tx.execute(
         "INSERT INTO hubspot_sync.integrations
              (spot_id, status, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
               token_issued_at, initialized_at, backfill_after, backfill_done_at, last_error,
-              failing_since, failed_at, connected_at, updated_at)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, now(), NULL, 0, NULL, NULL, NULL, NULL, now(), now())
+              failing_since, failed_at, connected_at, updated_at, activation)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, now(), NULL, 0, NULL, NULL, NULL, NULL, now(), now(), 1)
          ON CONFLICT (spot_id) DO UPDATE SET
+              activation = hubspot_sync.integrations.activation + 1,
               status = 'active', portal_id = $2, auth_kind = $3, access_token_enc = $4,
               refresh_token_enc = $5, token_expires_at = $6, token_issued_at = now(), initialized_at = NULL,
               backfill_after = 0, backfill_done_at = NULL, last_error = NULL,
@@ -298,45 +440,112 @@ pub async fn activate(
         )
         .await?;
     }
-    emit_settings(&tx, spot_id).await?;
-    Ok(tx.commit().await?)
+    emit_settings(&tx, key, spot_id).await?;
+    let (old_status, old_portal, old_kind, old_refresh): (
+        Option<String>,
+        Option<i64>,
+        Option<String>,
+        Option<Vec<u8>>,
+    ) = match &before {
+        Some(r) => (r.get(0), r.get(1), r.get(2), r.get(3)),
+        None => (None, None, None, None),
+    };
+    record_event(
+        &tx,
+        spot_id,
+        "connected",
+        source,
+        serde_json::json!({
+            "status": change(old_status.as_deref().unwrap_or("inactive"), "active"),
+            "portal_id": change(old_portal, Some(portal_id)),
+            "auth_kind": change(old_kind.as_deref(), Some(creds.kind.as_str())),
+        }),
+        None,
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Replaced {
+        refresh_token_enc: old_refresh,
+    })
 }
 
-/// Changes settings (creating an inactive row for a Spot never connected).
+/// Changes settings (creating an inactive row for a Spot never connected),
+/// and records what changed in the audit trail.
 pub async fn update_settings(
     db: &mut Client,
+    key: &MarkerKey,
     spot_id: i64,
     create_contacts: Option<bool>,
-    activities: &ActivitiesPatch,
+    patch: &ActivitiesPatch,
+    source: ChangeSource,
 ) -> Result<(), DbError> {
     // Only the categories the patch names change (jsonb `||` keeps the rest).
-    let activities = serde_json::to_value(activities).unwrap_or_default();
+    let activities = serde_json::to_value(patch).unwrap_or_default();
     let tx = db.transaction().await?;
     tx.execute(
         "INSERT INTO hubspot_sync.integrations (spot_id) VALUES ($1) ON CONFLICT (spot_id) DO NOTHING",
         &[&spot_id],
     )
     .await?;
-    tx.execute(
-        "UPDATE hubspot_sync.integrations
-            SET create_contacts = COALESCE($2, create_contacts),
-                activities = activities || COALESCE($3, '{}'::jsonb),
-                updated_at = now()
-          WHERE spot_id = $1",
-        &[&spot_id, &create_contacts, &activities],
-    )
-    .await?;
-    emit_settings(&tx, spot_id).await?;
+    let before = tx
+        .query_one(
+            "SELECT create_contacts, activities FROM hubspot_sync.integrations
+              WHERE spot_id = $1 FOR UPDATE",
+            &[&spot_id],
+        )
+        .await?;
+    let after = tx
+        .query_one(
+            "UPDATE hubspot_sync.integrations
+                SET create_contacts = COALESCE($2, create_contacts),
+                    activities = activities || COALESCE($3, '{}'::jsonb),
+                    updated_at = now()
+              WHERE spot_id = $1
+          RETURNING create_contacts, activities",
+            &[&spot_id, &create_contacts, &activities],
+        )
+        .await?;
+    emit_settings(&tx, key, spot_id).await?;
+    let mut changes = serde_json::Map::new();
+    let (was, now): (bool, bool) = (before.get(0), after.get(0));
+    if was != now {
+        changes.insert("create_contacts".into(), change(was, now));
+    }
+    let was: Activities = serde_json::from_value(before.get(1)).unwrap_or_default();
+    let now: Activities = serde_json::from_value(after.get(1)).unwrap_or_default();
+    for ((name, was), (_, now)) in was.named().into_iter().zip(now.named()) {
+        if was != now {
+            changes.insert(format!("activities.{name}"), change(was, now));
+        }
+    }
+    if !changes.is_empty() {
+        record_event(
+            &tx,
+            spot_id,
+            "settings_changed",
+            source,
+            changes.into(),
+            None,
+        )
+        .await?;
+    }
     Ok(tx.commit().await?)
 }
 
-/// Disconnect: `inactive`, the backlog dropped, the tokens erased. Returns the
-/// sealed refresh token (or static token) that was erased, for revocation.
-pub async fn deactivate(db: &mut Client, spot_id: i64) -> Result<Option<Vec<u8>>, DbError> {
+/// Disconnect: `inactive` under a new activation, both backlogs dropped, the
+/// tokens erased, in one transaction. Returns the sealed refresh token that
+/// was erased, for revocation.
+pub async fn deactivate(
+    db: &mut Client,
+    key: &MarkerKey,
+    spot_id: i64,
+    source: ChangeSource,
+) -> Result<Option<Vec<u8>>, DbError> {
     let tx = db.transaction().await?;
     let old = tx
         .query_opt(
-            "SELECT refresh_token_enc FROM hubspot_sync.integrations WHERE spot_id = $1 FOR UPDATE",
+            "SELECT refresh_token_enc, status, portal_id FROM hubspot_sync.integrations
+              WHERE spot_id = $1 FOR UPDATE",
             &[&spot_id],
         )
         .await?;
@@ -346,37 +555,57 @@ pub async fn deactivate(db: &mut Client, spot_id: i64) -> Result<Option<Vec<u8>>
     tx.execute(
         "UPDATE hubspot_sync.integrations
             SET status = 'inactive', access_token_enc = NULL, refresh_token_enc = NULL,
-                token_expires_at = NULL, failing_since = NULL, updated_at = now()
+                token_expires_at = NULL, failing_since = NULL, activation = activation + 1,
+                updated_at = now()
           WHERE spot_id = $1",
         &[&spot_id],
     )
     .await?;
-    tx.execute(
-        "DELETE FROM hubspot_sync.property_outbox WHERE spot_id = $1",
-        &[&spot_id],
+    // Nothing queued before the disconnect may reach a later connection,
+    // possibly to another portal: neither changes nor events.
+    for table in ["property_outbox", "activity_outbox"] {
+        tx.execute(
+            &format!("DELETE FROM hubspot_sync.{table} WHERE spot_id = $1"),
+            &[&spot_id],
+        )
+        .await?;
+    }
+    emit_settings(&tx, key, spot_id).await?;
+    let (was, portal): (String, Option<i64>) = (old.get(1), old.get(2));
+    record_event(
+        &tx,
+        spot_id,
+        "disconnected",
+        source,
+        serde_json::json!({
+            "status": change(was.as_str(), "inactive"),
+            "portal_id": change(portal, None),
+        }),
+        None,
     )
     .await?;
-    emit_settings(&tx, spot_id).await?;
     tx.commit().await?;
     Ok(old.get(0))
 }
 
-/// Enters `failed` for the Spots that are still active, and queues one in-app
-/// and one e-mail notification for each admin of each, once per incident.
-/// Returns the Spots that entered `failed` now.
+/// Enters `failed` if this activation is still the active one, and queues
+/// one in-app and one e-mail notification for each of the Spot's admins,
+/// once per incident. Returns whether the Spot entered `failed` now.
 pub async fn mark_failed(
     db: &mut Client,
-    spot_ids: &[i64],
+    key: &MarkerKey,
+    spot_id: i64,
+    activation: i64,
     error: &str,
-) -> Result<Vec<i64>, DbError> {
+) -> Result<bool, DbError> {
     let tx = db.transaction().await?;
     let failed: Vec<i64> = tx
         .query(
             "UPDATE hubspot_sync.integrations
-                SET status = 'failed', failed_at = now(), last_error = $2, updated_at = now()
-              WHERE spot_id = ANY($1) AND status = 'active'
+                SET status = 'failed', failed_at = now(), last_error = $3, updated_at = now()
+              WHERE spot_id = $1 AND activation = $2 AND status = 'active'
           RETURNING spot_id",
-            &[&spot_ids, &error],
+            &[&spot_id, &activation, &error],
         )
         .await?
         .iter()
@@ -395,62 +624,92 @@ pub async fn mark_failed(
             &[&failed, &error],
         )
         .await?;
-        for spot in &failed {
-            emit_settings(&tx, *spot).await?;
-        }
+        emit_settings(&tx, key, spot_id).await?;
+        record_event(
+            &tx,
+            spot_id,
+            "failed",
+            ChangeSource::Delivery,
+            serde_json::json!({ "status": change("active", "failed") }),
+            Some(error),
+        )
+        .await?;
     }
     tx.commit().await?;
-    Ok(failed)
+    Ok(!failed.is_empty())
 }
 
-/// The SQL that identifies one activation (see `LiveIntegration::activation`).
-const ACTIVATION: &str = "(extract(epoch FROM connected_at) * 1000000)::bigint";
+/// Whether this activation of the Spot is the active one (the fence of every
+/// HubSpot call and every write delivery makes).
+pub async fn is_current(
+    db: &Client,
+    spot_id: i64,
+    portal_id: i64,
+    activation: i64,
+) -> Result<bool, DbError> {
+    Ok(db
+        .query_opt(
+            "SELECT 1 FROM hubspot_sync.integrations
+              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'",
+            &[&spot_id, &portal_id, &activation],
+        )
+        .await?
+        .is_some())
+}
 
 /// Marks this activation initialized (a newer activation is left alone).
 pub async fn mark_initialized(db: &Client, spot_id: i64, activation: i64) -> Result<(), DbError> {
     db.execute(
-        &format!(
-            "UPDATE hubspot_sync.integrations SET initialized_at = now(), updated_at = now()
-              WHERE spot_id = $1 AND {ACTIVATION} = $2"
-        ),
+        "UPDATE hubspot_sync.integrations SET initialized_at = now(), updated_at = now()
+          WHERE spot_id = $1 AND activation = $2",
         &[&spot_id, &activation],
     )
     .await?;
     Ok(())
 }
 
-/// Stores refreshed OAuth tokens (the refresh token may have rotated).
+/// Stores refreshed OAuth tokens (the refresh token may have rotated), for
+/// this activation only: a reconnect meanwhile keeps its own tokens.
 pub async fn store_tokens(
     db: &Client,
     spot_id: i64,
+    activation: i64,
     access_enc: &[u8],
     refresh_enc: &[u8],
     expires_at: DateTime<Utc>,
 ) -> Result<(), DbError> {
     db.execute(
         "UPDATE hubspot_sync.integrations
-            SET access_token_enc = $2, refresh_token_enc = $3, token_expires_at = $4,
+            SET access_token_enc = $3, refresh_token_enc = $4, token_expires_at = $5,
                 token_issued_at = now(), updated_at = now()
-          WHERE spot_id = $1 AND status = 'active'",
-        &[&spot_id, &access_enc, &refresh_enc, &expires_at],
+          WHERE spot_id = $1 AND activation = $2 AND status = 'active'",
+        &[
+            &spot_id,
+            &activation,
+            &access_enc,
+            &refresh_enc,
+            &expires_at,
+        ],
     )
     .await?;
     Ok(())
 }
 
 /// Success clears the transient-failure clock; a failure starts it and keeps
-/// the latest error. Returns how long the Spots have been failing, at most.
+/// the latest error (this activation only). Returns how long the Spot has
+/// been failing.
 pub async fn record_outcome(
     db: &Client,
-    spot_ids: &[i64],
+    spot_id: i64,
+    activation: i64,
     error: Option<&str>,
 ) -> Result<std::time::Duration, DbError> {
     match error {
         None => {
             db.execute(
                 "UPDATE hubspot_sync.integrations SET last_success_at = now(), failing_since = NULL
-                  WHERE spot_id = ANY($1)",
-                &[&spot_ids],
+                  WHERE spot_id = $1 AND activation = $2",
+                &[&spot_id, &activation],
             )
             .await?;
             Ok(std::time::Duration::ZERO)
@@ -460,11 +719,11 @@ pub async fn record_outcome(
                 .query_one(
                     "WITH u AS (
                          UPDATE hubspot_sync.integrations
-                            SET last_error = $2, failing_since = COALESCE(failing_since, now()), updated_at = now()
-                          WHERE spot_id = ANY($1)
+                            SET last_error = $3, failing_since = COALESCE(failing_since, now()), updated_at = now()
+                          WHERE spot_id = $1 AND activation = $2
                       RETURNING failing_since)
                      SELECT COALESCE(EXTRACT(epoch FROM now() - min(failing_since)), 0)::float8 FROM u",
-                    &[&spot_ids, &e],
+                    &[&spot_id, &activation, &e],
                 )
                 .await?;
             Ok(std::time::Duration::from_secs_f64(
@@ -501,11 +760,9 @@ pub async fn backfill_page(
     let last: Option<i64> = row.get(1);
     let done = n < page;
     db.execute(
-        &format!(
-            "UPDATE hubspot_sync.integrations
-                SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END
-              WHERE spot_id = $1 AND status = 'active' AND {ACTIVATION} = $4"
-        ),
+        "UPDATE hubspot_sync.integrations
+            SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END
+          WHERE spot_id = $1 AND status = 'active' AND activation = $4",
         &[&spot_id, &last.unwrap_or(after), &done, &activation],
     )
     .await?;
@@ -619,17 +876,4 @@ pub async fn mark_rejected(db: &Client, id: i64, reason: &str) -> Result<(), DbE
     )
     .await?;
     Ok(())
-}
-
-/// Which of these Spots are active right now.
-pub async fn still_active(db: &Client, spot_ids: &[i64]) -> Result<Vec<i64>, DbError> {
-    Ok(db
-        .query(
-            "SELECT spot_id FROM hubspot_sync.integrations WHERE spot_id = ANY($1) AND status = 'active'",
-            &[&spot_ids],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
 }

@@ -12,6 +12,8 @@ pub use activities::*;
 pub use integrations::*;
 pub use outbox::*;
 
+/// The key the store signs settings markers with (see `translate::markers`).
+pub use crate::translate::MarkerKey;
 pub use db::{Db, DbClient, DbError};
 
 use tokio_postgres::types::PgLsn;
@@ -27,6 +29,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         4,
         include_str!("../../sql/migrations/0004_refresh_and_mail.sql"),
     ),
+    (5, include_str!("../../sql/migrations/0005_tenancy.sql")),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so
@@ -141,11 +144,11 @@ pub async fn hand_off(
     for settings in work.settings.values() {
         let json = serde_json::to_value(settings.activities).unwrap_or_default();
         tx.execute(
-            "INSERT INTO hubspot_sync.stream_settings (spot_id, status, create_contacts, activities, lsn)
-             VALUES ($1, $2, $3, $4, $5)
+            "INSERT INTO hubspot_sync.stream_settings (spot_id, status, create_contacts, activities, lsn, version)
+             VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (spot_id) DO UPDATE
-                SET status = $2, create_contacts = $3, activities = $4, lsn = $5",
-            &[&settings.spot_id, &settings.status, &settings.create_contacts, &json, &lsn],
+                SET status = $2, create_contacts = $3, activities = $4, lsn = $5, version = $6",
+            &[&settings.spot_id, &settings.status, &settings.create_contacts, &json, &lsn, &settings.version],
         )
         .await?;
     }
@@ -210,9 +213,9 @@ pub async fn load_stream_settings(db: &Client) -> Result<StreamSettings, DbError
     let rows = db
         .query(
             // A Spot the stream has not seen yet (first start) begins from its row.
-            "SELECT spot_id, status, create_contacts, activities FROM hubspot_sync.stream_settings
+            "SELECT spot_id, status, create_contacts, activities, version FROM hubspot_sync.stream_settings
              UNION ALL
-             SELECT spot_id, status, create_contacts, activities FROM hubspot_sync.integrations i
+             SELECT spot_id, status, create_contacts, activities, settings_version FROM hubspot_sync.integrations i
               WHERE NOT EXISTS (SELECT 1 FROM hubspot_sync.stream_settings s WHERE s.spot_id = i.spot_id)",
             &[],
         )
@@ -229,6 +232,7 @@ pub async fn load_stream_settings(db: &Client) -> Result<StreamSettings, DbError
                     status: r.get(1),
                     create_contacts: r.get(2),
                     activities: serde_json::from_value(activities).unwrap_or_default(),
+                    version: r.get(4),
                 },
             )
         })

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use super::DbError;
 
@@ -99,18 +99,29 @@ pub struct MemberRecord {
     pub headline: Option<String>,
     /// `members.bio`.
     pub bio: Option<String>,
+    /// Group memberships, tags and the custom role that belong to another
+    /// Spot: left out of the values, counted.
+    pub cross_spot_refs: i64,
 }
 
 /// Reads these members' current values (with group, tag and custom role names) from `public`.
 pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<MemberRecord>, DbError> {
     let rows = db
         .query(
-            "SELECT m.spot_id, m.id, m.email, m.first_name, m.last_name, m.status, m.role, cr.name,
+            "SELECT m.spot_id, m.id, m.email, m.first_name, m.last_name, m.status, m.role,
+                    CASE WHEN cr.spot_id = m.spot_id THEN cr.name END,
                     m.invited_at, m.registered_at, m.headline, m.bio,
+                    -- Names come only from the member's own Spot (G4): a membership,
+                    -- tag or role row pointing across Spots is left out and counted.
                     ARRAY(SELECT g.name FROM public.group_members gm JOIN public.groups g ON g.id = gm.group_id
-                           WHERE gm.member_id = m.id),
+                           WHERE gm.member_id = m.id AND g.spot_id = m.spot_id),
                     ARRAY(SELECT t.name FROM public.member_tags mt JOIN public.tags t ON t.id = mt.tag_id
-                           WHERE mt.member_id = m.id)
+                           WHERE mt.member_id = m.id AND t.spot_id = m.spot_id),
+                    (SELECT count(*) FROM public.group_members gm JOIN public.groups g ON g.id = gm.group_id
+                      WHERE gm.member_id = m.id AND g.spot_id <> m.spot_id)
+                    + (SELECT count(*) FROM public.member_tags mt JOIN public.tags t ON t.id = mt.tag_id
+                        WHERE mt.member_id = m.id AND t.spot_id <> m.spot_id)
+                    + (cr.id IS NOT NULL AND cr.spot_id <> m.spot_id)::int
                FROM public.members m
                LEFT JOIN public.custom_roles cr ON cr.id = m.custom_role_id
               WHERE m.id = ANY($1)",
@@ -134,6 +145,7 @@ pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<Membe
             bio: r.get(11),
             groups: r.get(12),
             tags: r.get(13),
+            cross_spot_refs: r.get(14),
         })
         .collect())
 }
@@ -149,9 +161,37 @@ pub struct ContactState {
     pub written: HashMap<String, String>,
 }
 
-/// Reads the `hubspot_sync.contact_map` entries of these (spot, member) keys.
+/// The activation a delivery round works for. Its writes land only while it
+/// is the Spot's current activation on that portal (a reconnect or
+/// disconnect meanwhile fences them off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Fence {
+    /// The Spot.
+    pub spot_id: i64,
+    /// The portal this activation delivers to.
+    pub portal_id: i64,
+    /// `integrations.activation`.
+    pub activation: i64,
+}
+
+/// Locks the integration row for share if `fence` is still current, in this
+/// transaction: a reconnect or disconnect then waits for the transaction.
+pub(super) async fn hold_fence(tx: &impl GenericClient, fence: Fence) -> Result<bool, DbError> {
+    Ok(tx
+        .query_opt(
+            "SELECT 1 FROM hubspot_sync.integrations
+              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
+                FOR SHARE",
+            &[&fence.spot_id, &fence.portal_id, &fence.activation],
+        )
+        .await?
+        .is_some())
+}
+
+/// Reads the `hubspot_sync.contact_map` entries of these (spot, member) keys on this portal.
 pub async fn contact_states(
     db: &Client,
+    portal_id: i64,
     keys: &[(i64, i64)],
 ) -> Result<HashMap<(i64, i64), ContactState>, DbError> {
     let spots: Vec<i64> = keys.iter().map(|k| k.0).collect();
@@ -161,8 +201,9 @@ pub async fn contact_states(
             "SELECT c.spot_id, c.member_id, c.email, c.contact_id, c.written
                FROM hubspot_sync.contact_map c
                JOIN unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
-                 ON k.spot_id = c.spot_id AND k.member_id = c.member_id",
-            &[&spots, &members],
+                 ON k.spot_id = c.spot_id AND k.member_id = c.member_id
+              WHERE c.portal_id = $3",
+            &[&spots, &members, &portal_id],
         )
         .await?;
     Ok(rows
@@ -241,12 +282,19 @@ impl Completion {
 }
 
 /// Records completions and deletes their outbox rows, unless a newer change
-/// arrived meanwhile (the version moved on), in one transaction.
-pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbError> {
+/// arrived meanwhile (the version moved on), in one transaction. Returns
+/// false, and changes nothing, when `fence` is no longer current: record ids
+/// of another activation (maybe another portal) are never stored.
+pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Result<bool, DbError> {
     let mut done: Vec<&Completion> = done.iter().collect();
-    // Same lock order as the hand-off, so the two never deadlock.
+    // Same lock order as the hand-off (integration, then outbox rows by
+    // key), so the two never deadlock.
     done.sort_by_key(|c| c.key());
     let tx = db.transaction().await?;
+    if !hold_fence(&tx, fence).await? {
+        return Ok(false);
+    }
+    let portal = fence.portal_id;
     for c in done {
         let marker = match c {
             Completion::Written {
@@ -257,11 +305,11 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
             } => {
                 let written = serde_json::to_value(written).unwrap_or_default();
                 tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at)
-                     VALUES ($1, $2, $3, $4, $5, now())
-                     ON CONFLICT (spot_id, member_id) DO UPDATE
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
+                     VALUES ($1, $2, $3, $4, $5, now(), $6)
+                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
                         SET email = $3, contact_id = $4, written = $5, updated_at = now()",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id, &written],
+                    &[&marker.spot_id, &marker.member_id, email, contact_id, &written, &portal],
                 )
                 .await?;
                 marker
@@ -270,17 +318,18 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
                 match email {
                     Some(email) => tx
                         .execute(
-                            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
-                             VALUES ($1, $2, $3, NULL, '{}')
-                             ON CONFLICT (spot_id, member_id) DO UPDATE
+                            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
+                             VALUES ($1, $2, $3, NULL, '{}', $4)
+                             ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
                                 SET email = $3, contact_id = NULL, written = '{}', updated_at = now()",
-                            &[&marker.spot_id, &marker.member_id, email],
+                            &[&marker.spot_id, &marker.member_id, email, &portal],
                         )
                         .await?,
                     None => tx
                         .execute(
-                            "DELETE FROM hubspot_sync.contact_map WHERE spot_id = $1 AND member_id = $2",
-                            &[&marker.spot_id, &marker.member_id],
+                            "DELETE FROM hubspot_sync.contact_map
+                              WHERE spot_id = $1 AND member_id = $2 AND portal_id = $3",
+                            &[&marker.spot_id, &marker.member_id, &portal],
                         )
                         .await?,
                 };
@@ -292,10 +341,10 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
                 contact_id,
             } => {
                 tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
-                     VALUES ($1, $2, $3, $4, '{}')
-                     ON CONFLICT (spot_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id],
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
+                     VALUES ($1, $2, $3, $4, '{}', $5)
+                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
+                    &[&marker.spot_id, &marker.member_id, email, contact_id, &portal],
                 )
                 .await?;
                 // The outbox row stays: the next round writes the properties.
@@ -317,10 +366,10 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
                 // Keep the mapping but forget what was written, so the next
                 // change sends every property again.
                 tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written)
-                     VALUES ($1, $2, $3, $4, '{}')
-                     ON CONFLICT (spot_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id],
+                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
+                     VALUES ($1, $2, $3, $4, '{}', $5)
+                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
+                    &[&marker.spot_id, &marker.member_id, email, contact_id, &portal],
                 )
                 .await?;
                 marker
@@ -332,7 +381,8 @@ pub async fn complete(db: &mut Client, done: &[Completion]) -> Result<(), DbErro
         )
         .await?;
     }
-    Ok(tx.commit().await?)
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Pushes markers back after a transient failure.

@@ -8,6 +8,7 @@
 //! in the same database transaction that stores the checkpoint.
 
 pub mod activity;
+pub mod markers;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -19,14 +20,16 @@ use serde::{Deserialize, Serialize};
 use crate::replication::{Field, Op, Row, RowChange, Transaction, TxItem};
 use activity::ActivityType;
 
-/// Prefix of the transactional logical messages that carry a Spot's settings
-/// in commit order (written with every settings change, see `store::integrations`).
-pub const SETTINGS_PREFIX: &str = "hubspot_sidecar.settings";
+pub use markers::{MarkerKey, RejectedMarker, SETTINGS_PREFIX};
 
 /// A Spot's settings as the stream has seen them so far.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpotSettings {
     pub spot_id: i64,
+    /// `integrations.settings_version` when the marker was written: a marker
+    /// applies only if it is newer than the one applied before.
+    #[serde(default)]
+    pub version: i64,
     pub status: String,
     pub create_contacts: bool,
     #[serde(default)]
@@ -47,7 +50,18 @@ pub struct Activities {
 impl Activities {
     /// Whether any category is on.
     pub fn any(&self) -> bool {
-        self.members || self.lives || self.discussions || self.collections || self.courses
+        self.named().iter().any(|(_, on)| *on)
+    }
+
+    /// Each category with its API name, in the seed's order.
+    pub fn named(&self) -> [(&'static str, bool); 5] {
+        [
+            ("members", self.members),
+            ("lives", self.lives),
+            ("discussions", self.discussions),
+            ("collections", self.collections),
+            ("courses", self.courses),
+        ]
     }
 }
 
@@ -88,6 +102,11 @@ pub type StreamSettings = HashMap<i64, SpotSettings>;
 /// The tables the sidecar reads; everything else in the stream is ignored.
 pub const SCHEMA: &str = "public";
 
+/// Published tables whose UPDATEs must carry the old row (REPLICA IDENTITY
+/// FULL), so that a status or a timestamp that *became* set can be told from
+/// an edit of a row where it already was.
+pub const FULL_IDENTITY_TABLES: [&str; 3] = ["members", "live_registrations", "course_progress"];
+
 /// Members whose derived properties may have changed.
 #[derive(Debug, Default, Clone)]
 pub struct Work {
@@ -106,6 +125,14 @@ pub struct Work {
     /// Activities that occurred, in stream order, before the Spot and
     /// category filters (the hand-off resolves each one's Spot).
     pub activities: Vec<ActivityCandidate>,
+    /// Settings markers that were forged, replayed or malformed, and ignored.
+    pub rejected_markers: Vec<RejectedMarker>,
+    /// For each `FULL_IDENTITY_TABLES` table changed: whether its replica
+    /// identity was FULL (from its latest Relation message).
+    pub identity_full: BTreeMap<&'static str, bool>,
+    /// Member status updates whose old status the stream did not carry: no
+    /// event is sent for them (it could be an edit), they are counted.
+    pub undecidable_status_changes: u64,
 }
 
 /// What an activity is about, to be looked up by the hand-off.
@@ -178,7 +205,10 @@ impl Work {
     }
 
     pub fn is_empty(&self) -> bool {
-        !self.touches_members() && self.settings.is_empty() && self.activities.is_empty()
+        !self.touches_members()
+            && self.settings.is_empty()
+            && self.activities.is_empty()
+            && self.rejected_markers.is_empty()
     }
 
     /// Coalesces another transaction's work into this one.
@@ -191,26 +221,43 @@ impl Work {
         self.create_contacts.extend(other.create_contacts);
         self.settings.extend(other.settings);
         self.activities.extend(other.activities);
+        self.rejected_markers.extend(other.rejected_markers);
+        self.identity_full.extend(other.identity_full);
+        self.undecidable_status_changes += other.undecidable_status_changes;
     }
 }
 
 /// The work one transaction implies. Settings messages update `settings` in
 /// place, so a toggle governs exactly the changes after it in commit order.
-pub fn translate(settings: &mut Arc<StreamSettings>, tx: &Transaction) -> Work {
+pub fn translate(settings: &mut Arc<StreamSettings>, key: &MarkerKey, tx: &Transaction) -> Work {
     let mut work = Work::default();
     for (ordinal, item) in tx.items.iter().enumerate() {
         match item {
             TxItem::Message { prefix, content } if prefix == SETTINGS_PREFIX => {
-                match serde_json::from_slice::<SpotSettings>(content) {
-                    Ok(s) => {
-                        // Copy on write: activities already seen keep the settings of their time.
-                        Arc::make_mut(settings).insert(s.spot_id, s.clone());
-                        work.settings.insert(s.spot_id, s);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "ignoring a malformed settings message"),
+                match key.open(content) {
+                    Ok(s) => match settings.get(&s.spot_id) {
+                        // The same marker again (the stream resumed before it): nothing changes.
+                        Some(last) if *last == s => {}
+                        // A genuine marker, but not newer than the one applied: a replay.
+                        Some(last) if s.version <= last.version => {
+                            work.rejected_markers.push(RejectedMarker {
+                                spot_id: Some(s.spot_id),
+                                reason: markers::MarkerRejection::Replayed,
+                            })
+                        }
+                        _ => {
+                            // Copy on write: activities already seen keep the settings of their time.
+                            Arc::make_mut(settings).insert(s.spot_id, s.clone());
+                            work.settings.insert(s.spot_id, s);
+                        }
+                    },
+                    Err(rejected) => work.rejected_markers.push(rejected),
                 }
             }
             TxItem::Change(c) if &*c.schema == SCHEMA => {
+                if let Some(t) = FULL_IDENTITY_TABLES.iter().find(|t| **t == &*c.table) {
+                    work.identity_full.insert(t, c.identity_full);
+                }
                 property_change(c, &mut work);
                 activity_change(c, tx, ordinal, settings, &mut work);
                 if c.op == Op::Insert && &*c.table == "members" {
@@ -250,12 +297,13 @@ fn time(row: &Row, column: &str) -> Option<DateTime<Utc>> {
 }
 
 /// Whether `column` became non-null in this change: an insert with a value,
-/// or an update from NULL (SPEC §9). Without the old row (identity not FULL)
-/// any non-null value counts; the deterministic event id absorbs repeats.
+/// or an update from NULL (SPEC §9). Without the whole old row (identity not
+/// FULL; a key-only old tuple lacks the column) any non-null value counts:
+/// the event id is deterministic, so a repeat is the same event, never a new one.
 fn became_non_null(c: &RowChange, column: &str) -> Option<DateTime<Utc>> {
     let new = c.new.as_ref()?;
     let value = time(new, column)?;
-    match (c.op, c.old.as_ref()) {
+    match (c.op, c.full_old()) {
         (Op::Insert, _) => Some(value),
         (Op::Update, Some(old)) if old.get(column) != Field::Null => None,
         (Op::Update, _) => Some(value),
@@ -305,10 +353,16 @@ fn activity_change(
                 _ => return,
             };
             // "Becomes": an insert, or an update from another status. Without the
-            // old row (members not REPLICA IDENTITY FULL) an update cannot tell.
-            let became = match (c.op, c.old.as_ref()) {
+            // whole old row (members not REPLICA IDENTITY FULL) an update cannot
+            // tell a status change from an edit: no event, counted instead. (The
+            // event id includes the commit LSN, so a guess would repeat.)
+            let became = match (c.op, c.full_old()) {
                 (Op::Insert, _) => true,
                 (Op::Update, Some(old)) => old.text("status") != Some(status),
+                (Op::Update, None) => {
+                    work.undecidable_status_changes += 1;
+                    false
+                }
                 _ => false,
             };
             if became {
@@ -455,6 +509,40 @@ mod tests {
         )
     }
 
+    fn key() -> MarkerKey {
+        MarkerKey::new(&[9; 32])
+    }
+
+    fn run(settings: &mut Arc<StreamSettings>, tx: &Transaction) -> Work {
+        translate(settings, &key(), tx)
+    }
+
+    fn marker(content: String) -> Message {
+        Message::LogicalMessage {
+            transactional: true,
+            lsn: 1,
+            prefix: SETTINGS_PREFIX.into(),
+            content: Bytes::from(content),
+        }
+    }
+
+    fn signed(version: i64, create_contacts: bool) -> Message {
+        marker(key().seal(&SpotSettings {
+            spot_id: 1,
+            version,
+            status: "active".into(),
+            create_contacts,
+            activities: Activities::default(),
+        }))
+    }
+
+    fn members_insert(id: &str) -> Message {
+        Message::Insert {
+            relation_id: 1,
+            new: t(&[id, "1"]),
+        }
+    }
+
     fn tx(messages: Vec<Message>) -> Transaction {
         let mut a = Assembler::default();
         a.push(Message::Begin(pgoutput::Begin {
@@ -478,7 +566,7 @@ mod tests {
 
     #[test]
     fn members_memberships_and_renames() {
-        let work = translate(
+        let work = run(
             &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(1, "members", &["id", "spot_id"]),
@@ -540,7 +628,7 @@ mod tests {
         if let Message::Relation(r) = &mut other {
             r.namespace = "archive".into();
         }
-        let work = translate(
+        let work = run(
             &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(1, "members", &["id", "spot_id"]),
@@ -563,7 +651,7 @@ mod tests {
 
     #[test]
     fn truncating_a_membership_table_recomputes_everyone() {
-        let work = translate(
+        let work = run(
             &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 relation(2, "member_tags", &["member_id", "tag_id"]),
@@ -579,15 +667,9 @@ mod tests {
 
     #[test]
     fn contact_creation_follows_the_toggle_in_commit_order() {
-        let on = serde_json::json!({"spot_id": 1, "status": "active", "create_contacts": true});
-        let message = Message::LogicalMessage {
-            transactional: true,
-            lsn: 1,
-            prefix: SETTINGS_PREFIX.into(),
-            content: Bytes::from(on.to_string()),
-        };
+        let message = signed(1, true);
         let mut settings = Arc::new(StreamSettings::new());
-        let work = translate(
+        let work = run(
             &mut settings,
             &tx(vec![
                 relation(1, "members", &["id", "spot_id"]),
@@ -615,8 +697,59 @@ mod tests {
         assert!(work.settings.contains_key(&1));
     }
 
+    #[test]
+    fn forged_and_replayed_markers_change_nothing() {
+        let mut settings = Arc::new(StreamSettings::new());
+        let forged = serde_json::json!({"spot_id": 1, "version": 99, "status": "active",
+                                        "create_contacts": true, "mac": "00"});
+        let work = run(
+            &mut settings,
+            &tx(vec![
+                relation(1, "members", &["id", "spot_id"]),
+                // Genuine: version 1 on, version 2 off.
+                signed(1, true),
+                signed(2, false),
+                // A replay of version 1, an unsigned and a forged marker.
+                signed(1, true),
+                marker(r#"{"spot_id":1,"status":"active","create_contacts":true}"#.into()),
+                marker(forged.to_string()),
+                members_insert("10"),
+            ]),
+        );
+        assert!(
+            work.create_contacts.is_empty(),
+            "{:?}",
+            work.create_contacts
+        );
+        assert_eq!(settings[&1].version, 2);
+        assert!(!settings[&1].create_contacts);
+        let reasons: Vec<&str> = work
+            .rejected_markers
+            .iter()
+            .map(|r| r.reason.as_str())
+            .collect();
+        assert_eq!(reasons, ["replayed", "malformed", "bad_signature"]);
+        assert!(work.rejected_markers.iter().all(|r| r.spot_id == Some(1)));
+    }
+
+    #[test]
+    fn the_same_marker_seen_again_is_not_a_replay() {
+        let mut settings = Arc::new(StreamSettings::new());
+        let work = run(
+            &mut settings,
+            &tx(vec![
+                relation(1, "members", &["id", "spot_id"]),
+                signed(1, true),
+                signed(1, true),
+                members_insert("10"),
+            ]),
+        );
+        assert!(work.rejected_markers.is_empty());
+        assert_eq!(work.create_contacts.len(), 1);
+    }
+
     fn activities_of(messages: Vec<Message>) -> Vec<(ActivityType, i64)> {
-        translate(&mut Arc::new(StreamSettings::new()), &tx(messages))
+        run(&mut Arc::new(StreamSettings::new()), &tx(messages))
             .activities
             .iter()
             .map(|a| (a.activity, a.source_id))
@@ -700,7 +833,7 @@ mod tests {
     #[test]
     fn event_ids_are_deterministic_and_member_events_include_their_position() {
         let members = relation(1, "members", &["id", "spot_id", "status"]);
-        let work = translate(
+        let work = run(
             &mut Arc::new(StreamSettings::new()),
             &tx(vec![
                 members,

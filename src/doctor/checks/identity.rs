@@ -36,10 +36,11 @@ pub(crate) fn check_replica_identities(s: &Snapshot) -> Vec<Check> {
                     && FULL_IDENTITY_TABLES.contains(&t.name.as_str())
                     && identity != ReplicaIdentity::Full =>
             {
-                out.push(Check::warn(
+                out.push(Check::fail(
                     name,
                     "not FULL: an UPDATE does not carry the old row, so a status or timestamp that changes \
-                     cannot be told from one that was already set (member activities are missed, others may repeat)",
+                     cannot be told from one that was already set (member status activities are held back, \
+                     others may repeat)",
                     format!("ALTER TABLE {table} REPLICA IDENTITY FULL;"),
                 ))
             }
@@ -100,7 +101,7 @@ mod tests {
         assert_eq!(status("groups"), None);
         assert_eq!(status("topics").unwrap().0, Status::Fail);
         let (st, fix) = status("live_registrations").unwrap();
-        assert_eq!(st, Status::Warn);
+        assert_eq!(st, Status::Fail);
         assert_eq!(
             fix,
             "ALTER TABLE public.live_registrations REPLICA IDENTITY FULL;"

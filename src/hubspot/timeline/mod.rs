@@ -538,6 +538,7 @@ mod tests {
             client,
             token: tokens.access_token,
             limiter: Arc::new(RateLimiter::new(100)),
+            fence: None,
         };
         Setup {
             emu,
