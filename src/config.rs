@@ -115,12 +115,17 @@ pub struct RunArgs {
     pub log_format: String,
 }
 
+/// The `application_name` of every session the sidecar opens.
+pub const APPLICATION_NAME: &str = "hubspot-sidecar";
+
 /// The database the sidecar reads and writes: one parsed URL that both the
 /// SQL pool (`store::Db`) and the replication stream are built from.
 #[derive(Clone)]
 pub struct DatabaseConfig {
-    /// The parsed `DATABASE_URL`.
+    /// The parsed `DATABASE_URL` (its TLS parameters are in `tls`).
     pub pg: tokio_postgres::Config,
+    /// `sslmode`, `sslrootcert`, `sslcert`, `sslkey`, checked, files loaded.
+    pub tls: crate::tls::TlsSettings,
 }
 
 impl DatabaseConfig {
@@ -133,13 +138,24 @@ impl DatabaseConfig {
                 fix: "use the form postgres://user:password@host:5432/dbname",
             });
         }
-        let pg: tokio_postgres::Config =
+        let (url, tls) =
+            crate::tls::TlsSettings::from_url(url).map_err(|e| ConfigError::Invalid {
+                var: "DATABASE_URL",
+                problem: e.problem,
+                fix: e.fix,
+            })?;
+        let mut pg: tokio_postgres::Config =
             url.parse()
                 .map_err(|e: tokio_postgres::Error| ConfigError::Invalid {
                     var: "DATABASE_URL",
                     problem: e.to_string(),
                     fix: "use the form postgres://user:password@host:5432/dbname",
                 })?;
+        pg.ssl_mode(tls.negotiation());
+        if pg.get_application_name().is_none() {
+            // Our sessions are easy to find in pg_stat_activity, next to the walsender.
+            pg.application_name(APPLICATION_NAME);
+        }
         if pg.get_user().is_none() {
             return Err(ConfigError::Invalid {
                 var: "DATABASE_URL",
@@ -147,7 +163,7 @@ impl DatabaseConfig {
                 fix: "name the role: postgres://hubspot_sidecar:PASSWORD@host:5432/dbname",
             });
         }
-        Ok(DatabaseConfig { pg })
+        Ok(DatabaseConfig { pg, tls })
     }
 }
 

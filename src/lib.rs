@@ -22,6 +22,7 @@ pub mod pg_cluster;
 pub(crate) mod replication;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub(crate) mod translate;
 
 /// Installs the log subscriber: JSON (default) or text, filtered by RUST_LOG

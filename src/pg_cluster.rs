@@ -198,6 +198,54 @@ impl PgCluster {
         Ok(url)
     }
 
+    /// Turns TLS on with this certificate and key (PEM), and from then on
+    /// accepts TCP connections only over TLS (`hostssl`; the Unix socket
+    /// stays open to the harness). For the TLS tests.
+    pub async fn enable_tls(&self, cert_pem: &str, key_pem: &str) -> Result<(), ClusterError> {
+        use std::os::unix::fs::PermissionsExt;
+        let data = self.root.join("data");
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = data.join(name);
+            std::fs::write(&path, pem).map_err(io(format!("writing {name}")))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(io(format!("chmod {name}")))?;
+            if let Some((uid, gid)) = self.run_as {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(io(format!("chown {name}")))?;
+            }
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostssl replication all 127.0.0.1/32 trust\n\
+             hostnossl all all 0.0.0.0/0 reject\n",
+        )
+        .map_err(io("writing pg_hba.conf"))?;
+        let (admin, conn) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        // One statement per call: ALTER SYSTEM refuses an implicit transaction.
+        admin.batch_execute("ALTER SYSTEM SET ssl = on").await?;
+        admin.batch_execute("SELECT pg_reload_conf()").await?;
+        drop(admin);
+        let _ = conn.await;
+        // The reload is asynchronous: done once plaintext TCP is refused.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls)
+            .await
+            .is_ok()
+        {
+            if std::time::Instant::now() > deadline {
+                return Err(ClusterError::NotReady(
+                    "the server still accepts plaintext after enabling TLS".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
     /// kill -9 of the postmaster (crash test), then start it again on the same port.
     pub async fn crash_and_restart(&mut self) -> Result<(), ClusterError> {
         if let Some(mut child) = self.postmaster.take() {

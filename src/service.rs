@@ -75,7 +75,11 @@ pub async fn run(
     );
 
     {
-        let mut client = db.client().await.context("connecting to DATABASE_URL")?;
+        let mut client = db
+            .client()
+            .await
+            .context("connecting to DATABASE_URL")
+            .map_err(|e| crate::tls::with_advice(e, cfg.database.tls.mode))?;
         store::migrate(&mut client)
             .await
             .context("applying hubspot_sync migrations")?;
@@ -284,7 +288,8 @@ impl Capture<'_> {
         let mut settings = Arc::new(stream_settings);
         let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
             .await
-            .context("starting replication")?;
+            .context("starting replication")
+            .map_err(|e| crate::tls::with_advice(e, self.cfg.database.tls.mode))?;
         self.health.streaming.store(true, Ordering::Relaxed);
         info!(start_lsn = %replication::lsn_to_string(start), slot = %self.cfg.slot, "streaming");
         let mut pending = Pending::default();

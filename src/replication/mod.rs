@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 
 use pgoutput::{Message, OldKind, Relation, Tuple, Value};
 
@@ -287,7 +287,8 @@ pub struct ConnParams {
     pub user: String,
     pub password: String,
     pub dbname: String,
-    pub ssl_mode: tokio_postgres::config::SslMode,
+    /// TLS of the replication link, from the same DATABASE_URL parameters as the SQL pool.
+    pub tls: pgwire_replication::TlsConfig,
 }
 
 impl ConnParams {
@@ -314,7 +315,7 @@ impl ConnParams {
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default(),
             user,
-            ssl_mode: cfg.get_ssl_mode(),
+            tls: db.tls.replication(),
         })
     }
 }
@@ -363,11 +364,6 @@ impl Source {
         publication: &str,
         start_lsn: u64,
     ) -> Result<Self, ReplicationError> {
-        use tokio_postgres::config::SslMode;
-        let tls = match params.ssl_mode {
-            SslMode::Require => TlsConfig::require(),
-            _ => TlsConfig::disabled(),
-        };
         let cfg = ReplicationConfig::new(
             params.host.clone(),
             params.user.clone(),
@@ -377,7 +373,7 @@ impl Source {
             publication.to_string(),
         )
         .with_port(params.port)
-        .with_tls(tls)
+        .with_tls(params.tls.clone())
         .with_start_lsn(Lsn(start_lsn))
         // Acknowledged positions reach the server within a second; well under
         // any sane wal_sender_timeout (doctor checks it).

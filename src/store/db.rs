@@ -5,7 +5,8 @@
 //! opens a SQL connection. The pool (deadpool-postgres) hands out a live
 //! connection and reopens one that the server closed, so a restart of
 //! Postgres costs each stage one failed call, not a reconnect loop of its own.
-//! TLS plugs in here, in [`Db::new`], for every connection at once.
+//! TLS (`crate::tls`, from DATABASE_URL's `sslmode` and files) is chosen here,
+//! in [`Db::with_size`], for every SQL connection at once.
 
 use std::time::Duration;
 
@@ -62,15 +63,15 @@ impl Db {
     /// wait behind the others (the hand-off, on which the slot's progress
     /// depends, G3).
     pub fn with_size(cfg: &DatabaseConfig, size: usize) -> Result<Db, DbError> {
-        let manager = Manager::from_config(
-            cfg.pg.clone(),
-            NoTls,
-            ManagerConfig {
-                // Fast: a connection the server closed is noticed by
-                // `is_closed` and replaced; no round trip per checkout.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
+        let manager_config = ManagerConfig {
+            // Fast: a connection the server closed is noticed by
+            // `is_closed` and replaced; no round trip per checkout.
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match cfg.tls.sql_connector() {
+            Some(tls) => Manager::from_config(cfg.pg.clone(), tls, manager_config),
+            None => Manager::from_config(cfg.pg.clone(), NoTls, manager_config),
+        };
         let pool = Pool::builder(manager)
             .max_size(size)
             .runtime(Runtime::Tokio1)
