@@ -8,6 +8,7 @@ use std::time::Duration;
 use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
+use crate::replication::slot::ResyncCause;
 use crate::translate::markers::MarkerRejection;
 
 /// Why a delivery round is retried (`delivery_retries_total{cause}`).
@@ -319,6 +320,29 @@ impl ReplicaIdentityChanged {
                  timestamp activities may repeat; run the fix as the table owner"
             );
         }
+    }
+}
+
+/// The slot was recreated and every Spot resynchronised (`replication::slot`).
+pub struct Resynced {
+    /// Which check failed.
+    pub cause: ResyncCause,
+    /// How many Spots are backfilled again.
+    pub spots: usize,
+}
+
+impl Resynced {
+    /// Logs and counts.
+    pub fn emit(self, m: &Metrics) {
+        m.resyncs.with_label_values(&[self.cause.as_str()]).inc();
+        error!(
+            cause = self.cause.as_str(),
+            spots = self.spots,
+            "the replication slot could not continue from the checkpoint ({}): it was recreated, \
+             and every active Spot is being backfilled from current values; activities in the gap \
+             cannot be recovered from the stream (see the runbook, HubSpotSidecarResync)",
+            self.cause.as_str()
+        );
     }
 }
 

@@ -17,6 +17,7 @@ pub(crate) mod http;
 pub(crate) mod hubspot;
 pub(crate) mod integrations;
 pub(crate) mod internal_events;
+pub(crate) mod leader;
 pub mod metrics;
 pub mod pg_cluster;
 pub(crate) mod replication;

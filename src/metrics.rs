@@ -82,6 +82,12 @@ pub struct Metrics {
     pub replica_identity_drift: IntGaugeVec,
     /// Member status changes whose old status the stream did not carry (no event sent).
     pub activities_unknown: IntCounterVec,
+    /// Time hand-offs waited for decoded commits to become visible, beyond the first second.
+    pub visibility_wait_seconds: prometheus::Counter,
+    /// 1 while this replica leads (streams the slot and delivers), else 0.
+    pub leader: IntGauge,
+    /// Slots recreated with every Spot resynchronised, by `cause`.
+    pub resyncs: IntCounterVec,
 }
 
 macro_rules! reg {
@@ -269,6 +275,30 @@ impl Metrics {
                     &["table"]
                 )
             ),
+            resyncs: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("resyncs_total"),
+                        "Replication slot recreated and every Spot resynchronised, by cause"
+                    ),
+                    &["cause"]
+                )
+            ),
+            leader: reg!(
+                r,
+                IntGauge::new(
+                    p("leader"),
+                    "1 while this replica leads (streams the slot and delivers), 0 while it stands by"
+                )
+            ),
+            visibility_wait_seconds: reg!(
+                r,
+                prometheus::Counter::new(
+                    p("visibility_wait_seconds_total"),
+                    "Time hand-offs waited for decoded commits to become visible (a lagging synchronous standby)"
+                )
+            ),
             activities_unknown: reg!(
                 r,
                 IntCounterVec::new(
@@ -392,6 +422,9 @@ impl Metrics {
         }
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
+        }
+        for cause in crate::replication::slot::ResyncCause::ALL {
+            m.resyncs.with_label_values(&[cause.as_str()]).inc_by(0);
         }
         for table in crate::translate::FULL_IDENTITY_TABLES {
             m.replica_identity_drift.with_label_values(&[table]).set(0);

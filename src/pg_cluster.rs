@@ -55,31 +55,7 @@ const DIR_PREFIX: &str = "hubspot-sidecar-pg-";
 impl PgCluster {
     /// Creates and starts a new cluster.
     pub async fn start() -> Result<Self, ClusterError> {
-        remove_stale_dirs();
-        let bin = find_bin_dir().ok_or(ClusterError::NoBinaries)?;
-        // SAFETY: geteuid has no preconditions.
-        let run_as = if unsafe { libc::geteuid() } == 0 {
-            Some(postgres_user().ok_or(ClusterError::NoPostgresUser)?)
-        } else {
-            None
-        };
-        let root = std::env::temp_dir().join(format!(
-            "{DIR_PREFIX}{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
-        if let Some((uid, gid)) = run_as {
-            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
-                .map_err(io("chown of the cluster directory"))?;
-        }
-        let mut cluster = PgCluster {
-            root,
-            port: 0,
-            bin,
-            run_as,
-            postmaster: None,
-        };
+        let mut cluster = PgCluster::empty()?;
         let out = cluster
             .command("initdb")
             .args([
@@ -104,6 +80,79 @@ impl PgCluster {
         cluster.port = free_port()?;
         cluster.start_postmaster().await?;
         Ok(cluster)
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`), started and in
+    /// recovery, on a port of its own. For the failover and standby tests.
+    pub async fn start_standby(primary: &PgCluster) -> Result<Self, ClusterError> {
+        let mut cluster = PgCluster::empty()?;
+        let out = cluster
+            .command("pg_basebackup")
+            .args([
+                "-D",
+                "data",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-R",
+                "-X",
+                "stream",
+            ])
+            // An immediate checkpoint: the default spreads it over minutes.
+            .args(["--checkpoint", "fast"])
+            .args(["-p", &primary.port.to_string()])
+            .output()
+            .map_err(io("running pg_basebackup"))?;
+        if !out.status.success() {
+            return Err(ClusterError::Initdb(format!(
+                "pg_basebackup: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        cluster.port = free_port()?;
+        cluster.start_postmaster().await?;
+        Ok(cluster)
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes.
+    pub async fn promote(&self) -> Result<(), ClusterError> {
+        let (admin, conn) =
+            tokio_postgres::connect(&self.url("postgres"), tokio_postgres::NoTls).await?;
+        let conn = tokio::spawn(conn);
+        admin.batch_execute("SELECT pg_promote(true, 60)").await?;
+        drop(admin);
+        let _ = conn.await;
+        Ok(())
+    }
+
+    /// A directory for a new cluster, owned by the user the server runs as.
+    fn empty() -> Result<Self, ClusterError> {
+        remove_stale_dirs();
+        let bin = find_bin_dir().ok_or(ClusterError::NoBinaries)?;
+        // SAFETY: geteuid has no preconditions.
+        let run_as = if unsafe { libc::geteuid() } == 0 {
+            Some(postgres_user().ok_or(ClusterError::NoPostgresUser)?)
+        } else {
+            None
+        };
+        let root = std::env::temp_dir().join(format!(
+            "{DIR_PREFIX}{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&root).map_err(io(format!("creating {}", root.display())))?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .map_err(io("chown of the cluster directory"))?;
+        }
+        Ok(PgCluster {
+            root,
+            port: 0,
+            bin,
+            run_as,
+            postmaster: None,
+        })
     }
 
     fn command(&self, program: &str) -> Command {

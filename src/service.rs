@@ -25,8 +25,9 @@ use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::HubSpotClient;
 use crate::integrations::Integrations;
+use crate::leader;
 use crate::metrics::Metrics;
-use crate::replication::{self, ConnParams, Source, SourceEvent};
+use crate::replication::{self, slot, ConnParams, Source, SourceEvent};
 use crate::store::{self, secrets::Sealer, Db};
 use crate::translate::{self, MarkerKey, Work};
 use crate::{integrations::Status, internal_events as events};
@@ -35,6 +36,13 @@ use crate::{integrations::Status, internal_events as events};
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
 /// …or once this many transactions are buffered.
 const FLUSH_TXS: usize = 2000;
+/// An idle position is stored and acknowledged at most this often: each
+/// store is a small write of its own (which the next keepalive reports),
+/// so not at every keepalive, and often enough that the slot follows
+/// committed work within seconds (G3).
+const IDLE_STORE: Duration = Duration::from_secs(2);
+/// How often the slot is checked against the checkpoint while streaming.
+const SLOT_CHECK_EVERY: Duration = Duration::from_secs(60);
 
 /// Handles a running sidecar exposes (tests and the demo use them).
 #[derive(Clone)]
@@ -74,25 +82,6 @@ pub async fn run(
         metrics.clone(),
     );
 
-    {
-        let mut client = db
-            .client()
-            .await
-            .context("connecting to DATABASE_URL")
-            .map_err(|e| crate::tls::with_advice(e, cfg.database.tls.mode))?;
-        store::migrate(&mut client)
-            .await
-            .context("applying hubspot_sync migrations")?;
-        health.migrated.store(true, Ordering::Relaxed);
-        if replication::ensure_slot(&client, &cfg.slot).await? {
-            info!(slot = %cfg.slot, "created replication slot");
-        }
-    }
-
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("SIDECAR_LISTEN={}: cannot listen there", cfg.listen))?;
-    let listen_addr = listener.local_addr()?;
     let oauth = match (&cfg.hubspot.client_id, &cfg.hubspot.client_secret) {
         (Some(id), Some(secret)) => Some(OAuthApp {
             client_id: id.clone(),
@@ -103,6 +92,25 @@ pub async fn run(
         _ => None,
     };
     let notify = Arc::new(Notify::new());
+
+    // Everything below stops on `stop`: the caller's shutdown, or this
+    // replica losing its leadership.
+    let (stop_tx, stop) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    {
+        let (mut shutdown, stop_tx) = (shutdown.clone(), stop_tx.clone());
+        tokio::spawn(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+            let _ = stop_tx.send(true);
+        });
+    }
+
+    // The HTTP server comes first: /healthz answers while the replica waits
+    // for a primary or for the leadership, and /readyz says it is not ready.
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("SIDECAR_LISTEN={}: cannot listen there", cfg.listen))?;
+    let listen_addr = listener.local_addr()?;
     let app = http::router(AppState {
         db: db.clone(),
         metrics: metrics.clone(),
@@ -120,60 +128,15 @@ pub async fn run(
             wake: wake.clone(),
         },
     });
-    let mut http_shutdown = shutdown.clone();
+    let mut http_stop = stop.clone();
     let http_task = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
+                let _ = http_stop.wait_for(|s| *s).await;
             })
             .await;
     });
     info!(%listen_addr, "HTTP listening");
-
-    let deliver_task = tokio::spawn(
-        deliver::supervise(
-            DeliverContext {
-                db: db.clone(),
-                client: hubspot,
-                oauth,
-                sink,
-                sealer,
-                metrics: metrics.clone(),
-                limiters,
-                fences,
-                markers: markers.clone(),
-                fail_after: cfg.fail_after,
-                failed_retention: cfg.failed_retention,
-                wake: wake.clone(),
-                notify: notify.clone(),
-            },
-            shutdown.clone(),
-        )
-        .instrument(tracing::info_span!("deliver")),
-    );
-
-    let mailer_task = match &cfg.smtp_url {
-        Some(url) => {
-            let mailer = Mailer::new(url, cfg.smtp_from.as_deref())?;
-            Some(tokio::spawn(mailer.run(
-                db.clone(),
-                metrics.clone(),
-                notify.clone(),
-                shutdown.clone(),
-            )))
-        }
-        None => None,
-    };
-
-    let oldest_pending = Arc::new(AtomicI64::new(0));
-    let sampler = tokio::spawn(sample_lag(
-        db.clone(),
-        cfg.slot.clone(),
-        metrics.clone(),
-        oldest_pending.clone(),
-        shutdown.clone(),
-    ));
-
     if let Some(tx) = started {
         let _ = tx.send(Running {
             metrics: metrics.clone(),
@@ -182,49 +145,212 @@ pub async fn run(
         });
     }
 
-    let capture = Capture {
+    let shared = Shared {
         cfg: &cfg,
+        db: db.clone(),
+        stream_db,
         params,
         metrics: metrics.clone(),
         health: health.clone(),
+        sealer,
         wake,
-        oldest_pending,
+        limiters,
+        fences,
         markers,
-        identity: Default::default(),
+        hubspot,
+        oauth,
+        sink,
+        notify,
     };
-    let mut backoff = Backoff::reconnect();
-    let mut shutdown_rx = shutdown.clone();
-    loop {
-        let attempt = Instant::now();
-        match capture.stream(&stream_db, shutdown.clone()).await {
-            Ok(()) => break,
-            Err(e) => {
-                // A stream that ran for a while was healthy: start backing off afresh.
-                if attempt.elapsed() > Duration::from_secs(30) {
-                    backoff.reset();
+    // A replica leads for a term; when it loses the leadership (its lock
+    // session failed, e.g. the database restarted) it stands by and tries again.
+    let result = loop {
+        match shared.lead_once(stop.clone()).await {
+            Ok(Term::Stopped) => break Ok(()),
+            Ok(Term::LeadershipLost) => continue,
+            Err(e) => break Err(e),
+        }
+    };
+    let _ = stop_tx.send(true);
+    let _ = http_task.await;
+    info!("stopped");
+    result
+}
+
+/// What every term of the leadership uses.
+struct Shared<'a> {
+    cfg: &'a Config,
+    db: Db,
+    stream_db: Db,
+    params: ConnParams,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    sealer: Sealer,
+    wake: Arc<Notify>,
+    limiters: Limiters,
+    fences: Fences,
+    markers: MarkerKey,
+    hubspot: HubSpotClient,
+    oauth: Option<OAuthApp>,
+    sink: ActivitySink,
+    notify: Arc<Notify>,
+}
+
+/// How a term of the leadership ended.
+enum Term {
+    /// Shutdown.
+    Stopped,
+    /// The lock session failed: another replica may lead now.
+    LeadershipLost,
+}
+
+impl Shared<'_> {
+    /// Waits for a primary and the leadership, then streams and delivers
+    /// until shutdown or until the leadership is lost.
+    async fn lead_once(&self, stop: watch::Receiver<bool>) -> anyhow::Result<Term> {
+        let Shared {
+            cfg,
+            db,
+            stream_db,
+            params,
+            metrics,
+            health,
+            sealer,
+            wake,
+            limiters,
+            fences,
+            markers,
+            hubspot,
+            oauth,
+            sink,
+            notify,
+        } = self;
+        let Some(leadership) =
+            leader::lead(&cfg.database, &cfg.slot, health, metrics, stop.clone()).await?
+        else {
+            return Ok(Term::Stopped);
+        };
+        let leadership = Arc::new(leadership);
+        {
+            let mut client = db.client().await.context("connecting to DATABASE_URL")?;
+            store::migrate(&mut client)
+                .await
+                .context("applying hubspot_sync migrations")?;
+            health.migrated.store(true, Ordering::Relaxed);
+        }
+        // This term's tasks stop on `stop`, or as soon as the leadership is lost.
+        let (term_tx, term) = watch::channel(false);
+        let watcher = {
+            let (leadership, health, metrics) =
+                (leadership.clone(), health.clone(), metrics.clone());
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let r = leadership.watch(health, metrics, stop).await;
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "leadership lost: stopping at once, so that another replica can take over");
                 }
-                health.streaming.store(false, Ordering::Relaxed);
-                let pause = backoff.next();
-                events::StreamFailed {
-                    error: &e,
-                    retry_in: pause,
-                }
-                .emit(&metrics);
-                tokio::select! {
-                    _ = stopped(&mut shutdown_rx) => break,
-                    _ = tokio::time::sleep(pause) => {}
+                let _ = term_tx.send(true);
+                r
+            })
+        };
+
+        let deliver_task = tokio::spawn(
+            deliver::supervise(
+                DeliverContext {
+                    db: db.clone(),
+                    client: hubspot.clone(),
+                    oauth: oauth.clone(),
+                    sink: sink.clone(),
+                    sealer: sealer.clone(),
+                    metrics: metrics.clone(),
+                    limiters: limiters.clone(),
+                    fences: fences.clone(),
+                    markers: markers.clone(),
+                    fail_after: cfg.fail_after,
+                    failed_retention: cfg.failed_retention,
+                    wake: wake.clone(),
+                    notify: notify.clone(),
+                },
+                term.clone(),
+            )
+            .instrument(tracing::info_span!("deliver")),
+        );
+
+        let mailer_task = match &cfg.smtp_url {
+            Some(url) => {
+                let mailer = Mailer::new(url, cfg.smtp_from.as_deref())?;
+                Some(tokio::spawn(mailer.run(
+                    db.clone(),
+                    metrics.clone(),
+                    notify.clone(),
+                    term.clone(),
+                )))
+            }
+            None => None,
+        };
+
+        let oldest_pending = Arc::new(AtomicI64::new(0));
+        let sampler = tokio::spawn(sample_lag(
+            db.clone(),
+            cfg.slot.clone(),
+            metrics.clone(),
+            oldest_pending.clone(),
+            term.clone(),
+        ));
+
+        let capture = Capture {
+            cfg,
+            params: params.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            wake: wake.clone(),
+            oldest_pending,
+            markers: markers.clone(),
+            identity: Default::default(),
+        };
+        let mut backoff = Backoff::reconnect();
+        let mut stop_rx = term.clone();
+        loop {
+            let attempt = Instant::now();
+            match capture.stream(stream_db, term.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // A stream that ran for a while was healthy: start backing off afresh.
+                    if attempt.elapsed() > Duration::from_secs(30) {
+                        backoff.reset();
+                    }
+                    health.streaming.store(false, Ordering::Relaxed);
+                    let pause = backoff.next();
+                    events::StreamFailed {
+                        error: &e,
+                        retry_in: pause,
+                    }
+                    .emit(metrics);
+                    tokio::select! {
+                        _ = stopped(&mut stop_rx) => break,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
                 }
             }
         }
+        health.streaming.store(false, Ordering::Relaxed);
+        let _ = deliver_task.await;
+        if let Some(t) = mailer_task {
+            let _ = t.await;
+        }
+        let _ = sampler.await;
+        // The lock is released only now, after the last hand-off and round.
+        let lost = watcher.await;
+        health.migrated.store(false, Ordering::Relaxed);
+        drop(leadership);
+        match lost {
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "this replica no longer leads; standing by again");
+                Ok(Term::LeadershipLost)
+            }
+            _ => Ok(Term::Stopped),
+        }
     }
-    let _ = deliver_task.await;
-    if let Some(t) = mailer_task {
-        let _ = t.await;
-    }
-    let _ = sampler.await;
-    let _ = http_task.await;
-    info!("stopped");
-    Ok(())
 }
 
 struct Capture<'a> {
@@ -275,8 +401,76 @@ impl Capture<'_> {
         }
     }
 
+    /// Checks the slot against the checkpoint (`replication::slot`): creates
+    /// it on a first start, and recreates it and resynchronises every Spot
+    /// when a range of the WAL can no longer be read.
+    async fn check_slot(&self, db: &Db) -> anyhow::Result<()> {
+        let mut client = db.client().await?;
+        let name = &self.cfg.slot;
+        let checkpoint = store::checkpoint_row(&client, name).await?;
+        let server = slot::server_identity(&client).await?;
+        let state = slot::slot_state(&client, name).await?;
+        match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
+            None => {
+                if state.is_none() {
+                    slot::create(&client, name).await?;
+                    info!(slot = %name, "created replication slot");
+                }
+                let known = checkpoint.as_ref().is_some_and(|c| {
+                    c.system_id.as_deref() == Some(&server.system_id)
+                        && c.timeline == Some(server.timeline)
+                });
+                if checkpoint.is_some() && !known {
+                    store::record_server(&client, name, &server.system_id, server.timeline).await?;
+                }
+            }
+            Some(cause) => {
+                let lsn = slot::recreate(&client, name).await?;
+                let spots = store::resync_all(
+                    &mut client,
+                    name,
+                    lsn,
+                    &server.system_id,
+                    server.timeline,
+                    cause.as_str(),
+                )
+                .await?;
+                events::Resynced {
+                    cause,
+                    spots: spots.len(),
+                }
+                .emit(&self.metrics);
+                self.wake.notify_waiters();
+            }
+        }
+        Ok(())
+    }
+
+    /// The minute's check while streaming: an error when the slot needs healing.
+    async fn inspect_slot(&self, db: &Db) -> anyhow::Result<()> {
+        let client = db.client().await?;
+        let checkpoint = store::checkpoint_row(&client, &self.cfg.slot).await?;
+        let server = slot::server_identity(&client).await?;
+        let state = slot::slot_state(&client, &self.cfg.slot).await?;
+        match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
+            None => Ok(()),
+            Some(cause) => Err(anyhow::anyhow!(
+                "the replication slot needs a resync ({})",
+                cause.as_str()
+            )),
+        }
+    }
+
+    /// Stores an idle position as the checkpoint (before it is acknowledged).
+    async fn store_idle(&self, db: &Db, lsn: u64) -> anyhow::Result<()> {
+        let client = db.client().await?;
+        store::advance_checkpoint(&client, &self.cfg.slot, lsn).await?;
+        Ok(())
+    }
+
     /// Streams until shutdown (Ok) or a failure (Err; the caller resumes).
     async fn stream(&self, db: &Db, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        self.check_slot(db).await?;
         let (start, stream_settings) = {
             let client = db.client().await?;
             let start = store::load_checkpoint(&client, &self.cfg.slot)
@@ -293,6 +487,9 @@ impl Capture<'_> {
         self.health.streaming.store(true, Ordering::Relaxed);
         info!(start_lsn = %replication::lsn_to_string(start), slot = %self.cfg.slot, "streaming");
         let mut pending = Pending::default();
+        let mut idle = IdlePosition::new(start);
+        let mut inspect = tokio::time::interval(SLOT_CHECK_EVERY);
+        inspect.tick().await;
         let result = loop {
             let deadline = pending.since.map(|t| t + FLUSH_AFTER);
             tokio::select! {
@@ -302,8 +499,31 @@ impl Capture<'_> {
                     let r = self.flush(db, &source, &mut pending).await;
                     break r;
                 }
+                _ = inspect.tick() => {
+                    // A slot invalidated or dropped while streaming ends the
+                    // stream here; the reconnect heals it (`check_slot`).
+                    if let Err(e) = self.inspect_slot(db).await {
+                        break Err(e);
+                    }
+                }
                 _ = sleep_until_opt(deadline) => {
                     if let Err(e) = self.flush(db, &source, &mut pending).await { break Err(e) }
+                }
+                _ = sleep_until_opt(idle.deadline()) => {
+                    // Nothing open or in flight: everything before the idle position
+                    // is done, so idle or unpublished tables never hold WAL (G3).
+                    // Stored first, then acknowledged, so that the checkpoint is
+                    // never behind the slot.
+                    match idle.take() {
+                        Some(lsn) if pending.txs == 0 => {
+                            if let Err(e) = self.store_idle(db, lsn).await {
+                                break Err(e);
+                            }
+                            source.ack(lsn);
+                            self.metrics.acked_lsn.set(lsn as i64);
+                        }
+                        _ => {}
+                    }
                 }
                 ev = source.next() => match ev {
                     Ok(Some(SourceEvent::Transaction(tx))) => {
@@ -325,10 +545,7 @@ impl Capture<'_> {
                     }
                     Ok(Some(SourceEvent::Idle { wal_end })) => {
                         if pending.txs == 0 {
-                            // Nothing open or in flight: everything before wal_end is
-                            // done, so idle or unpublished tables never hold WAL (G3).
-                            source.ack(wal_end);
-                            self.metrics.acked_lsn.set(wal_end as i64);
+                            idle.offer(wal_end);
                         } else if let Err(e) = self.flush(db, &source, &mut pending).await {
                             break Err(e);
                         }
@@ -357,6 +574,7 @@ impl Capture<'_> {
                 &pending.work,
                 &pending.xids,
                 pending.end_lsn,
+                &self.metrics,
             )
             .await
         }
@@ -393,6 +611,48 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// An idle position (nothing pending before it) waiting to be stored and
+/// acknowledged: at once after a quiet spell, then at most every IDLE_STORE.
+struct IdlePosition {
+    stored: u64,
+    last_store: Option<Instant>,
+    due: Option<u64>,
+}
+
+impl IdlePosition {
+    fn new(start: u64) -> Self {
+        IdlePosition {
+            stored: start,
+            last_store: None,
+            due: None,
+        }
+    }
+
+    /// A keepalive reported `lsn` with nothing pending.
+    fn offer(&mut self, lsn: u64) {
+        if lsn > self.stored {
+            self.due = Some(self.due.map_or(lsn, |d| d.max(lsn)));
+        }
+    }
+
+    /// When the position due may be stored.
+    fn deadline(&self) -> Option<Instant> {
+        self.due?;
+        Some(
+            self.last_store
+                .map_or_else(Instant::now, |t| t + IDLE_STORE),
+        )
+    }
+
+    /// The position to store now.
+    fn take(&mut self) -> Option<u64> {
+        let lsn = self.due.take()?;
+        self.stored = lsn;
+        self.last_store = Some(Instant::now());
+        Some(lsn)
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -417,15 +677,19 @@ async fn sample_lag(
         };
         metrics.replication_lag_seconds.set(age);
         if let Ok(c) = db.client().await {
-            if let Ok(Some(row)) = c
+            let sampled = c
                 .query_opt(
                     "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
                             (pg_current_wal_lsn() - restart_lsn)::bigint, active
                        FROM pg_replication_slots WHERE slot_name = $1",
                     &[&slot],
                 )
-                .await
-            {
+                .await;
+            if let Ok(None) = sampled {
+                // No slot at all: nothing reads, whatever the gauge said before.
+                metrics.slot_active.set(0);
+            }
+            if let Ok(Some(row)) = sampled {
                 metrics.slot_active.set(i64::from(row.get::<_, bool>(2)));
                 metrics
                     .replication_lag_bytes

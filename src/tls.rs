@@ -11,7 +11,7 @@
 //! told `require` for the verifying modes; verification is ours.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
@@ -106,6 +106,9 @@ pub struct TlsSettings {
     client_cert: Option<(PathBuf, PathBuf)>,
     /// The SQL connector's configuration (None for `disable`).
     sql: Option<Arc<ClientConfig>>,
+    /// verify-ca: a DNS name of the server's certificate, as the SQL
+    /// connection verified it (see `replication`).
+    verified_name: Arc<Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for TlsSettings {
@@ -126,11 +129,15 @@ impl TlsSettings {
             Some((b, q)) => (b, q),
             None => (url, ""),
         };
-        let mut kept = url::form_urlencoded::Serializer::new(String::new());
+        // Other parameters are kept byte for byte: tokio-postgres decodes
+        // them its own way (a `+` is not a space to it).
+        let mut kept: Vec<&str> = Vec::new();
         let mut mode = None;
         let (mut rootcert, mut cert, mut key) = (None, None, None);
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            match &*k {
+        for raw in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = raw.split_once('=').unwrap_or((raw, ""));
+            let v = percent_decode(v);
+            match k {
                 "sslmode" => {
                     mode = Some(SslMode::parse(&v).ok_or_else(|| {
                         config_error(
@@ -139,12 +146,10 @@ impl TlsSettings {
                         )
                     })?)
                 }
-                "sslrootcert" => rootcert = Some(v.into_owned()),
-                "sslcert" => cert = Some(PathBuf::from(&*v)),
-                "sslkey" => key = Some(PathBuf::from(&*v)),
-                _ => {
-                    kept.append_pair(&k, &v);
-                }
+                "sslrootcert" => rootcert = Some(v),
+                "sslcert" => cert = Some(PathBuf::from(v)),
+                "sslkey" => key = Some(PathBuf::from(v)),
+                _ => kept.push(raw),
             }
         }
         let mode = mode.unwrap_or_default();
@@ -177,15 +182,15 @@ impl TlsSettings {
             roots,
             client_cert,
             sql: None,
+            verified_name: Arc::default(),
         };
         if mode != SslMode::Disable {
             settings.sql = Some(Arc::new(settings.client_config()?));
         }
-        let kept = kept.finish();
         let clean = if kept.is_empty() {
             base.to_string()
         } else {
-            format!("{base}?{kept}")
+            format!("{base}?{}", kept.join("&"))
         };
         Ok((clean, settings))
     }
@@ -202,7 +207,15 @@ impl TlsSettings {
             .map(|c| tokio_postgres_rustls::MakeRustlsConnect::new((**c).clone()))
     }
 
-    /// The same settings for the replication stream.
+    /// The same settings for the replication stream (built when the stream
+    /// starts, after the SQL pool has connected).
+    ///
+    /// pgwire-replication 0.5's verify-ca ignores only rustls' older
+    /// `NotValidForName` error; rustls 0.23.18+ reports a name mismatch as
+    /// `NotValidForNameContext`, so a certificate for another name is refused.
+    /// The chain check is what verify-ca asks for, so the stream is told, as
+    /// its SNI name, a name the certificate carries, taken from the chain the
+    /// SQL connection verified: the chain is still checked against the CA.
     pub fn replication(&self) -> pgwire_replication::TlsConfig {
         use pgwire_replication::config::SslMode as Wire;
         let ca = match &self.roots {
@@ -216,7 +229,13 @@ impl TlsSettings {
                 ..Default::default()
             },
             SslMode::Require => pgwire_replication::TlsConfig::require(),
-            SslMode::VerifyCa => pgwire_replication::TlsConfig::verify_ca(ca),
+            SslMode::VerifyCa => {
+                let tls = pgwire_replication::TlsConfig::verify_ca(ca);
+                match self.verified_name.lock().ok().and_then(|n| n.clone()) {
+                    Some(name) => tls.with_sni_hostname(name),
+                    None => tls,
+                }
+            }
             SslMode::VerifyFull => pgwire_replication::TlsConfig::verify_full(ca),
         };
         if let Some((cert, key)) = &self.client_cert {
@@ -282,17 +301,26 @@ impl TlsSettings {
         };
         let verifier: Arc<dyn ServerCertVerifier> = match self.effective_mode() {
             SslMode::Disable | SslMode::Prefer | SslMode::Require => Arc::new(Unverified(provider)),
-            SslMode::VerifyCa => Arc::new(ChainOnly(
-                WebPkiServerVerifier::builder_with_provider(roots, provider)
+            SslMode::VerifyCa => Arc::new(ChainOnly {
+                inner: WebPkiServerVerifier::builder_with_provider(roots, provider)
                     .build()
                     .map_err(|e| config_error(format!("TLS: {e}"), "check sslrootcert"))?,
-            )),
+                verified_name: self.verified_name.clone(),
+            }),
             // rustls' own verifier checks the chain and the host name.
             SslMode::VerifyFull => return Ok(cfg),
         };
         cfg.dangerous().set_certificate_verifier(verifier);
         Ok(cfg)
     }
+}
+
+/// A URL parameter's value, percent-decoded (as libpq reads a URI).
+fn percent_decode(v: &str) -> String {
+    url::form_urlencoded::parse(format!("v={}", v.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
 }
 
 /// libpq's default CA file, used when `sslrootcert` is not given.
@@ -384,8 +412,23 @@ impl ServerCertVerifier for Unverified {
 }
 
 /// `verify-ca`: the chain must lead to the CA; the host name is not checked.
+/// Remembers a DNS name of the certificate it accepted (see `replication`).
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct ChainOnly {
+    inner: Arc<WebPkiServerVerifier>,
+    verified_name: Arc<Mutex<Option<String>>>,
+}
+
+impl ChainOnly {
+    fn remember_name(&self, end_entity: &CertificateDer<'_>) {
+        let name = webpki::EndEntityCert::try_from(end_entity)
+            .ok()
+            .and_then(|c| c.valid_dns_names().next().map(str::to_string));
+        if let (Some(name), Ok(mut slot)) = (name, self.verified_name.lock()) {
+            *slot = Some(name);
+        }
+    }
+}
 
 fn is_name_mismatch(e: &rustls::Error) -> bool {
     matches!(
@@ -405,13 +448,20 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        let verified = match self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
             Err(e) if is_name_mismatch(&e) => Ok(ServerCertVerified::assertion()),
             other => other,
+        };
+        if verified.is_ok() {
+            self.remember_name(end_entity);
         }
+        verified
     }
 
     fn verify_tls12_signature(
@@ -420,7 +470,7 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        self.inner.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -429,11 +479,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        self.inner.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.inner.supported_verify_schemes()
     }
 }
 
@@ -502,6 +552,14 @@ mod tests {
             "postgres://u:p@db:5432/ms?application_name=x&connect_timeout=5"
         );
         assert_eq!(tls.mode, SslMode::Require);
+        let (clean, _) = TlsSettings::from_url(
+            "postgres://u@db/ms?options=-c%20synchronous_commit%3Dlocal&sslmode=prefer&x=a+b",
+        )
+        .unwrap();
+        assert_eq!(
+            clean,
+            "postgres://u@db/ms?options=-c%20synchronous_commit%3Dlocal&x=a+b"
+        );
         let (clean, tls) = TlsSettings::from_url("postgres://u@db/ms").unwrap();
         assert_eq!(clean, "postgres://u@db/ms");
         assert_eq!(tls.mode, SslMode::Prefer);

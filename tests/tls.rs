@@ -41,6 +41,9 @@ fn new_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
 async fn server() -> &'static TlsServer {
     SERVER
         .get_or_init(|| async {
+            if std::env::var_os("TEST_LOG").is_some() {
+                hubspot_sidecar::init_logging(hubspot_sidecar::config::LogFormat::Text, "info");
+            }
             let cluster = PgCluster::start().await.expect("start Postgres");
             for db in DATABASES {
                 cluster.create_meltingspot_db(db).await.expect("database");
@@ -187,6 +190,25 @@ async fn verify_full_to_an_address_the_certificate_does_not_name_is_refused_clea
         &format!("sslmode=verify-ca&sslrootcert={}", s.ca.display()),
     );
     let sidecar = Sidecar::start(config(&ca_url, "tls_ip", &emu.base_url())).await;
+    let db = sql_tls(s, "tls_ip").await;
+    wait_for("the replication stream over verify-ca", 30 * SECOND, || async {
+        db.query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+              WHERE a.application_name = 'hubspot-sidecar' AND a.backend_type = 'walsender' AND s.ssl
+                AND a.datname = 'tls_ip'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    assert!(sidecar
+        .running
+        .health
+        .streaming
+        .load(std::sync::atomic::Ordering::Relaxed));
     sidecar.stop().await;
 }
 

@@ -25,6 +25,7 @@ pub(crate) fn slot() -> SlotInfo {
         wal_status: Some("reserved".into()),
         retained_bytes: Some(4096),
         lag_bytes: Some(0),
+        failover: false,
     }
 }
 
@@ -85,5 +86,7 @@ pub(crate) fn good() -> Snapshot {
             can_create_in_database: false,
         },
         slot: Some(slot()),
+        synchronized_standby_slots: String::new(),
+        physical_slots: Vec::new(),
     }
 }

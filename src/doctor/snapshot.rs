@@ -27,6 +27,11 @@ pub(crate) struct Snapshot {
     pub source_tables: Vec<SourceTable>,
     pub state_schema: StateSchema,
     pub slot: Option<SlotInfo>,
+    /// PostgreSQL 17+: the standbys' physical slots the primary waits for
+    /// before a failover slot's changes go out ("" when unset or older).
+    pub synchronized_standby_slots: String,
+    /// Names of the physical slots (the standbys'), for the fix.
+    pub physical_slots: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +117,8 @@ pub(crate) struct SlotInfo {
     pub retained_bytes: Option<i64>,
     /// pg_current_wal_lsn() - confirmed_flush_lsn.
     pub lag_bytes: Option<i64>,
+    /// PostgreSQL 17+: a failover slot (copied to standbys).
+    pub failover: bool,
 }
 
 fn query_err(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> DoctorError {
@@ -286,8 +293,9 @@ pub(crate) async fn collect(
                     CASE WHEN pg_is_in_recovery() THEN NULL
                          ELSE (pg_current_wal_lsn() - restart_lsn)::bigint END,
                     CASE WHEN pg_is_in_recovery() THEN NULL
-                         ELSE (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint END
-               FROM pg_replication_slots WHERE slot_name = $1",
+                         ELSE (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint END,
+                    COALESCE((to_jsonb(s) ->> 'failover')::bool, false)
+               FROM pg_replication_slots s WHERE slot_name = $1",
             &[&opts.slot],
         )
         .await
@@ -301,7 +309,19 @@ pub(crate) async fn collect(
             wal_status: r.get(5),
             retained_bytes: r.get(6),
             lag_bytes: r.get(7),
+            failover: r.get(8),
         });
+    let standby_slots = db
+        .query_one(
+            "SELECT COALESCE(current_setting('synchronized_standby_slots', true), ''),
+                    ARRAY(SELECT slot_name::text FROM pg_replication_slots
+                           WHERE slot_type = 'physical' ORDER BY slot_name)",
+            &[],
+        )
+        .await
+        .map_err(query_err("standby slots"))?;
+    let synchronized_standby_slots: String = standby_slots.get(0);
+    let physical_slots: Vec<String> = standby_slots.get(1);
 
     Ok(Snapshot {
         server_version_num,
@@ -320,5 +340,7 @@ pub(crate) async fn collect(
         source_tables,
         state_schema,
         slot,
+        synchronized_standby_slots,
+        physical_slots,
     })
 }

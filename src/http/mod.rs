@@ -21,6 +21,8 @@ use crate::translate::ActivitiesPatch;
 pub struct Health {
     pub migrated: AtomicBool,
     pub streaming: AtomicBool,
+    /// This replica holds the leadership (only the leader streams and delivers).
+    pub leader: AtomicBool,
 }
 
 /// What the handlers share.
@@ -138,7 +140,8 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
         Ok(db) => db.simple_query("SELECT 1").await.is_ok(),
         Err(_) => false,
     };
-    let ready = migrated && streaming && db_ok;
+    let leader = s.health.leader.load(Ordering::Relaxed);
+    let ready = leader && migrated && streaming && db_ok;
     let code = if ready {
         StatusCode::OK
     } else {
@@ -147,7 +150,7 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     (
         code,
         Json(
-            json!({"ready": ready, "database": db_ok, "migrations": migrated, "streaming": streaming}),
+            json!({"ready": ready, "leader": leader, "database": db_ok, "migrations": migrated, "streaming": streaming}),
         ),
     )
 }

@@ -5,6 +5,7 @@
 //! the slot's lifecycle, the relation cache and the assembly of transactions.
 
 pub mod pgoutput;
+pub mod slot;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -288,7 +289,7 @@ pub struct ConnParams {
     pub password: String,
     pub dbname: String,
     /// TLS of the replication link, from the same DATABASE_URL parameters as the SQL pool.
-    pub tls: pgwire_replication::TlsConfig,
+    pub tls: crate::tls::TlsSettings,
 }
 
 impl ConnParams {
@@ -315,38 +316,9 @@ impl ConnParams {
                 .map(|p| String::from_utf8_lossy(p).into_owned())
                 .unwrap_or_default(),
             user,
-            tls: db.tls.replication(),
+            tls: db.tls.clone(),
         })
     }
-}
-
-/// Creates the logical slot with pgoutput if it does not exist yet.
-/// Returns true when it created one.
-pub async fn ensure_slot(
-    db: &tokio_postgres::Client,
-    slot: &str,
-) -> Result<bool, ReplicationError> {
-    let exists = db
-        .query_opt(
-            "SELECT plugin FROM pg_replication_slots WHERE slot_name = $1",
-            &[&slot],
-        )
-        .await?;
-    if let Some(row) = exists {
-        let plugin: Option<String> = row.get(0);
-        if plugin.as_deref() != Some("pgoutput") {
-            return Err(ReplicationError::Protocol(format!(
-                "slot {slot} exists with plugin {plugin:?}, not pgoutput: drop it or choose another SIDECAR_SLOT"
-            )));
-        }
-        return Ok(false);
-    }
-    db.execute(
-        "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-        &[&slot],
-    )
-    .await?;
-    Ok(true)
 }
 
 /// The slot's stream, decoded into committed transactions.
@@ -373,7 +345,7 @@ impl Source {
             publication.to_string(),
         )
         .with_port(params.port)
-        .with_tls(params.tls.clone())
+        .with_tls(params.tls.replication())
         .with_start_lsn(Lsn(start_lsn))
         // Acknowledged positions reach the server within a second; well under
         // any sane wal_sender_timeout (doctor checks it).

@@ -294,6 +294,8 @@ pub enum ChangeSource {
     OAuthCallback,
     /// The delivery stage (a failure).
     Delivery,
+    /// The stream (a resync after the slot or the server changed).
+    Stream,
 }
 
 impl ChangeSource {
@@ -303,6 +305,7 @@ impl ChangeSource {
             ChangeSource::AdminApi => "admin_api",
             ChangeSource::OAuthCallback => "oauth_callback",
             ChangeSource::Delivery => "delivery",
+            ChangeSource::Stream => "stream",
         }
     }
 }
@@ -655,6 +658,39 @@ pub async fn is_current(
         )
         .await?
         .is_some())
+}
+
+/// A resync: every active or failed Spot is backfilled again under a new
+/// activation, and the audit trail says why. Returns the Spots.
+pub(super) async fn restart_backfills(
+    tx: &impl GenericClient,
+    cause: &str,
+) -> Result<Vec<i64>, DbError> {
+    let spots: Vec<i64> = tx
+        .query(
+            "UPDATE hubspot_sync.integrations
+                SET activation = activation + 1, backfill_after = 0, backfill_done_at = NULL,
+                    updated_at = now()
+              WHERE status IN ('active', 'failed')
+          RETURNING spot_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for &spot in &spots {
+        record_event(
+            tx,
+            spot,
+            "resync",
+            ChangeSource::Stream,
+            serde_json::json!({}),
+            Some(cause),
+        )
+        .await?;
+    }
+    Ok(spots)
 }
 
 /// Marks this activation initialized (a newer activation is left alone).

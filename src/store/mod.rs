@@ -19,6 +19,7 @@ pub use db::{Db, DbClient, DbError};
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::Client;
 
+use crate::metrics::Metrics;
 use crate::translate::{SpotSettings, StreamSettings, Work};
 
 const MIGRATIONS: &[(i32, &str)] = &[
@@ -30,6 +31,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         include_str!("../../sql/migrations/0004_refresh_and_mail.sql"),
     ),
     (5, include_str!("../../sql/migrations/0005_tenancy.sql")),
+    (
+        6,
+        include_str!("../../sql/migrations/0006_server_identity.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so
@@ -78,13 +83,88 @@ pub async fn migrate(db: &mut Client) -> Result<(), DbError> {
 
 /// LSN of the last hand-off for `slot` in `hubspot_sync.checkpoint`; streaming resumes there.
 pub async fn load_checkpoint(db: &Client, slot: &str) -> Result<Option<u64>, DbError> {
+    Ok(checkpoint_row(db, slot).await?.map(|c| c.lsn))
+}
+
+/// The slot's checkpoint and the server it was taken on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckpointRow {
+    /// Everything before it is handed off.
+    pub lsn: u64,
+    /// The server's system identifier (None: written before migration 6).
+    pub system_id: Option<String>,
+    /// The server's timeline then.
+    pub timeline: Option<i32>,
+}
+
+/// Reads the slot's `hubspot_sync.checkpoint` row.
+pub async fn checkpoint_row(db: &Client, slot: &str) -> Result<Option<CheckpointRow>, DbError> {
     let row = db
         .query_opt(
-            "SELECT lsn FROM hubspot_sync.checkpoint WHERE slot_name = $1",
+            "SELECT lsn, system_identifier, timeline FROM hubspot_sync.checkpoint WHERE slot_name = $1",
             &[&slot],
         )
         .await?;
-    Ok(row.map(|r| u64::from(r.get::<_, PgLsn>(0))))
+    Ok(row.map(|r| CheckpointRow {
+        lsn: u64::from(r.get::<_, PgLsn>(0)),
+        system_id: r.get(1),
+        timeline: r.get(2),
+    }))
+}
+
+/// Records which server and timeline the checkpoint belongs to.
+pub async fn record_server(
+    db: &Client,
+    slot: &str,
+    system_id: &str,
+    timeline: i32,
+) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE hubspot_sync.checkpoint SET system_identifier = $2, timeline = $3 WHERE slot_name = $1",
+        &[&slot, &system_id, &timeline],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Moves the checkpoint to an idle position (nothing pending before it), so
+/// that it is stored before the slot is acknowledged there: the checkpoint
+/// is then never behind the slot's confirmed position.
+pub async fn advance_checkpoint(db: &Client, slot: &str, lsn: u64) -> Result<(), DbError> {
+    db.execute(
+        "INSERT INTO hubspot_sync.checkpoint (slot_name, lsn, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (slot_name) DO UPDATE
+            SET lsn = GREATEST(hubspot_sync.checkpoint.lsn, excluded.lsn), updated_at = now()",
+        &[&slot, &PgLsn::from(lsn)],
+    )
+    .await?;
+    Ok(())
+}
+
+/// After the slot was recreated at `lsn`: the checkpoint starts there on
+/// this server, and every active or failed Spot is backfilled again from
+/// current values (under a new activation, so rounds in flight are fenced
+/// and the workers start afresh), in one transaction. Returns the Spots.
+pub async fn resync_all(
+    db: &mut Client,
+    slot: &str,
+    lsn: u64,
+    system_id: &str,
+    timeline: i32,
+    cause: &str,
+) -> Result<Vec<i64>, DbError> {
+    let tx = db.transaction().await?;
+    tx.execute(
+        "INSERT INTO hubspot_sync.checkpoint (slot_name, lsn, updated_at, system_identifier, timeline)
+         VALUES ($1, $2, now(), $3, $4)
+         ON CONFLICT (slot_name) DO UPDATE
+            SET lsn = $2, updated_at = now(), system_identifier = $3, timeline = $4",
+        &[&slot, &PgLsn::from(lsn), &system_id, &timeline],
+    )
+    .await?;
+    let spots = integrations::restart_backfills(&tx, cause).await?;
+    tx.commit().await?;
+    Ok(spots)
 }
 
 /// Writes the work of a batch of transactions and the checkpoint at their end
@@ -96,10 +176,11 @@ pub async fn hand_off(
     work: &Work,
     xids: &[u32],
     end_lsn: u64,
+    metrics: &Metrics,
 ) -> Result<u64, DbError> {
     let lsn = PgLsn::from(end_lsn);
     if work.touches_members() || !work.activities.is_empty() {
-        wait_visible(db, xids).await?;
+        wait_visible(db, xids, metrics).await?;
     }
     let tx = db.transaction().await?;
     let queued = queue_activities(&tx, &work.activities).await?;
@@ -168,11 +249,22 @@ pub async fn hand_off(
 /// committing backend leaves the proc array; a snapshot taken in that instant
 /// still sees the transaction as running. The hand-off expands fan-outs and
 /// delivery reads members over SQL, so both must see what the stream saw.
-async fn wait_visible(db: &Client, xids: &[u32]) -> Result<(), DbError> {
+///
+/// The instant can be long: with a synchronous standby that lags, a commit is
+/// in the WAL (and decoded) while its backend waits for the standby, and is
+/// invisible all that time. Proceeding would let delivery read the row as it
+/// was before the commit, write those values and delete the marker, leaving
+/// the contact stale (G1). So this never gives up: it waits (and the slot
+/// waits with it), logs every 10 s and counts the time
+/// (`hubspot_sidecar_visibility_wait_seconds_total`).
+async fn wait_visible(db: &Client, xids: &[u32], metrics: &Metrics) -> Result<(), DbError> {
     if xids.is_empty() {
         return Ok(());
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let started = std::time::Instant::now();
+    let mut counted = std::time::Duration::ZERO;
+    let mut next_log = std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(1);
     loop {
         // Widen the 32-bit xids of the stream with the epoch of the current xmax.
         let xmax: i64 = db
@@ -201,10 +293,28 @@ async fn wait_visible(db: &Client, xids: &[u32]) -> Result<(), DbError> {
             .await?
             .get::<_, Option<bool>>(0)
             .unwrap_or(true);
-        if visible || std::time::Instant::now() > deadline {
+        let waited = started.elapsed();
+        // Only a wait past the usual instant is worth a counter.
+        if waited > std::time::Duration::from_secs(1) {
+            metrics
+                .visibility_wait_seconds
+                .inc_by((waited - counted.max(std::time::Duration::from_secs(1))).as_secs_f64());
+            counted = waited;
+        }
+        if visible {
             return Ok(());
         }
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        if waited >= next_log {
+            tracing::warn!(
+                waited_s = waited.as_secs(),
+                transactions = xids.len(),
+                "committed transactions in the stream are not visible yet (a synchronous \
+                 standby that lags?); the hand-off waits for them, and the slot with it"
+            );
+            next_log += std::time::Duration::from_secs(10);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
     }
 }
 

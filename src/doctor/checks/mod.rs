@@ -13,7 +13,9 @@ use identity::check_replica_identities;
 use privileges::{check_role_replication, check_select_privileges, check_state_schema};
 use publication::{check_publication, check_publication_tables};
 use server::{check_replication_slots, check_server, check_wal_level, check_wal_senders};
-use slot::{check_max_slot_wal_keep_size, check_slot, check_wal_sender_timeout};
+use slot::{
+    check_failover_slots, check_max_slot_wal_keep_size, check_slot, check_wal_sender_timeout,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Status {
@@ -98,6 +100,7 @@ pub(crate) fn evaluate(s: &Snapshot, opts: &Options) -> Vec<Check> {
     out.extend(check_slot(s, opts));
     out.push(check_max_slot_wal_keep_size(s));
     out.push(check_wal_sender_timeout(s));
+    out.push(check_failover_slots(s, opts));
     out
 }
 

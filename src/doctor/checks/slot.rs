@@ -211,6 +211,48 @@ pub(crate) fn check_wal_sender_timeout(s: &Snapshot) -> Check {
     }
 }
 
+/// PostgreSQL 17+: the slot is a failover slot and the primary waits for
+/// the standbys' slots, so a promotion keeps the slot (no resync). Older
+/// servers cannot: a failover is healed by a resync, which is said here.
+pub(crate) fn check_failover_slots(s: &Snapshot, opts: &Options) -> Check {
+    const NAME: &str = "failover slots";
+    if s.server_version_num < 170_000 {
+        return Check::pass(
+            NAME,
+            format!(
+                "PostgreSQL {}: logical slots are not copied to standbys; after a failover the \
+                 sidecar recreates its slot and resynchronises every Spot (runbook: Standby and failover)",
+                super::version_text(s.server_version_num)
+            ),
+        );
+    }
+    if s.slot.as_ref().is_some_and(|slot| !slot.failover) {
+        return Check::warn(
+            NAME,
+            "the slot is not a failover slot: a promotion loses it and costs a resync",
+            format!(
+                "psql \"dbname={} replication=database\" -c 'ALTER_REPLICATION_SLOT {} (FAILOVER true)'",
+                s.database, opts.slot
+            ),
+        );
+    }
+    if s.synchronized_standby_slots.is_empty() && !s.physical_slots.is_empty() {
+        return Check::warn(
+            NAME,
+            "synchronized_standby_slots is empty: a standby may be promoted without the slot's latest position",
+            format!(
+                "ALTER SYSTEM SET synchronized_standby_slots = {}; SELECT pg_reload_conf(); \
+                 and on each standby: sync_replication_slots = on, hot_standby_feedback = on",
+                quote_literal(&s.physical_slots.join(","))
+            ),
+        );
+    }
+    Check::pass(
+        NAME,
+        "the slot is a failover slot; check sync_replication_slots = on on each standby",
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -296,5 +338,23 @@ mod tests {
             s.wal_sender_timeout_ms = ms;
             assert_eq!(check_wal_sender_timeout(&s).status, want, "{ms} ms");
         }
+    }
+
+    #[test]
+    fn failover_slots_are_checked_from_postgres_17_on() {
+        let mut s = good();
+        s.server_version_num = 150_004;
+        assert_eq!(check_failover_slots(&s, &opts()).status, Status::Pass);
+        s.server_version_num = 170_002;
+        let c = check_failover_slots(&s, &opts());
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.fix.unwrap_or_default().contains("FAILOVER true"));
+        s.slot.as_mut().unwrap().failover = true;
+        s.physical_slots = vec!["standby_1".into()];
+        let c = check_failover_slots(&s, &opts());
+        assert_eq!(c.status, Status::Warn);
+        assert!(c.fix.unwrap_or_default().contains("'standby_1'"));
+        s.synchronized_standby_slots = "standby_1".into();
+        assert_eq!(check_failover_slots(&s, &opts()).status, Status::Pass);
     }
 }
