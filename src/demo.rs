@@ -73,6 +73,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
     let sidecar = tokio::spawn(service::run(cfg, stop_rx, Some(started_tx)));
     let running = started_rx.await.context("the sidecar failed to start")?;
+    // It listens first, then takes the leadership, migrates and streams.
+    let until = Instant::now() + Duration::from_secs(60);
+    while !running.ready() {
+        anyhow::ensure!(
+            !sidecar.is_finished() && Instant::now() < until,
+            "the sidecar did not become ready within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let api = format!("http://{}", running.listen_addr);
     let http = reqwest::Client::new();
 

@@ -44,7 +44,8 @@ const IDLE_STORE: Duration = Duration::from_secs(2);
 /// How often the slot is checked against the checkpoint while streaming.
 const SLOT_CHECK_EVERY: Duration = Duration::from_secs(60);
 
-/// Handles a running sidecar exposes (tests and the demo use them).
+/// Handles a running sidecar exposes (tests and the demo use them); sent
+/// once the HTTP server listens.
 #[derive(Clone)]
 pub struct Running {
     /// The instance's Prometheus metrics.
@@ -53,6 +54,18 @@ pub struct Running {
     pub health: Arc<Health>,
     /// Address the HTTP server actually bound (SIDECAR_LISTEN may ask for port 0).
     pub listen_addr: std::net::SocketAddr,
+}
+
+impl Running {
+    /// Leading, migrated and streaming: what `/readyz` answers 200 for
+    /// (less the database round trip). `Running` is handed out as soon as
+    /// the HTTP server listens, before the leadership and the migrations.
+    pub fn ready(&self) -> bool {
+        let h = &self.health;
+        h.leader.load(Ordering::Relaxed)
+            && h.migrated.load(Ordering::Relaxed)
+            && h.streaming.load(Ordering::Relaxed)
+    }
 }
 
 /// Runs until `shutdown` turns true; then finishes the in-flight hand-off,

@@ -59,6 +59,15 @@ pub fn router(state: AppState) -> Router {
             "/api/spots/{spot_id}/hubspot/events",
             get(integration_events),
         )
+        .route(
+            "/api/spots/{spot_id}/hubspot/dead-letters",
+            get(dead_letters),
+        )
+        .route(
+            "/api/spots/{spot_id}/hubspot/dead-letters/retry",
+            post(retry_dead_letters),
+        )
+        .route("/api/spots/{spot_id}/hubspot/resync", post(resync))
         .route("/oauth/hubspot/callback", get(oauth_callback))
         .with_state(state)
 }
@@ -303,31 +312,108 @@ async fn disconnect(
     Ok(Json(s.integrations.disconnect(id).await?).into_response())
 }
 
-/// Paging of the audit trail: newest first, `before` an event id.
+/// Paging of the audit trail and the dead letters: newest first, `before` an id.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct EventsQuery {
+struct PageQuery {
     before: Option<i64>,
     limit: Option<i64>,
 }
 
-/// Entries per page of the audit trail, by default and at most.
-const EVENTS_PAGE: i64 = 50;
-const EVENTS_PAGE_MAX: i64 = 500;
+/// Entries per page, by default and at most.
+const PAGE: i64 = 50;
+const PAGE_MAX: i64 = 500;
+
+impl PageQuery {
+    fn limit(&self) -> i64 {
+        self.limit.unwrap_or(PAGE).clamp(1, PAGE_MAX)
+    }
+}
+
+/// A page of a Spot's `items` under `key`, newest first, with `next_before`:
+/// the id the next page starts below (the oldest of a full page).
+fn paged<T: serde::Serialize>(
+    spot: i64,
+    key: &str,
+    items: Vec<T>,
+    id_of: impl Fn(&T) -> i64,
+    limit: i64,
+) -> Response {
+    let next = items
+        .last()
+        .map(&id_of)
+        .filter(|_| items.len() as i64 == limit);
+    let mut body = json!({"spot_id": spot, "next_before": next});
+    body[key] = serde_json::to_value(items).unwrap_or_default();
+    Json(body).into_response()
+}
 
 async fn integration_events(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
-    Query(q): Query<EventsQuery>,
+    Query(q): Query<PageQuery>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
-    let limit = q.limit.unwrap_or(EVENTS_PAGE).clamp(1, EVENTS_PAGE_MAX);
-    let events = s.integrations.events(id, q.before, limit).await?;
-    // The next page starts below the oldest entry of this one.
-    let next_before = (events.len() as i64 == limit)
-        .then(|| events.last().map(|e| e.id))
-        .flatten();
-    Ok(Json(json!({"spot_id": id, "events": events, "next_before": next_before})).into_response())
+    let events = s.integrations.events(id, q.before, q.limit()).await?;
+    Ok(paged(id, "events", events, |e| e.id, q.limit()))
+}
+
+async fn dead_letters(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Query(q): Query<PageQuery>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let letters = s.integrations.dead_letters(id, q.before, q.limit()).await?;
+    Ok(paged(id, "dead_letters", letters, |d| d.id, q.limit()))
+}
+
+/// `{"id": N}` retries one dead letter, `{"all": true}` every one not yet retried.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    id: Option<i64>,
+    #[serde(default)]
+    all: bool,
+}
+
+async fn retry_dead_letters(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Option<Json<RetryBody>>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let only = match body.map(|Json(b)| b) {
+        Some(RetryBody {
+            id: Some(one),
+            all: false,
+        }) => Some(one),
+        Some(RetryBody {
+            id: None,
+            all: true,
+        }) => None,
+        _ => return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "send {\"id\": <dead letter id>} to retry one, or {\"all\": true} to retry every one"
+                .into(),
+        )),
+    };
+    let retried = s.integrations.retry_dead_letters(id, only).await?;
+    Ok(Json(json!({"spot_id": id, "retried": retried})).into_response())
+}
+
+async fn resync(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    Ok(Json(s.integrations.resync(id).await?).into_response())
 }

@@ -94,6 +94,60 @@ impl Integrations {
         Ok(store::integration_events(&*self.db.client().await?, spot_id, before, limit).await?)
     }
 
+    /// The Spot's dead letters, newest first (`before`: an id, for the next page).
+    pub async fn dead_letters(
+        &self,
+        spot_id: i64,
+        before: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<store::DeadLetter>, IntegrationError> {
+        Ok(store::dead_letters(&*self.db.client().await?, spot_id, before, limit).await?)
+    }
+
+    /// Queues one dead letter (`only`) or all of the Spot's again. Refused
+    /// unless the Spot is active: a disconnect drops queued work anyway.
+    pub async fn retry_dead_letters(
+        &self,
+        spot_id: i64,
+        only: Option<i64>,
+    ) -> Result<u64, IntegrationError> {
+        self.require_active(spot_id, "retry its dead letters")
+            .await?;
+        let mut client = self.db.client().await?;
+        let n = store::retry_dead_letters(&mut client, spot_id, only).await?;
+        drop(client);
+        self.wake.notify_waiters();
+        info!(spot_id, retried = n, "dead letters queued again");
+        Ok(n)
+    }
+
+    /// Resynchronises the Spot: a backfill of current values, with its
+    /// progress in the integration's `backfill`.
+    pub async fn resync(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
+        self.require_active(spot_id, "resynchronise it").await?;
+        let mut client = self.db.client().await?;
+        let restarted = store::restart_backfill(&mut client, spot_id).await?;
+        drop(client);
+        if !restarted {
+            return Err(IntegrationError::Refused(
+                "the integration is no longer active".into(),
+            ));
+        }
+        self.wake.notify_waiters();
+        info!(spot_id, "resync requested: the backfill starts again");
+        self.view(spot_id).await
+    }
+
+    async fn require_active(&self, spot_id: i64, to: &str) -> Result<(), IntegrationError> {
+        self.require_spot(spot_id).await?;
+        if self.view(spot_id).await?.status != Status::Active {
+            return Err(IntegrationError::Refused(format!(
+                "the integration is not active: connect (or reconnect) the Spot first, then {to}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Every Spot with an integration.
     pub async fn list(&self) -> Result<Vec<IntegrationView>, IntegrationError> {
         Ok(store::list_integrations(&*self.db.client().await?).await?)

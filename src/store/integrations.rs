@@ -177,9 +177,24 @@ pub struct IntegrationView {
     pub last_error: Option<String>,
     /// Outbox rows not yet delivered.
     pub backlog: Backlog,
+    /// Items HubSpot refused that were not retried (`GET …/dead-letters`).
+    pub dead_letters: i64,
+    /// The activation's backfill (after a connect or a resync).
+    pub backfill: BackfillProgress,
     /// How the Spot authenticates; not shown, used to refuse activities on a static token.
     #[serde(skip)]
     pub auth_kind: Option<AuthKind>,
+}
+
+/// How far the backfill of the current activation is.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct BackfillProgress {
+    /// Members are still being queued.
+    pub running: bool,
+    /// Members of the Spot queued so far (all of them once it is done).
+    pub queued: i64,
+    /// Members of the Spot.
+    pub members: i64,
 }
 
 /// Undelivered work of a Spot, by outbox.
@@ -197,7 +212,14 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
         .query_opt(
             "SELECT status, portal_id, create_contacts, activities, last_error, auth_kind,
                     (SELECT count(*) FROM hubspot_sync.property_outbox o WHERE o.spot_id = i.spot_id),
-                    (SELECT count(*) FROM hubspot_sync.activity_outbox a WHERE a.spot_id = i.spot_id)
+                    (SELECT count(*) FROM hubspot_sync.activity_outbox a WHERE a.spot_id = i.spot_id),
+                    (SELECT count(*) FROM hubspot_sync.dead_letters d
+                      WHERE d.spot_id = i.spot_id AND d.retried_at IS NULL),
+                    status = 'active' AND backfill_done_at IS NULL,
+                    (SELECT count(*) FROM public.members m
+                      WHERE m.spot_id = i.spot_id
+                        AND (i.backfill_done_at IS NOT NULL OR m.id <= COALESCE(i.backfill_after, 0))),
+                    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id)
                FROM hubspot_sync.integrations i WHERE spot_id = $1",
             &[&spot_id],
         )
@@ -215,6 +237,12 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
                 properties: r.get(6),
                 activities: r.get(7),
             },
+            dead_letters: r.get(8),
+            backfill: BackfillProgress {
+                running: r.get(9),
+                queued: r.get(10),
+                members: r.get(11),
+            },
         },
         None => IntegrationView {
             spot_id,
@@ -225,6 +253,8 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
             last_error: None,
             auth_kind: None,
             backlog: Backlog::default(),
+            dead_letters: 0,
+            backfill: BackfillProgress::default(),
         },
     })
 }
@@ -691,6 +721,43 @@ pub(super) async fn restart_backfills(
         .await?;
     }
     Ok(spots)
+}
+
+/// An operator's resync of one active Spot: its backfill starts again from
+/// the first member under a new activation (rounds in flight are fenced),
+/// and what was last written is forgotten, so that every value is sent
+/// again even where HubSpot was changed behind the sidecar's back (record
+/// ids are kept: no lookups). Returns false when the Spot is not active.
+pub async fn restart_backfill(db: &mut Client, spot_id: i64) -> Result<bool, DbError> {
+    let tx = db.transaction().await?;
+    let restarted = tx
+        .execute(
+            "UPDATE hubspot_sync.integrations
+                SET activation = activation + 1, backfill_after = 0, backfill_done_at = NULL,
+                    updated_at = now()
+              WHERE spot_id = $1 AND status = 'active'",
+            &[&spot_id],
+        )
+        .await?
+        == 1;
+    if restarted {
+        tx.execute(
+            "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = $1",
+            &[&spot_id],
+        )
+        .await?;
+        record_event(
+            &tx,
+            spot_id,
+            "resync",
+            ChangeSource::AdminApi,
+            serde_json::json!({}),
+            Some("requested"),
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(restarted)
 }
 
 /// Marks this activation initialized (a newer activation is left alone).

@@ -4,11 +4,13 @@
 
 pub mod activities;
 mod db;
+pub mod dead_letters;
 pub mod integrations;
 pub mod outbox;
 pub mod secrets;
 
 pub use activities::*;
+pub use dead_letters::*;
 pub use integrations::*;
 pub use outbox::*;
 
@@ -34,6 +36,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         6,
         include_str!("../../sql/migrations/0006_server_identity.sql"),
+    ),
+    (
+        7,
+        include_str!("../../sql/migrations/0007_dead_letter_retries.sql"),
     ),
 ];
 

@@ -1,0 +1,247 @@
+//! The operator's API (SPEC §10): a Spot's dead letters, paged, retried one
+//! or all; and a resync of a Spot with its progress.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+const SECOND: Duration = Duration::from_secs(1);
+
+async fn call(
+    sidecar: &Sidecar,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    sidecar.api(method, path, body).await
+}
+
+/// HubSpot's status property without the option `without` (an admin edited
+/// it in HubSpot): writing that status is refused with INVALID_OPTION.
+async fn set_status_options(emu: &hubspot_emulator::Emulator, token: &str, without: Option<&str>) {
+    let options: Vec<serde_json::Value> = [
+        "invited",
+        "accepted",
+        "pending",
+        "left",
+        "declined",
+        "deactivated",
+    ]
+    .iter()
+    .filter(|v| Some(**v) != without)
+    .enumerate()
+    .map(|(i, v)| serde_json::json!({"label": v, "value": v, "displayOrder": i, "hidden": false}))
+    .collect();
+    let resp = reqwest::Client::new()
+        .patch(format!(
+            "{}/crm/v3/properties/contacts/meltingspot_member_status",
+            emu.base_url()
+        ))
+        .bearer_auth(token)
+        .json(&serde_json::json!({"options": options}))
+        .send()
+        .await
+        .unwrap();
+    assert!(resp.status().is_success(), "{:?}", resp.text().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_page_by_page_and_retried_one_or_all() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spot = seed_spot(&db, "Refused").await;
+    let (portal, token) = emu.create_portal();
+    sidecar.connect_with_token(spot, &token).await;
+    wait_for("initialization", 30 * SECOND, || async {
+        emu.properties(portal).len() >= 10
+    })
+    .await;
+    set_status_options(&emu, &token, Some("declined")).await;
+    for who in ["first", "second"] {
+        emu.add_contact(portal, &format!("{who}@example.com"), &[]);
+        seed_member(&db, spot, &format!("{who}@example.com"), "declined").await;
+    }
+    wait_for("two dead letters", 30 * SECOND, || async {
+        sidecar.integration(spot).await["dead_letters"] == 2
+    })
+    .await;
+    let base = format!("/api/spots/{spot}/hubspot/dead-letters");
+    let (status, page) = call(
+        &sidecar,
+        reqwest::Method::GET,
+        &format!("{base}?limit=1"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{page}");
+    let newest = &page["dead_letters"][0];
+    assert_eq!(newest["kind"], "contact_properties");
+    assert!(
+        newest["reason"].as_str().unwrap_or("").contains("declined"),
+        "{newest}"
+    );
+    assert_eq!(newest["payload"]["email"], "second@example.com");
+    let before = page["next_before"].as_i64().expect("a second page");
+    let (_, page2) = call(
+        &sidecar,
+        reqwest::Method::GET,
+        &format!("{base}?limit=1&before={before}"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        page2["dead_letters"][0]["payload"]["email"],
+        "first@example.com"
+    );
+    let first_id = page2["dead_letters"][0]["id"].as_i64().unwrap();
+
+    // The option is back in HubSpot: retry one, then all.
+    set_status_options(&emu, &token, None).await;
+    let retry = format!("{base}/retry");
+    let (status, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &retry,
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    let (status, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &retry,
+        Some(serde_json::json!({"id": first_id})),
+    )
+    .await;
+    assert_eq!((status, v["retried"].clone()), (200, 1.into()), "{v}");
+    wait_for("the first one delivered", 30 * SECOND, || async {
+        prop(
+            &emu,
+            portal,
+            "first@example.com",
+            "meltingspot_member_status",
+        )
+        .as_deref()
+            == Some("declined")
+    })
+    .await;
+    assert_eq!(
+        prop(
+            &emu,
+            portal,
+            "second@example.com",
+            "meltingspot_member_status"
+        ),
+        None
+    );
+    assert_eq!(sidecar.integration(spot).await["dead_letters"], 1);
+    let (_, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &retry,
+        Some(serde_json::json!({"all": true})),
+    )
+    .await;
+    assert_eq!(v["retried"], 1, "{v}");
+    wait_for("the second one delivered", 30 * SECOND, || async {
+        prop(
+            &emu,
+            portal,
+            "second@example.com",
+            "meltingspot_member_status",
+        )
+        .as_deref()
+            == Some("declined")
+    })
+    .await;
+    assert_eq!(sidecar.integration(spot).await["dead_letters"], 0);
+    // The record stays, marked.
+    let (_, all) = call(&sidecar, reqwest::Method::GET, &base, None).await;
+    let letters = all["dead_letters"].as_array().unwrap();
+    assert_eq!(letters.len(), 2);
+    assert!(letters.iter().all(|d| d["retried_at"].is_string()));
+
+    // Not on an inactive Spot.
+    let (status, _) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &format!("/api/spots/{spot}/hubspot/disconnect"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &retry,
+        Some(serde_json::json!({"all": true})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_rewrites_current_values_and_shows_its_progress() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spot = seed_spot(&db, "Resynchronised").await;
+    let (portal, token) = emu.create_portal();
+    const N: usize = 120;
+    for i in 0..N {
+        emu.add_contact(portal, &format!("r{i}@example.com"), &[]);
+    }
+    db.execute(
+        "INSERT INTO members (spot_id, email, status, headline)
+         SELECT $1, 'r' || g || '@example.com', 'accepted', 'from the database' FROM generate_series(0, $2::int - 1) g",
+        &[&spot, &(N as i32)],
+    )
+    .await
+    .unwrap();
+    sidecar.connect_with_token(spot, &token).await;
+    wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
+    let v = sidecar.integration(spot).await;
+    assert_eq!(v["backfill"]["running"], false, "{v}");
+    assert_eq!(v["backfill"]["queued"], N);
+
+    // Someone edits HubSpot behind the sidecar's back.
+    for i in 0..N {
+        emu.add_contact(
+            portal,
+            &format!("r{i}@example.com"),
+            &[("meltingspot_headline", "edited in HubSpot")],
+        );
+    }
+    let (status, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &format!("/api/spots/{spot}/hubspot/resync"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["backfill"]["running"], true, "{v}");
+    assert_eq!(v["backfill"]["members"], N);
+    wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
+    wait_for("the resync done", 30 * SECOND, || async {
+        let v = sidecar.integration(spot).await;
+        v["backfill"]["running"] == false && v["backfill"]["queued"] == N
+    })
+    .await;
+    let (_, trail) = call(
+        &sidecar,
+        reqwest::Method::GET,
+        &format!("/api/spots/{spot}/hubspot/events"),
+        None,
+    )
+    .await;
+    assert_eq!(trail["events"][0]["kind"], "resync");
+    assert_eq!(trail["events"][0]["source"], "admin_api");
+    sidecar.stop().await;
+}
