@@ -52,6 +52,21 @@ pub enum LeaderError {
 /// Held while this replica leads; dropping it ends the session, and the lock.
 pub struct Leadership {
     session: DbClient,
+    /// Which lock, held by which backend: every HubSpot call checks it.
+    pub lock: LeaderLock,
+}
+
+/// The lock this replica holds, as `pg_locks` shows it: a call is made only
+/// while it is still held (a restarted server or a terminated session frees
+/// it at once, before this replica's own check notices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaderLock {
+    /// The lock session's backend pid.
+    pub pid: i32,
+    /// Advisory lock class and key.
+    pub class: i32,
+    /// Advisory lock key (per slot).
+    pub key: i32,
 }
 
 /// What a connection failure at start means.
@@ -102,11 +117,16 @@ pub async fn lead(
     metrics.leader.set(0);
     loop {
         let waiting_for = match try_lead(&pool, key).await {
-            Ok(Some(session)) => {
+            Ok(Some((session, pid))) => {
                 health.leader.store(true, Ordering::Relaxed);
                 metrics.leader.set(1);
                 info!(slot, "this replica leads: it streams the slot and delivers");
-                return Ok(Some(Leadership { session }));
+                let lock = LeaderLock {
+                    pid,
+                    class: LOCK_CLASS,
+                    key,
+                };
+                return Ok(Some(Leadership { session, lock }));
             }
             Ok(None) => "another replica leads; this one stands by",
             Err(Attempt::InRecovery) => {
@@ -150,7 +170,7 @@ impl From<tokio_postgres::Error> for Attempt {
     }
 }
 
-async fn try_lead(pool: &Db, key: i32) -> Result<Option<DbClient>, Attempt> {
+async fn try_lead(pool: &Db, key: i32) -> Result<Option<(DbClient, i32)>, Attempt> {
     let session = pool.client().await?;
     let in_recovery: bool = session
         .query_one("SELECT pg_is_in_recovery()", &[])
@@ -165,11 +185,14 @@ async fn try_lead(pool: &Db, key: i32) -> Result<Option<DbClient>, Attempt> {
             "SET tcp_keepalives_idle = 5; SET tcp_keepalives_interval = 2; SET tcp_keepalives_count = 3",
         )
         .await?;
-    let got: bool = session
-        .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
-        .await?
-        .get(0);
-    Ok(got.then_some(session))
+    let row = session
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2), pg_backend_pid()",
+            &[&LOCK_CLASS, &key],
+        )
+        .await?;
+    let (got, pid): (bool, i32) = (row.get(0), row.get(1));
+    Ok(got.then_some((session, pid)))
 }
 
 impl Leadership {

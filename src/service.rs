@@ -279,6 +279,7 @@ impl Shared<'_> {
                     limiters: limiters.clone(),
                     fences: fences.clone(),
                     markers: markers.clone(),
+                    leader: Some(leadership.lock),
                     fail_after: cfg.fail_after,
                     failed_retention: cfg.failed_retention,
                     wake: wake.clone(),
@@ -420,9 +421,12 @@ impl Capture<'_> {
     async fn check_slot(&self, db: &Db) -> anyhow::Result<()> {
         let mut client = db.client().await?;
         let name = &self.cfg.slot;
+        // The slot before the checkpoint: a leader still winding down stores
+        // its checkpoint before it acknowledges, so in this order the
+        // checkpoint read is never older than the slot read.
+        let state = slot::slot_state(&client, name).await?;
         let checkpoint = store::checkpoint_row(&client, name).await?;
         let server = slot::server_identity(&client).await?;
-        let state = slot::slot_state(&client, name).await?;
         match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
             None => {
                 if state.is_none() {
@@ -434,7 +438,15 @@ impl Capture<'_> {
                         && c.timeline == Some(server.timeline)
                 });
                 if checkpoint.is_some() && !known {
-                    store::record_server(&client, name, &server.system_id, server.timeline).await?;
+                    let confirmed = state.as_ref().and_then(|s| s.confirmed);
+                    store::record_server(
+                        &client,
+                        name,
+                        &server.system_id,
+                        server.timeline,
+                        confirmed,
+                    )
+                    .await?;
                 }
             }
             Some(cause) => {
@@ -462,9 +474,10 @@ impl Capture<'_> {
     /// The minute's check while streaming: an error when the slot needs healing.
     async fn inspect_slot(&self, db: &Db) -> anyhow::Result<()> {
         let client = db.client().await?;
+        // The slot before the checkpoint (see `check_slot`).
+        let state = slot::slot_state(&client, &self.cfg.slot).await?;
         let checkpoint = store::checkpoint_row(&client, &self.cfg.slot).await?;
         let server = slot::server_identity(&client).await?;
-        let state = slot::slot_state(&client, &self.cfg.slot).await?;
         match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
             None => Ok(()),
             Some(cause) => Err(anyhow::anyhow!(

@@ -421,9 +421,18 @@ struct ChainOnly {
 
 impl ChainOnly {
     fn remember_name(&self, end_entity: &CertificateDer<'_>) {
+        // A wildcard name is no host name to connect by: `*.example.com`
+        // becomes `sidecar.example.com`, which it covers.
         let name = webpki::EndEntityCert::try_from(end_entity)
             .ok()
-            .and_then(|c| c.valid_dns_names().next().map(str::to_string));
+            .and_then(|c| {
+                c.valid_dns_names()
+                    .next()
+                    .map(|n| match n.strip_prefix("*.") {
+                        Some(rest) => format!("sidecar.{rest}"),
+                        None => n.to_string(),
+                    })
+            });
         if let (Some(name), Ok(mut slot)) = (name, self.verified_name.lock()) {
             *slot = Some(name);
         }

@@ -240,6 +240,15 @@ async fn two_replicas_one_leader_and_a_takeover_after_kill_9() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let standby = 1 - leader;
+    // Changes go through the leader only (its fences order them with its calls).
+    let (status, body) = api_call(
+        &http,
+        &format!("http://{}/api/spots/{spot}/hubspot/connect", addrs[standby]),
+        reqwest::Method::POST,
+        Some(serde_json::json!({})),
+    )
+    .await;
+    assert_eq!(status, 503, "{body}");
     assert_eq!(
         oauth_connect_process(&http, &addrs[leader], spot).await,
         200

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
 use crate::hubspot::{CallFence, FencePass, HubSpotError};
+use crate::leader::LeaderLock;
 use crate::store::{self, Db, Fence};
 
 /// The per-Spot locks of this process.
@@ -42,12 +43,20 @@ impl Fences {
         self.lock(spot_id).write_owned().await
     }
 
-    /// The fence a round of `fence`'s activation passes before each call.
-    pub(super) fn gate(&self, db: &Db, fence: Fence) -> Arc<dyn CallFence> {
+    /// The fence a round of `fence`'s activation passes before each call;
+    /// with `leader`, the call also needs this replica's leadership lock
+    /// still held.
+    pub(super) fn gate(
+        &self,
+        db: &Db,
+        fence: Fence,
+        leader: Option<LeaderLock>,
+    ) -> Arc<dyn CallFence> {
         Arc::new(Gate {
             lock: self.lock(fence.spot_id),
             db: db.clone(),
             fence,
+            leader,
         })
     }
 }
@@ -56,6 +65,7 @@ struct Gate {
     lock: Arc<RwLock<()>>,
     db: Db,
     fence: Fence,
+    leader: Option<LeaderLock>,
 }
 
 impl CallFence for Gate {
@@ -65,7 +75,8 @@ impl CallFence for Gate {
             let unchecked = |e: store::DbError| HubSpotError::FenceUnchecked(e.to_string());
             let client = self.db.client().await.map_err(unchecked)?;
             let f = self.fence;
-            if store::is_current(&client, f.spot_id, f.portal_id, f.activation)
+            let led = self.leader.map(|l| (l.pid, l.class, l.key));
+            if store::is_current_led(&client, f.spot_id, f.portal_id, f.activation, led)
                 .await
                 .map_err(unchecked)?
             {

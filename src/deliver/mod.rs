@@ -52,6 +52,8 @@ pub struct DeliverContext {
     pub fences: Fences,
     /// Signs the settings markers a failure writes.
     pub markers: MarkerKey,
+    /// This replica's leadership lock: no call is made once it is gone.
+    pub leader: Option<crate::leader::LeaderLock>,
     pub fail_after: Duration,
     pub failed_retention: Duration,
     /// Signalled by the hand-off when new work was stored.

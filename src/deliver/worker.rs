@@ -311,7 +311,7 @@ impl SpotWorker {
             client: self.ctx.client.clone(),
             token,
             limiter: self.limiter.clone(),
-            fence: Some(self.ctx.fences.gate(&self.ctx.db, fence)),
+            fence: Some(self.ctx.fences.gate(&self.ctx.db, fence, self.ctx.leader)),
         };
 
         // Initialization, once per activation (SPEC §4.2).

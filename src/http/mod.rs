@@ -118,6 +118,22 @@ fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+/// Changes go through the leader only: its per-Spot fences order them with
+/// its own HubSpot calls (`deliver::Fences`), which another replica's cannot.
+/// The Service sends traffic to the Ready replica, the leader; a request
+/// that reaches a standby anyway is told so.
+fn require_leader(state: &AppState) -> Result<(), ApiError> {
+    if state.health.leader.load(Ordering::Relaxed) {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this replica stands by: changes go to the leader (the one whose /readyz answers 200)"
+                .into(),
+        ))
+    }
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -193,6 +209,7 @@ async fn connect(
     body: Option<Json<ConnectBody>>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_leader(&s)?;
     let id = spot_id(&raw)?;
     let body = body.map(|b| b.0).unwrap_or_default();
     Ok(match body.access_token {
@@ -236,6 +253,13 @@ fn page(status: StatusCode, title: &str, text: &str) -> Response {
 
 /// `GET /oauth/hubspot/callback`: the state authenticates the request.
 async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery>) -> Response {
+    if require_leader(&s).is_err() {
+        return page(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "HubSpot was not connected yet",
+            "This replica of the sidecar stands by. Start the connection again in a moment.",
+        );
+    }
     if let Some(e) = q.error {
         let detail = q.error_description.unwrap_or_default();
         return page(
@@ -293,6 +317,7 @@ async fn patch_settings(
     body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_leader(&s)?;
     let id = spot_id(&raw)?;
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let view = s
@@ -308,6 +333,7 @@ async fn disconnect(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_leader(&s)?;
     let id = spot_id(&raw)?;
     Ok(Json(s.integrations.disconnect(id).await?).into_response())
 }
@@ -388,6 +414,7 @@ async fn retry_dead_letters(
     body: Option<Json<RetryBody>>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_leader(&s)?;
     let id = spot_id(&raw)?;
     let only = match body.map(|Json(b)| b) {
         Some(RetryBody {
@@ -414,6 +441,7 @@ async fn resync(
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    require_leader(&s)?;
     let id = spot_id(&raw)?;
     Ok(Json(s.integrations.resync(id).await?).into_response())
 }

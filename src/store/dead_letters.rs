@@ -66,6 +66,19 @@ pub async fn retry_dead_letters(
     only: Option<i64>,
 ) -> Result<u64, DbError> {
     let tx = db.transaction().await?;
+    // The integration first (the lock order of every outbox writer): a
+    // disconnect cannot commit between the check and the inserts.
+    let active = tx
+        .query_opt(
+            "SELECT 1 FROM hubspot_sync.integrations
+              WHERE spot_id = $1 AND status = 'active' FOR SHARE",
+            &[&spot_id],
+        )
+        .await?
+        .is_some();
+    if !active {
+        return Ok(0);
+    }
     let ids: Vec<i64> = tx
         .query(
             "SELECT id FROM hubspot_sync.dead_letters
@@ -86,7 +99,8 @@ pub async fn retry_dead_letters(
                 COALESCE((d.payload ->> 'create')::bool, false)
            FROM hubspot_sync.dead_letters d
           WHERE d.id = ANY($1) AND d.kind = 'contact_properties' AND d.member_id IS NOT NULL
-          ORDER BY d.member_id
+          -- A member refused both as a creation and as an update is created.
+          ORDER BY d.member_id, COALESCE((d.payload ->> 'create')::bool, false) DESC
          ON CONFLICT (spot_id, member_id) DO UPDATE
             SET version = nextval('hubspot_sync.outbox_version'), next_attempt_at = now(),
                 create_contact = o.create_contact OR excluded.create_contact",

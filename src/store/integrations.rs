@@ -680,11 +680,31 @@ pub async fn is_current(
     portal_id: i64,
     activation: i64,
 ) -> Result<bool, DbError> {
+    is_current_led(db, spot_id, portal_id, activation, None).await
+}
+
+/// `is_current`, and (when given) the leadership lock `(pid, class, key)`
+/// is still held by this replica's lock session: the check before every call.
+pub async fn is_current_led(
+    db: &Client,
+    spot_id: i64,
+    portal_id: i64,
+    activation: i64,
+    lock: Option<(i32, i32, i32)>,
+) -> Result<bool, DbError> {
+    let (pid, class, key) = match lock {
+        Some((pid, class, key)) => (Some(pid), class, key),
+        None => (None, 0, 0),
+    };
     Ok(db
         .query_opt(
             "SELECT 1 FROM hubspot_sync.integrations
-              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'",
-            &[&spot_id, &portal_id, &activation],
+              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
+                AND ($4::int IS NULL OR EXISTS (
+                     SELECT 1 FROM pg_locks
+                      WHERE locktype = 'advisory' AND granted AND pid = $4
+                        AND classid = $5::int::oid AND objid = $6::int::oid AND objsubid = 2))",
+            &[&spot_id, &portal_id, &activation, &pid, &class, &key],
         )
         .await?
         .is_some())
@@ -848,15 +868,24 @@ pub async fn backfill_page(
 ) -> Result<(i64, i64, bool), DbError> {
     let row = db
         .query_one(
-            "WITH page AS (
-                 SELECT id FROM public.members WHERE spot_id = $1 AND id > $2 ORDER BY id LIMIT $3
+            // Under the integration's share lock, for this activation only:
+            // a disconnect committing meanwhile waits, then drops what this
+            // queued; or it committed first, and this queues nothing.
+            "WITH live AS (
+                 SELECT 1 FROM hubspot_sync.integrations
+                  WHERE spot_id = $1 AND status = 'active' AND activation = $4
+                    FOR SHARE
+             ), page AS (
+                 SELECT id FROM public.members
+                  WHERE spot_id = $1 AND id > $2 AND EXISTS (SELECT 1 FROM live)
+                  ORDER BY id LIMIT $3
              ), queued AS (
                  INSERT INTO hubspot_sync.property_outbox (spot_id, member_id, lsn)
                  SELECT $1, id, '0/0' FROM page ORDER BY id
                  ON CONFLICT (spot_id, member_id) DO NOTHING
              )
              SELECT count(*), max(id) FROM page",
-            &[&spot_id, &after, &page],
+            &[&spot_id, &after, &page, &activation],
         )
         .await?;
     let n: i64 = row.get(0);

@@ -118,16 +118,26 @@ pub async fn checkpoint_row(db: &Client, slot: &str) -> Result<Option<Checkpoint
     }))
 }
 
-/// Records which server and timeline the checkpoint belongs to.
+/// Records which server and timeline the checkpoint belongs to. A row
+/// written before the server was recorded (an upgrade) may trail the slot:
+/// the old version acknowledged idle positions without storing them, and
+/// everything before the slot's confirmed position was handled, so the
+/// checkpoint is raised to it.
 pub async fn record_server(
     db: &Client,
     slot: &str,
     system_id: &str,
     timeline: i32,
+    confirmed: Option<u64>,
 ) -> Result<(), DbError> {
+    let confirmed = confirmed.map(PgLsn::from);
     db.execute(
-        "UPDATE hubspot_sync.checkpoint SET system_identifier = $2, timeline = $3 WHERE slot_name = $1",
-        &[&slot, &system_id, &timeline],
+        "UPDATE hubspot_sync.checkpoint
+            SET system_identifier = $2, timeline = $3,
+                lsn = CASE WHEN system_identifier IS NULL AND $4::pg_lsn IS NOT NULL
+                           THEN GREATEST(lsn, $4::pg_lsn) ELSE lsn END
+          WHERE slot_name = $1",
+        &[&slot, &system_id, &timeline, &confirmed],
     )
     .await?;
     Ok(())
@@ -169,6 +179,17 @@ pub async fn resync_all(
     )
     .await?;
     let spots = integrations::restart_backfills(&tx, cause).await?;
+    // Settings markers in the gap are lost with it: the stream starts again
+    // from the integrations' own settings (`load_stream_settings` falls back
+    // to them). And HubSpot may hold values newer than a restored database:
+    // forget what was written, so every value is sent again.
+    tx.execute("DELETE FROM hubspot_sync.stream_settings", &[])
+        .await?;
+    tx.execute(
+        "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = ANY($1)",
+        &[&spots],
+    )
+    .await?;
     tx.commit().await?;
     Ok(spots)
 }
