@@ -421,12 +421,7 @@ impl Capture<'_> {
     async fn check_slot(&self, db: &Db) -> anyhow::Result<()> {
         let mut client = db.client().await?;
         let name = &self.cfg.slot;
-        // The slot before the checkpoint: a leader still winding down stores
-        // its checkpoint before it acknowledges, so in this order the
-        // checkpoint read is never older than the slot read.
-        let state = slot::slot_state(&client, name).await?;
-        let checkpoint = store::checkpoint_row(&client, name).await?;
-        let server = slot::server_identity(&client).await?;
+        let (state, checkpoint, server) = self.slot_facts(&client).await?;
         match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
             None => {
                 if state.is_none() {
@@ -471,13 +466,28 @@ impl Capture<'_> {
         Ok(())
     }
 
+    /// What the slot checks compare: the slot, the checkpoint, the server.
+    /// The slot is read before the checkpoint: a leader still winding down
+    /// stores its checkpoint before it acknowledges, so in this order the
+    /// checkpoint read is never older than the slot read.
+    async fn slot_facts(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> anyhow::Result<(
+        Option<slot::SlotState>,
+        Option<store::CheckpointRow>,
+        slot::ServerIdentity,
+    )> {
+        let state = slot::slot_state(client, &self.cfg.slot).await?;
+        let checkpoint = store::checkpoint_row(client, &self.cfg.slot).await?;
+        let server = slot::server_identity(client).await?;
+        Ok((state, checkpoint, server))
+    }
+
     /// The minute's check while streaming: an error when the slot needs healing.
     async fn inspect_slot(&self, db: &Db) -> anyhow::Result<()> {
         let client = db.client().await?;
-        // The slot before the checkpoint (see `check_slot`).
-        let state = slot::slot_state(&client, &self.cfg.slot).await?;
-        let checkpoint = store::checkpoint_row(&client, &self.cfg.slot).await?;
-        let server = slot::server_identity(&client).await?;
+        let (state, checkpoint, server) = self.slot_facts(&client).await?;
         match slot::verdict(checkpoint.as_ref(), &server, state.as_ref()) {
             None => Ok(()),
             Some(cause) => Err(anyhow::anyhow!(

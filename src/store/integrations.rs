@@ -710,72 +710,65 @@ pub async fn is_current_led(
         .is_some())
 }
 
-/// A resync: every active or failed Spot is backfilled again under a new
-/// activation, and the audit trail says why. Returns the Spots.
+/// Which Spots a backfill restart covers, and who asked for it.
+pub(super) enum Restart<'a> {
+    /// A resync of the stream (`cause`): every active or failed Spot.
+    All { cause: &'a str },
+    /// An operator's resync of one active Spot.
+    Spot(i64),
+}
+
+/// Backfills again under a new activation (rounds in flight are fenced),
+/// forgetting what was written so that every value is sent again (record
+/// ids are kept: no lookups), and says so in the audit trail. Returns the Spots.
 pub(super) async fn restart_backfills(
     tx: &impl GenericClient,
-    cause: &str,
+    restart: Restart<'_>,
 ) -> Result<Vec<i64>, DbError> {
+    let (only, statuses, source, detail): (Option<i64>, &[&str], _, &str) = match restart {
+        Restart::All { cause } => (None, &["active", "failed"], ChangeSource::Stream, cause),
+        Restart::Spot(spot) => (Some(spot), &["active"], ChangeSource::AdminApi, "requested"),
+    };
     let spots: Vec<i64> = tx
         .query(
             "UPDATE hubspot_sync.integrations
                 SET activation = activation + 1, backfill_after = 0, backfill_done_at = NULL,
                     updated_at = now()
-              WHERE status IN ('active', 'failed')
+              WHERE status = ANY($1) AND ($2::bigint IS NULL OR spot_id = $2)
           RETURNING spot_id",
-            &[],
+            &[&statuses, &only],
         )
         .await?
         .iter()
         .map(|r| r.get(0))
         .collect();
+    tx.execute(
+        "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = ANY($1)",
+        &[&spots],
+    )
+    .await?;
     for &spot in &spots {
         record_event(
             tx,
             spot,
             "resync",
-            ChangeSource::Stream,
+            source,
             serde_json::json!({}),
-            Some(cause),
+            Some(detail),
         )
         .await?;
     }
     Ok(spots)
 }
 
-/// An operator's resync of one active Spot: its backfill starts again from
-/// the first member under a new activation (rounds in flight are fenced),
-/// and what was last written is forgotten, so that every value is sent
-/// again even where HubSpot was changed behind the sidecar's back (record
-/// ids are kept: no lookups). Returns false when the Spot is not active.
+/// An operator's resync of one active Spot (`Restart::Spot`), also where
+/// HubSpot was changed behind the sidecar's back. Returns false when the
+/// Spot is not active.
 pub async fn restart_backfill(db: &mut Client, spot_id: i64) -> Result<bool, DbError> {
     let tx = db.transaction().await?;
-    let restarted = tx
-        .execute(
-            "UPDATE hubspot_sync.integrations
-                SET activation = activation + 1, backfill_after = 0, backfill_done_at = NULL,
-                    updated_at = now()
-              WHERE spot_id = $1 AND status = 'active'",
-            &[&spot_id],
-        )
+    let restarted = !restart_backfills(&tx, Restart::Spot(spot_id))
         .await?
-        == 1;
-    if restarted {
-        tx.execute(
-            "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = $1",
-            &[&spot_id],
-        )
-        .await?;
-        record_event(
-            &tx,
-            spot_id,
-            "resync",
-            ChangeSource::AdminApi,
-            serde_json::json!({}),
-            Some("requested"),
-        )
-        .await?;
-    }
+        .is_empty();
     tx.commit().await?;
     Ok(restarted)
 }

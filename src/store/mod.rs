@@ -178,18 +178,14 @@ pub async fn resync_all(
         &[&slot, &PgLsn::from(lsn), &system_id, &timeline],
     )
     .await?;
-    let spots = integrations::restart_backfills(&tx, cause).await?;
+    // Every value is sent again: HubSpot may hold values newer than a
+    // restored database.
+    let spots = integrations::restart_backfills(&tx, integrations::Restart::All { cause }).await?;
     // Settings markers in the gap are lost with it: the stream starts again
     // from the integrations' own settings (`load_stream_settings` falls back
-    // to them). And HubSpot may hold values newer than a restored database:
-    // forget what was written, so every value is sent again.
+    // to them).
     tx.execute("DELETE FROM hubspot_sync.stream_settings", &[])
         .await?;
-    tx.execute(
-        "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = ANY($1)",
-        &[&spots],
-    )
-    .await?;
     tx.commit().await?;
     Ok(spots)
 }
