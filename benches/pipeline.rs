@@ -1,42 +1,89 @@
-//! `cargo bench --bench pipeline [-- --transactions N --rows-per-tx R --members M --rate-limit L]`
+//! `cargo bench --bench pipeline [-- --shape catchup|large|stream|all] [--quick] [options]`
 //!
-//! Measures the pipeline against its physical limits, side by side in one run:
-//! - reading the stream: `pg_recvlogical` over the same WAL range (the server's
-//!   decoding and the wire, nothing else) versus the sidecar reaching the same
-//!   end LSN with everything handed off durably and acknowledged;
-//! - HubSpot: the batch calls made versus the minimum (every call a full batch
-//!   of 100), and calls per 1,000 changed contacts.
+//! Measures the pipeline against its limits, side by side in one run, each
+//! shape as a ratio against its limit:
+//! - **catchup**: a backlog of committed transactions, read by
+//!   `pg_recvlogical` (the server's decoding and the wire, nothing else) and
+//!   by the sidecar over the same WAL range, to the same end, with everything
+//!   handed off durably and acknowledged; then the HubSpot batch calls made
+//!   against the minimum (sum over portals of ceil(changed contacts / 100)
+//!   per operation). Runs 200,000 single-row transactions over 50 Spots and
+//!   20,000 five-row transactions over one Spot.
+//! - **large**: one UPDATE of every member (1,000,000 rows, REPLICA
+//!   IDENTITY FULL) in one transaction, read by `pg_recvlogical` and by the
+//!   sidecar as a real process, whose peak RSS is read from VmHWM.
+//! - **stream**: changes committed at a steady rate to 20 Spots whose
+//!   portals answer after 150 ms; commit-to-HubSpot latency percentiles and
+//!   calls per change.
+//!
+//! `--quick` runs small versions of all three (CI).
+//! Options: `--transactions N --rows-per-tx R --spots S --members M`
+//! (catchup, M per Spot), `--rows N` (large), `--rate R --seconds T
+//! --latency-ms D` (stream), `--rate-limit L` (requests per 10 s).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use hubspot_emulator::{Emulator, EmulatorConfig};
+use hubspot_emulator::{Emulator, EmulatorConfig, Faults};
 use hubspot_sidecar::config::{Config, LogFormat};
 use hubspot_sidecar::pg_cluster::PgCluster;
 use hubspot_sidecar::service;
 use hubspot_sidecar::store::{self, secrets::Sealer, ChangeSource, MarkerKey};
 
+const KEY: [u8; 32] = [9u8; 32];
+
+#[derive(Clone)]
 struct Args {
-    transactions: usize,
-    rows_per_tx: usize,
-    members: usize,
+    shape: String,
+    quick: bool,
+    transactions: Option<usize>,
+    rows_per_tx: Option<usize>,
+    spots: Option<usize>,
+    members: Option<usize>,
+    rows: Option<usize>,
+    rate: Option<usize>,
+    seconds: Option<usize>,
+    latency_ms: u64,
     rate_limit: u32,
 }
 
 fn args() -> Args {
     let mut a = Args {
-        transactions: 20_000,
-        rows_per_tx: 5,
-        members: 10_000,
+        shape: "all".into(),
+        quick: false,
+        transactions: None,
+        rows_per_tx: None,
+        spots: None,
+        members: None,
+        rows: None,
+        rate: None,
+        seconds: None,
+        latency_ms: 150,
         rate_limit: 100,
     };
     let v: Vec<String> = std::env::args().collect();
     let mut i = 1;
     while i < v.len() {
-        let next = v.get(i + 1).and_then(|x| x.parse::<usize>().ok());
-        match (v[i].as_str(), next) {
-            ("--transactions", Some(n)) => a.transactions = n,
-            ("--rows-per-tx", Some(n)) => a.rows_per_tx = n.max(1),
-            ("--members", Some(n)) => a.members = n.max(1),
+        let next = v.get(i + 1).cloned();
+        let n = next.as_deref().and_then(|x| x.parse::<usize>().ok());
+        match (v[i].as_str(), n) {
+            ("--quick", _) => {
+                a.quick = true;
+                i += 1;
+                continue;
+            }
+            ("--shape", _) if next.is_some() => a.shape = next.unwrap_or_default(),
+            ("--transactions", Some(n)) => a.transactions = Some(n.max(1)),
+            ("--rows-per-tx", Some(n)) => a.rows_per_tx = Some(n.max(1)),
+            ("--spots", Some(n)) => a.spots = Some(n.max(1)),
+            ("--members", Some(n)) => a.members = Some(n.max(1)),
+            ("--rows", Some(n)) => a.rows = Some(n.max(1)),
+            ("--rate", Some(n)) => a.rate = Some(n.max(1)),
+            ("--seconds", Some(n)) => a.seconds = Some(n.max(1)),
+            ("--latency-ms", Some(n)) => a.latency_ms = n as u64,
             ("--rate-limit", Some(n)) => a.rate_limit = n.max(1) as u32,
             _ => {
                 i += 1;
@@ -48,15 +95,48 @@ fn args() -> Args {
     a
 }
 
-/// A Spot whose members (`{prefix}{n}@example.com`) all have a contact in `portal`.
+/// What every shape needs: a database with the schema, and the emulator.
+struct Bench {
+    cluster: PgCluster,
+    emu: Emulator,
+    dbs: usize,
+}
+
+struct Db {
+    url: String,
+    client: tokio_postgres::Client,
+    slot: String,
+}
+
+impl Bench {
+    async fn database(&mut self) -> anyhow::Result<Db> {
+        self.dbs += 1;
+        let name = format!("bench{}", self.dbs);
+        let url = self.cluster.create_meltingspot_db(&name).await?;
+        let pool = store::Db::new(&hubspot_sidecar::config::DatabaseConfig::from_url(&url)?)?;
+        let mut client = pool.client().await?;
+        store::migrate(&mut client).await?;
+        drop(client);
+        let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(Db {
+            url,
+            client,
+            slot: format!("{name}_sidecar"),
+        })
+    }
+}
+
+/// A Spot of `members` members (`{prefix}{n}@example.com`), connected to a
+/// new portal; with a contact for each member when `contacts`.
 async fn seed_spot(
-    db: &tokio_postgres::Client,
+    db: &mut tokio_postgres::Client,
     emu: &Emulator,
-    portal: u64,
     name: &str,
-    prefix: &str,
     members: usize,
-) -> anyhow::Result<i64> {
+    contacts: bool,
+) -> anyhow::Result<(i64, u64)> {
+    let (portal, token) = emu.create_portal();
     let spot: i64 = db
         .query_one(
             "INSERT INTO spots (name, slug) VALUES ($1, lower($1)) RETURNING id",
@@ -64,136 +144,68 @@ async fn seed_spot(
         )
         .await?
         .get(0);
+    let prefix = format!("{}-", name.to_lowercase());
     db.execute(
         "INSERT INTO members (spot_id, email, status) SELECT $1, $3 || g || '@example.com', 'accepted'
            FROM generate_series(1, $2::int) g",
         &[&spot, &(members as i32), &prefix],
     )
     .await?;
-    for g in 1..=members {
-        emu.add_contact(portal, &format!("{prefix}{g}@example.com"), &[]);
+    if contacts {
+        for g in 1..=members {
+            emu.add_contact(portal, &format!("{prefix}{g}@example.com"), &[]);
+        }
     }
-    Ok(spot)
-}
-
-fn token_credentials(key: &[u8; 32], token: &str) -> store::Credentials {
-    store::Credentials {
+    let credentials = store::Credentials {
         kind: store::AuthKind::Token,
-        access_token_enc: Sealer::new(key).seal(token),
+        access_token_enc: Sealer::new(&KEY).seal(&token),
         refresh_token_enc: None,
         expires_at: None,
-    }
-}
-
-async fn slot_confirmed(db: &tokio_postgres::Client, slot: &str) -> i64 {
-    db.query_one(
-        "SELECT (confirmed_flush_lsn - '0/0')::bigint FROM pg_replication_slots WHERE slot_name = $1",
-        &[&slot],
-    )
-    .await
-    .map(|r| r.get(0))
-    .unwrap_or(0)
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let a = args();
-    hubspot_sidecar::init_logging(LogFormat::Text, "warn");
-    println!(
-        "pipeline benchmark: {} transactions x {} row updates over {} members (HubSpot limit {}/10 s)",
-        a.transactions, a.rows_per_tx, a.members, a.rate_limit
-    );
-    let cluster = PgCluster::start().await?;
-    let url = cluster.create_meltingspot_db("bench").await?;
-    let pool = store::Db::new(&hubspot_sidecar::config::DatabaseConfig::from_url(&url)?)?;
-    let mut db = pool.client().await?;
-    store::migrate(&mut db).await?;
-    let emu = Emulator::start(EmulatorConfig {
-        rate_limit_per_10s: a.rate_limit.max(110),
-        ..Default::default()
-    })
-    .await?;
-    let (portal, token) = emu.create_portal();
-
-    let key = [9u8; 32];
-    let spot = seed_spot(&db, &emu, portal, "Bench", "b", a.members).await?;
-    let markers = MarkerKey::new(&key);
+    };
     store::activate(
-        &mut db,
-        &markers,
+        db,
+        &MarkerKey::new(&KEY),
         spot,
         portal as i64,
-        &token_credentials(&key, &token),
+        &credentials,
         ChangeSource::AdminApi,
     )
     .await?;
-    for slot in ["bench_sidecar", "bench_recvlogical"] {
-        db.execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
-    }
+    Ok((spot, portal))
+}
 
-    // The load, written before either reader starts.
-    let ids: Vec<i64> = db
-        .query(
-            "SELECT id FROM members WHERE spot_id = $1 ORDER BY id",
-            &[&spot],
-        )
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let start_lsn: i64 = db
+async fn lsn_now(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(db
         .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
         .await?
-        .get(0);
-    let t = Instant::now();
-    let stmt = db
-        .prepare("UPDATE members SET headline = $1 WHERE id = $2")
-        .await?;
-    let mut n = 0usize;
-    for tx_no in 0..a.transactions {
-        let tx = db.transaction().await?;
-        for _ in 0..a.rows_per_tx {
-            let id = ids[(n * 7919) % ids.len()];
-            tx.execute(&stmt, &[&format!("h{tx_no}-{n}"), &id]).await?;
-            n += 1;
-        }
-        tx.commit().await?;
-    }
-    let end_lsn: i64 = db
-        .query_one("SELECT (pg_current_wal_lsn() - '0/0')::bigint", &[])
-        .await?
-        .get(0);
-    let wal_mb = (end_lsn - start_lsn) as f64 / 1e6;
-    println!(
-        "load: {} transactions, {} row changes, {wal_mb:.1} MB of WAL written in {:.1} s",
-        a.transactions,
-        n,
-        t.elapsed().as_secs_f64()
-    );
-    let changed: i64 = db
-        .query_one(
-            "SELECT count(*) FROM members WHERE spot_id = $1 AND headline IS NOT NULL",
-            &[&spot],
-        )
-        .await?
-        .get(0);
+        .get(0))
+}
 
-    // 1. pg_recvlogical over the same range.
+/// The `pg_recvlogical` slot, here; the sidecar's too unless it made its own.
+async fn create_slots(db: &Db, sidecar_too: bool) -> anyhow::Result<String> {
+    let recv = format!("{}_recvlogical", db.slot);
+    let slots = if sidecar_too {
+        vec![&db.slot, &recv]
+    } else {
+        vec![&recv]
+    };
+    for slot in slots {
+        db.client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[slot],
+            )
+            .await?;
+    }
+    Ok(recv)
+}
+
+/// `pg_recvlogical` from the slot's start to `end_lsn`: the time it took.
+fn recvlogical(cluster: &PgCluster, url: &str, slot: &str, end_lsn: i64) -> anyhow::Result<f64> {
     let end_text = format!("{:X}/{:X}", end_lsn >> 32, end_lsn & 0xFFFF_FFFF);
     let t = Instant::now();
     let status = std::process::Command::new(cluster.bin_dir().join("pg_recvlogical"))
-        .args([
-            "-d",
-            &url,
-            "--slot",
-            "bench_recvlogical",
-            "--start",
-            "--no-loop",
-        ])
+        .args(["-d", url, "--slot", slot, "--start", "--no-loop"])
         .args([
             "-o",
             "proto_version=1",
@@ -203,136 +215,487 @@ async fn main() -> anyhow::Result<()> {
         .args(["-E", &end_text, "-f", "/dev/null"])
         .status()?;
     anyhow::ensure!(status.success(), "pg_recvlogical failed: {status}");
-    let recv_secs = t.elapsed().as_secs_f64();
+    Ok(t.elapsed().as_secs_f64())
+}
 
-    // 2. The sidecar, from the same starting point to the same end, durably handed off.
-    let mut cfg = Config::local(&url, "bench_sidecar", &emu.base_url(), "bench", key)?;
-    cfg.hubspot.rate_limit = a.rate_limit;
+async fn start_sidecar(
+    db: &Db,
+    emu: &Emulator,
+    rate_limit: u32,
+) -> anyhow::Result<(
+    service::Running,
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let mut cfg = Config::local(&db.url, &db.slot, &emu.base_url(), "bench", KEY)?;
+    cfg.hubspot.rate_limit = rate_limit;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
-    let t = Instant::now();
-    let sidecar = tokio::spawn(service::run(cfg, stop_rx, Some(started_tx)));
+    let task = tokio::spawn(service::run(cfg, stop_rx, Some(started_tx)));
     let running = started_rx.await?;
-    let startup_secs = t.elapsed().as_secs_f64();
-    // From here the sidecar reads the slot; "done" is every transaction handed
-    // off durably and its LSN acknowledged (sent to the server within 1 s).
+    Ok((running, stop_tx, task))
+}
+
+async fn wait_backlog_empty(db: &tokio_postgres::Client, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    while store::backlog_size(db).await? > 0 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the backlog did not empty within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+async fn wait_backfills(db: &tokio_postgres::Client, within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let pending: i64 = db
+            .query_one(
+                "SELECT count(*) FROM hubspot_sync.integrations WHERE backfill_done_at IS NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if pending == 0 {
+            return wait_backlog_empty(db, within).await;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the backfills did not finish within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Catchup {
+    transactions: usize,
+    rows_per_tx: usize,
+    spots: usize,
+    members: usize,
+}
+
+/// (a) A backlog of committed transactions: the stream against
+/// `pg_recvlogical`, and HubSpot calls against the minimum.
+async fn catchup(b: &mut Bench, a: &Args, shape: Catchup) -> anyhow::Result<()> {
+    let Catchup {
+        transactions,
+        rows_per_tx,
+        spots,
+        members,
+    } = shape;
+    println!(
+        "\n== catchup: {transactions} transactions x {rows_per_tx} row updates over {spots} Spots x {members} members (HubSpot limit {}/10 s per portal)",
+        a.rate_limit
+    );
+    let mut db = b.database().await?;
+    let mut portals = Vec::new();
+    for s in 0..spots {
+        portals.push(seed_spot(&mut db.client, &b.emu, &format!("C{s}"), members, true).await?);
+    }
+    // The backfills of the new connections first, so that the calls counted
+    // below are the backlog's alone.
+    {
+        let (_running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
+        wait_backfills(&db.client, Duration::from_secs(600)).await?;
+        let _ = stop.send(true);
+        let _ = task.await;
+    }
+    let recv_slot = create_slots(&db, false).await?;
+    let ids: Vec<i64> = db
+        .client
+        .query("SELECT id FROM members ORDER BY id", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // The load, written before either reader starts, from 4 connections.
+    let start_lsn = lsn_now(&db.client).await?;
+    let t = Instant::now();
+    let writers = 4;
+    let mut tasks = Vec::new();
+    for w in 0..writers {
+        let url = db.url.clone();
+        let ids = ids.clone();
+        tasks.push(tokio::spawn(async move {
+            let (mut c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let stmt = c
+                .prepare("UPDATE members SET headline = $1 WHERE id = $2")
+                .await?;
+            let mut tx_no = w;
+            while tx_no < transactions {
+                let tx = c.transaction().await?;
+                for r in 0..rows_per_tx {
+                    let n = tx_no * rows_per_tx + r;
+                    let id = ids[(n * 7919) % ids.len()];
+                    tx.execute(&stmt, &[&format!("h{tx_no}-{r}"), &id]).await?;
+                }
+                tx.commit().await?;
+                tx_no += writers;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let end_lsn = lsn_now(&db.client).await?;
+    let wal_mb = (end_lsn - start_lsn) as f64 / 1e6;
+    let changes = transactions * rows_per_tx;
+    println!(
+        "load: {changes} row changes, {wal_mb:.1} MB of WAL, written in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let changed: HashMap<i64, i64> = db
+        .client
+        .query(
+            "SELECT spot_id, count(*) FROM members WHERE headline IS NOT NULL GROUP BY spot_id",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    let recv_secs = recvlogical(&b.cluster, &db.url, &recv_slot, end_lsn)?;
+
+    let before: HashMap<u64, (u64, u64)> = portals
+        .iter()
+        .map(|(_, p)| {
+            let s = b.emu.request_stats(*p);
+            (
+                *p,
+                (
+                    s.count_op("contacts.batch_read"),
+                    s.count_op("contacts.batch_update"),
+                ),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    let (running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
+    let startup = t.elapsed().as_secs_f64();
     let t = Instant::now();
     while running.metrics.acked_lsn.get() < end_lsn {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let side_secs = t.elapsed().as_secs_f64();
-    while slot_confirmed(&db, "bench_sidecar").await < end_lsn {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    let confirmed_secs = t.elapsed().as_secs_f64();
-
-    // 3. Delivery to HubSpot.
-    let deadline = Instant::now() + Duration::from_secs(3600);
-    while store::backlog_size(&db).await? > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_backlog_empty(&db.client, Duration::from_secs(3600)).await?;
     let deliver_secs = t.elapsed().as_secs_f64();
-    let stats = emu.request_stats(portal);
-    let calls = |op: &str| stats.count_op(op);
-    let (reads, updates) = (calls("contacts.batch_read"), calls("contacts.batch_update"));
-    let minimum = (changed as u64).div_ceil(100);
+    let _ = stop.send(true);
+    let _ = task.await;
 
-    // 4. A backfill: a second Spot, all of whose members have a contact, connects now.
-    let (portal2, token2) = emu.create_portal();
-    let spot2 = seed_spot(&db, &emu, portal2, "Backfill", "f", a.members).await?;
-    let creds2 = token_credentials(&key, &token2);
+    let (mut reads, mut updates, mut minimum, mut peak, mut throttled) = (0, 0, 0, 0, 0);
+    for (spot, portal) in &portals {
+        let s = b.emu.request_stats(*portal);
+        let (r0, u0) = before[portal];
+        reads += s.count_op("contacts.batch_read") - r0;
+        updates += s.count_op("contacts.batch_update") - u0;
+        minimum += (changed.get(spot).copied().unwrap_or(0) as u64).div_ceil(100);
+        peak = peak.max(s.peak_in_10s);
+        throttled += s.rate_limited;
+    }
+    let contacts: i64 = changed.values().sum();
+    println!(
+        "  pg_recvlogical, raw bytes to /dev/null   {recv_secs:>7.2} s  {:>9.0} changes/s",
+        changes as f64 / recv_secs
+    );
+    println!(
+        "  hubspot-sidecar, decoded + handed off    {side_secs:>7.2} s  {:>9.0} changes/s",
+        changes as f64 / side_secs
+    );
+    println!(
+        "  speed ratio sidecar / pg_recvlogical     {:>7.2}x   (start-up before reading {startup:.2} s; {} hand-offs taking {:.2} s in all, {:.2} s of it waiting for visibility)",
+        recv_secs / side_secs,
+        running.metrics.handoffs.get(),
+        running.metrics.handoff_seconds.get_sample_sum(),
+        running.metrics.visibility_wait_seconds.get()
+    );
+    println!(
+        "  HubSpot, {contacts} changed contacts on {} portals: batch updates {updates} / minimum {minimum} = {:.2}x, batch reads {reads} / minimum {minimum} = {:.2}x; peak {peak} in 10 s, {throttled} x 429; all delivered {deliver_secs:.1} s after reading began",
+        portals.len(),
+        updates as f64 / minimum.max(1) as f64,
+        reads as f64 / minimum.max(1) as f64,
+    );
+    Ok(())
+}
+
+/// A value of the sidecar's /metrics.
+async fn metric(http: &reqwest::Client, listen: &str, name: &str) -> Option<f64> {
+    let text = http
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// (b) One UPDATE of every member in one transaction: time against
+/// `pg_recvlogical`, and the sidecar process's peak RSS.
+async fn large(b: &mut Bench, a: &Args, rows: usize) -> anyhow::Result<()> {
+    println!("\n== large: one UPDATE of {rows} members in one transaction (REPLICA IDENTITY FULL: old and new row)");
+    let mut db = b.database().await?;
+    seed_spot(&mut db.client, &b.emu, "Large", rows, false).await?;
+    let recv_slot = create_slots(&db, true).await?;
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let http = reqwest::Client::new();
+    // The release binary, as deployed.
+    let child = common::Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_hubspot-sidecar"))
+            .arg("run")
+            .env("DATABASE_URL", &db.url)
+            .env("SIDECAR_SLOT", &db.slot)
+            .env("SIDECAR_LISTEN", &listen)
+            .env("SIDECAR_PUBLIC_URL", format!("http://{listen}"))
+            .env("SIDECAR_ADMIN_TOKEN", "bench")
+            .env("SIDECAR_SECRET_KEY", hex::encode(KEY))
+            .env("HUBSPOT_API_BASE", b.emu.base_url())
+            .env("HUBSPOT_RATE_LIMIT", a.rate_limit.to_string())
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric(&http, &listen, "hubspot_sidecar_acknowledged_lsn")
+        .await
+        .is_none()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the sidecar did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let idle_rss = common::peak_rss(pid);
+    let start_lsn = lsn_now(&db.client).await?;
     let t = Instant::now();
-    store::activate(
-        &mut db,
-        &markers,
-        spot2,
-        portal2 as i64,
-        &creds2,
-        ChangeSource::AdminApi,
-    )
-    .await?;
+    db.client
+        .execute("UPDATE members SET headline = 'large ' || id", &[])
+        .await?;
+    let end_lsn = lsn_now(&db.client).await?;
+    println!(
+        "load: {rows} row changes, {:.0} MB of WAL, written in {:.1} s",
+        (end_lsn - start_lsn) as f64 / 1e6,
+        t.elapsed().as_secs_f64()
+    );
+    let t = Instant::now();
+    let mut most_in_flight = 0.0f64;
     loop {
-        let row = db
-            .query_one(
-                "SELECT backfill_done_at IS NOT NULL,
-                        (SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = $1)
-                   FROM hubspot_sync.integrations WHERE spot_id = $1",
-                &[&spot2],
-            )
-            .await?;
-        if row.get::<_, bool>(0) && row.get::<_, i64>(1) == 0 {
+        let acked = metric(&http, &listen, "hubspot_sidecar_acknowledged_lsn")
+            .await
+            .unwrap_or(0.0);
+        most_in_flight = most_in_flight.max(
+            metric(&http, &listen, "hubspot_sidecar_transaction_rows_in_flight")
+                .await
+                .unwrap_or(0.0),
+        );
+        if acked >= end_lsn as f64 {
             break;
         }
-        if t.elapsed() > Duration::from_secs(3600) {
-            anyhow::bail!("the backfill did not finish within an hour");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(3600),
+            "the sidecar did not pass the transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let backfill_secs = t.elapsed().as_secs_f64();
-    let stats2 = emu.request_stats(portal2);
-    let (reads2, updates2) = (
-        stats2.count_op("contacts.batch_read"),
-        stats2.count_op("contacts.batch_update"),
+    let side_secs = t.elapsed().as_secs_f64();
+    let peak = common::peak_rss(pid);
+    drop(child);
+    let recv_secs = recvlogical(&b.cluster, &db.url, &recv_slot, end_lsn)?;
+    println!(
+        "  pg_recvlogical, raw bytes to /dev/null   {recv_secs:>7.2} s  {:>9.0} changes/s",
+        rows as f64 / recv_secs
     );
-    let minimum2 = (a.members as u64).div_ceil(100);
-    let _ = stop_tx.send(true);
-    let _ = sidecar.await;
+    println!(
+        "  hubspot-sidecar process, handed off      {side_secs:>7.2} s  {:>9.0} changes/s",
+        rows as f64 / side_secs
+    );
+    println!(
+        "  speed ratio sidecar / pg_recvlogical     {:>7.2}x",
+        recv_secs / side_secs
+    );
+    println!(
+        "  sidecar peak RSS (VmHWM) {:.0} MB (idle before the transaction: {:.0} MB; goal < 150 MB); up to {most_in_flight} rows in flight seen",
+        peak as f64 / 1e6,
+        idle_rss as f64 / 1e6
+    );
+    Ok(())
+}
 
-    let tps = |secs: f64| a.transactions as f64 / secs;
+/// (c) A steady stream of single-row changes to many Spots whose portals
+/// answer slowly: commit-to-HubSpot latency and calls per change.
+async fn stream(b: &mut Bench, a: &Args, rate: usize, seconds: usize) -> anyhow::Result<()> {
+    let spots = a.spots.unwrap_or(20);
+    let per_spot = (rate * seconds).div_ceil(spots);
     println!(
-        "\nreading the stream ({} transactions, {n} row changes, {wal_mb:.1} MB WAL)",
-        a.transactions
+        "\n== stream: {rate} changes/s for {seconds} s over {spots} Spots, every HubSpot call answered after {} ms (limit {}/10 s per portal)",
+        a.latency_ms, a.rate_limit
+    );
+    let mut db = b.database().await?;
+    let mut portals = Vec::new();
+    for s in 0..spots {
+        portals.push(seed_spot(&mut db.client, &b.emu, &format!("S{s}"), per_spot, true).await?);
+    }
+    let (running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
+    wait_backfills(&db.client, Duration::from_secs(600)).await?;
+    for (_, p) in &portals {
+        b.emu.set_faults(
+            Some(*p),
+            Faults {
+                latency: Some(Duration::from_millis(a.latency_ms)),
+                ..Default::default()
+            },
+        );
+    }
+    let calls_before: u64 = portals
+        .iter()
+        .map(|(_, p)| b.emu.request_stats(*p).total)
+        .sum();
+    // Change k goes to Spot k % spots, to a member not changed before, so the
+    // contact's last update is that change's.
+    let mut emails: Vec<Vec<(i64, String)>> = Vec::new();
+    for (spot, _) in &portals {
+        emails.push(
+            db.client
+                .query(
+                    "SELECT id, lower(email) FROM members WHERE spot_id = $1 ORDER BY id",
+                    &[spot],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect(),
+        );
+    }
+    let stmt = db
+        .client
+        .prepare("UPDATE members SET headline = $1 WHERE id = $2")
+        .await?;
+    let total = rate * seconds;
+    let mut committed = Vec::with_capacity(total);
+    let every = Duration::from_secs_f64(1.0 / rate as f64);
+    let t0 = tokio::time::Instant::now();
+    for k in 0..total {
+        tokio::time::sleep_until(t0 + every * k as u32).await;
+        let s = k % spots;
+        let (id, email) = &emails[s][k / spots];
+        db.client.execute(&stmt, &[&format!("s{k}"), id]).await?;
+        committed.push((portals[s].1, email.clone(), chrono::Utc::now()));
+    }
+    let behind = t0.elapsed().as_secs_f64() - seconds as f64;
+    wait_backlog_empty(&db.client, Duration::from_secs(600)).await?;
+    let _ = stop.send(true);
+    let _ = task.await;
+    drop(running);
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .filter_map(|(portal, email, at)| {
+            let c = b.emu.contact_by_email(*portal, email)?;
+            Some((c.updated_at - *at).num_microseconds()? as f64 / 1e6)
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    let calls: u64 = portals
+        .iter()
+        .map(|(_, p)| b.emu.request_stats(*p).total)
+        .sum::<u64>()
+        - calls_before;
+    println!(
+        "  commit-to-HubSpot latency over {} changes: p50 {:.3} s  p90 {:.3} s  p99 {:.3} s  max {:.3} s   (goal p99 < 0.4 s)",
+        latencies.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        latencies.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "  pg_recvlogical, raw bytes to /dev/null   {recv_secs:>7.2} s  {:>9.0} tx/s  {:>9.0} changes/s",
-        tps(recv_secs),
-        n as f64 / recv_secs
+        "  HubSpot calls {calls} for {total} changes: {:.3} calls per change (the load generator ended {behind:.2} s behind its schedule)",
+        calls as f64 / total as f64
     );
-    println!(
-        "  hubspot-sidecar, decoded + handed off    {side_secs:>7.2} s  {:>9.0} tx/s  {:>9.0} changes/s",
-        tps(side_secs),
-        n as f64 / side_secs
-    );
-    println!(
-        "  ratio sidecar / pg_recvlogical time      {:>7.2}",
-        side_secs / recv_secs
-    );
-    println!(
-        "  (sidecar start-up before reading: {startup_secs:.2} s; the slot's confirmed_flush_lsn reached the end {confirmed_secs:.2} s after reading began)"
-    );
-    println!(
-        "  hand-offs: {} transactions in {} database transactions",
-        running.metrics.transactions.get(),
-        running.metrics.handoffs.get()
-    );
-    println!(
-        "\nHubSpot ({changed} changed contacts, limit {}/10 s)",
-        a.rate_limit
-    );
-    println!(
-        "  batch updates {updates:>6}   minimum {minimum:>6}   ratio {:.2}",
-        updates as f64 / minimum.max(1) as f64
-    );
-    println!(
-        "  batch reads   {reads:>6}   minimum {minimum:>6}   ratio {:.2}",
-        reads as f64 / minimum.max(1) as f64
-    );
-    println!(
-        "  calls per 1,000 changed contacts: {:.1} (minimum {:.1}); all delivered {deliver_secs:.1} s after start; peak {} in 10 s; 429s {}",
-        (reads + updates) as f64 * 1000.0 / changed.max(1) as f64,
-        2.0 * minimum as f64 * 1000.0 / changed.max(1) as f64,
-        stats.peak_in_10s,
-        stats.rate_limited
-    );
-    println!(
-        "\nBackfill ({} members, every one with a contact, limit {}/10 s)",
-        a.members, a.rate_limit
-    );
-    println!(
-        "  {backfill_secs:.1} s from activation to the last write: {:.0} members/s; batch reads {reads2}, batch updates {updates2} (minimum {minimum2} each)",
-        a.members as f64 / backfill_secs
-    );
-    emu.shutdown().await;
-    drop(cluster);
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let a = args();
+    hubspot_sidecar::init_logging(LogFormat::Text, "warn");
+    let mut b = Bench {
+        cluster: PgCluster::start().await?,
+        emu: Emulator::start(EmulatorConfig {
+            rate_limit_per_10s: a.rate_limit.max(110),
+            ..Default::default()
+        })
+        .await?,
+        dbs: 0,
+    };
+    let all = a.shape == "all";
+    if all || a.shape == "catchup" {
+        let custom = a.transactions.is_some() || a.spots.is_some();
+        let shapes = if custom {
+            vec![Catchup {
+                transactions: a.transactions.unwrap_or(20_000),
+                rows_per_tx: a.rows_per_tx.unwrap_or(1),
+                spots: a.spots.unwrap_or(1),
+                members: a.members.unwrap_or(1000),
+            }]
+        } else if a.quick {
+            vec![
+                Catchup {
+                    transactions: 20_000,
+                    rows_per_tx: 1,
+                    spots: 10,
+                    members: 200,
+                },
+                Catchup {
+                    transactions: 2_000,
+                    rows_per_tx: 5,
+                    spots: 1,
+                    members: 1_000,
+                },
+            ]
+        } else {
+            vec![
+                Catchup {
+                    transactions: 200_000,
+                    rows_per_tx: 1,
+                    spots: 50,
+                    members: 1_000,
+                },
+                Catchup {
+                    transactions: 20_000,
+                    rows_per_tx: 5,
+                    spots: 1,
+                    members: 10_000,
+                },
+            ]
+        };
+        for shape in shapes {
+            catchup(&mut b, &a, shape).await?;
+        }
+    }
+    if all || a.shape == "large" {
+        let rows = a.rows.unwrap_or(if a.quick { 100_000 } else { 1_000_000 });
+        large(&mut b, &a, rows).await?;
+    }
+    if all || a.shape == "stream" {
+        let rate = a.rate.unwrap_or(200);
+        let seconds = a.seconds.unwrap_or(if a.quick { 10 } else { 60 });
+        stream(&mut b, &a, rate, seconds).await?;
+    }
+    b.emu.shutdown().await;
+    drop(b.cluster);
     Ok(())
 }

@@ -10,6 +10,10 @@
 /// is not yet acknowledged. A restart must resume from the checkpoint and
 /// queue nothing twice that delivery could not absorb (G1, G3).
 pub const HANDOFF_COMMITTED: &str = "handoff_committed";
+/// Part of a large transaction was handed off ahead of its commit (outbox
+/// rows, no checkpoint). A restart replays the whole transaction and its
+/// upserts absorb the repeat.
+pub const HANDOFF_AHEAD_COMMITTED: &str = "handoff_ahead_committed";
 /// HubSpot accepted a batch update or an event batch; the outbox rows are not
 /// yet deleted. A restart resends them and HubSpot absorbs the repeat (G2).
 pub const HUBSPOT_ACCEPTED: &str = "hubspot_accepted";
@@ -21,8 +25,9 @@ pub const TOKEN_REFRESHED: &str = "token_refreshed";
 pub const CONTACT_CREATED: &str = "contact_created";
 
 /// Every crash point, for the tests and the docs.
-pub const ALL: [&str; 4] = [
+pub const ALL: [&str; 5] = [
     HANDOFF_COMMITTED,
+    HANDOFF_AHEAD_COMMITTED,
     HUBSPOT_ACCEPTED,
     TOKEN_REFRESHED,
     CONTACT_CREATED,

@@ -36,6 +36,9 @@ pub struct Metrics {
     pub row_changes: IntCounter,
     /// Hand-off transactions committed (outbox rows plus checkpoint).
     pub handoffs: IntCounter,
+    /// Row changes of the transaction being read (0 between transactions):
+    /// a large transaction in progress shows here before its commit is reached.
+    pub transaction_rows_in_flight: IntGauge,
     /// Duration of one hand-off transaction.
     pub handoff_seconds: Histogram,
     /// Last LSN acknowledged to the replication slot.
@@ -197,6 +200,13 @@ impl Metrics {
                 IntCounter::new(
                     p("handoffs_total"),
                     "Hand-off transactions committed (outbox + checkpoint)"
+                )
+            ),
+            transaction_rows_in_flight: reg!(
+                r,
+                IntGauge::new(
+                    p("transaction_rows_in_flight"),
+                    "Row changes read of the transaction being read (0 between transactions)"
                 )
             ),
             handoff_seconds: reg!(

@@ -5,12 +5,14 @@
 //! http serves the admin API, metrics and health.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
@@ -27,15 +29,22 @@ use crate::hubspot::HubSpotClient;
 use crate::integrations::Integrations;
 use crate::leader;
 use crate::metrics::Metrics;
-use crate::replication::{self, slot, ConnParams, Source, SourceEvent};
+use crate::replication::{self, slot, ConnParams, Decoded, Source, SourceEvent, TxMeta};
 use crate::store::{self, secrets::Sealer, Db};
 use crate::translate::{self, MarkerKey, Work};
 use crate::{integrations::Status, internal_events as events};
 
 /// Hand off at the latest this long after the first buffered transaction…
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
-/// …or once this many transactions are buffered.
+/// …or once this many transactions are buffered…
 const FLUSH_TXS: usize = 2000;
+/// …or once the buffered work holds this many member ids and events. An open
+/// transaction that reaches it is handed off ahead of its commit: this bounds
+/// memory whatever the size of a transaction (a few MB at this figure).
+const FLUSH_ROWS: usize = 50_000;
+/// A commit read this long after it happened means the stream is reading a
+/// backlog (after a restart or an outage, or behind a large transaction).
+const CATCHING_UP_AFTER: Duration = Duration::from_secs(1);
 /// An idle position is stored and acknowledged at most this often: each
 /// store is a small write of its own (which the next keepalive reports),
 /// so not at every keepalive, and often enough that the slot follows
@@ -267,6 +276,9 @@ impl Shared<'_> {
             })
         };
 
+        // The lag gauge's source, and whether the stream is reading a backlog.
+        let oldest_pending = Arc::new(AtomicI64::new(0));
+        let catching_up = Arc::new(AtomicBool::new(false));
         let deliver_task = tokio::spawn(
             deliver::supervise(
                 DeliverContext {
@@ -283,6 +295,7 @@ impl Shared<'_> {
                     fail_after: cfg.fail_after,
                     failed_retention: cfg.failed_retention,
                     wake: wake.clone(),
+                    catching_up: catching_up.clone(),
                     notify: notify.clone(),
                 },
                 term.clone(),
@@ -303,7 +316,6 @@ impl Shared<'_> {
             None => None,
         };
 
-        let oldest_pending = Arc::new(AtomicI64::new(0));
         let sampler = tokio::spawn(sample_lag(
             db.clone(),
             cfg.slot.clone(),
@@ -318,6 +330,7 @@ impl Shared<'_> {
             metrics: metrics.clone(),
             health: health.clone(),
             wake: wake.clone(),
+            catching_up,
             oldest_pending,
             markers: markers.clone(),
             identity: Default::default(),
@@ -373,6 +386,9 @@ struct Capture<'a> {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     wake: Arc<Notify>,
+    /// Set while the commits read are older than CATCHING_UP_AFTER: a backlog
+    /// is being read, and delivery holds partial batches for the rest of it.
+    catching_up: Arc<AtomicBool>,
     oldest_pending: Arc<AtomicI64>,
     /// Checks the settings markers in the stream.
     markers: MarkerKey,
@@ -388,12 +404,37 @@ struct Pending {
     end_lsn: u64,
     txs: usize,
     since: Option<Instant>,
+    /// Commit time of the first of them (the lag gauge).
+    oldest: Option<DateTime<Utc>>,
+}
+
+/// The transaction being read, folded into its work change by change.
+struct OpenTx {
+    meta: TxMeta,
+    items: usize,
+    work: Work,
+}
+
+/// What a hand-off writes.
+enum Batch {
+    /// Whole transactions and the checkpoint at their end.
+    Complete(Pending),
+    /// Part of a transaction still being read: rows only, no checkpoint.
+    Ahead { work: Work, tx: TxMeta },
+}
+
+/// The one hand-off committing while the stream reads on.
+struct InFlight<'f> {
+    /// What the slot may be acknowledged up to once it commits.
+    ack: Option<u64>,
+    oldest: Option<DateTime<Utc>>,
+    done: Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'f>>,
 }
 
 impl Capture<'_> {
-    /// Logs and counts what translating a transaction noticed about its input.
-    fn observe(&self, work: &Work) {
-        for rejected in &work.rejected_markers {
+    /// Logs and counts what translating noticed about its input, and forgets it.
+    fn observe(&self, work: &mut Work) {
+        for rejected in std::mem::take(&mut work.rejected_markers) {
             events::SettingsMarkerRejected {
                 spot_id: rejected.spot_id,
                 reason: rejected.reason,
@@ -404,10 +445,10 @@ impl Capture<'_> {
             self.metrics
                 .activities_unknown
                 .with_label_values(&["members"])
-                .inc_by(work.undecidable_status_changes);
+                .inc_by(std::mem::take(&mut work.undecidable_status_changes));
         }
         let mut seen = self.identity.lock().unwrap_or_else(|e| e.into_inner());
-        for (&table, &full) in &work.identity_full {
+        for (table, full) in std::mem::take(&mut work.identity_full) {
             // Once per change of state: FULL is what the first sight assumes.
             if seen.insert(table, full).unwrap_or(true) != full {
                 events::ReplicaIdentityChanged { table, full }.emit(&self.metrics);
@@ -523,17 +564,46 @@ impl Capture<'_> {
         self.health.streaming.store(true, Ordering::Relaxed);
         info!(start_lsn = %replication::lsn_to_string(start), slot = %self.cfg.slot, "streaming");
         let mut pending = Pending::default();
+        let mut open: Option<OpenTx> = None;
+        let mut inflight: Option<InFlight<'_>> = None;
         let mut idle = IdlePosition::new(start);
         let mut inspect = tokio::time::interval(SLOT_CHECK_EVERY);
         inspect.tick().await;
-        let result = loop {
-            let deadline = pending.since.map(|t| t + FLUSH_AFTER);
+        let result: anyhow::Result<()> = loop {
+            // The lag gauge: the oldest commit not yet handed off, including
+            // one still being read (a large transaction keeps it growing).
+            let oldest = inflight
+                .as_ref()
+                .and_then(|f| f.oldest)
+                .or(pending.oldest)
+                .or(open.as_ref().map(|o| o.meta.commit_time));
+            self.oldest_pending.store(
+                oldest.map_or(0, |t| t.timestamp_micros()),
+                Ordering::Relaxed,
+            );
+            // A lingering batch goes once nothing else is committing.
+            let deadline = pending
+                .since
+                .filter(|_| inflight.is_none())
+                .map(|t| t + FLUSH_AFTER);
             tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => {
-                    // Finish the in-flight hand-off and acknowledge it before leaving.
-                    let r = self.flush(db, &source, &mut pending).await;
-                    break r;
+                    // Finish the hand-offs of whole transactions and acknowledge
+                    // them before leaving; an open one is read again on restart.
+                    let r = async {
+                        self.launch(db, &source, Batch::Complete(std::mem::take(&mut pending)), &mut inflight).await?;
+                        self.settle(&source, &mut inflight).await
+                    };
+                    break r.await;
+                }
+                done = committed(&mut inflight) => {
+                    if let Err(e) = done {
+                        break Err(e);
+                    }
+                    if let Some(f) = inflight.take() {
+                        self.acknowledge(&source, f.ack);
+                    }
                 }
                 _ = inspect.tick() => {
                     // A slot invalidated or dropped while streaming ends the
@@ -543,7 +613,8 @@ impl Capture<'_> {
                     }
                 }
                 _ = sleep_until_opt(deadline) => {
-                    if let Err(e) = self.flush(db, &source, &mut pending).await { break Err(e) }
+                    let batch = Batch::Complete(std::mem::take(&mut pending));
+                    if let Err(e) = self.launch(db, &source, batch, &mut inflight).await { break Err(e) }
                 }
                 _ = sleep_until_opt(idle.deadline()) => {
                     // Nothing open or in flight: everything before the idle position
@@ -551,39 +622,68 @@ impl Capture<'_> {
                     // Stored first, then acknowledged, so that the checkpoint is
                     // never behind the slot.
                     match idle.take() {
-                        Some(lsn) if pending.txs == 0 => {
+                        Some(lsn) if pending.txs == 0 && inflight.is_none() => {
                             if let Err(e) = self.store_idle(db, lsn).await {
                                 break Err(e);
                             }
-                            source.ack(lsn);
-                            self.metrics.acked_lsn.set(lsn as i64);
+                            self.acknowledge(&source, Some(lsn));
                         }
                         _ => {}
                     }
                 }
                 ev = source.next() => match ev {
-                    Ok(Some(SourceEvent::Transaction(tx))) => {
+                    Ok(Some(SourceEvent::Tx(Decoded::Begin(meta)))) => {
+                        // A commit from more than a moment ago: a backlog is being read (or a large transaction).
+                        let age = Utc::now() - meta.commit_time;
+                        self.catching_up.store(
+                            age.to_std().is_ok_and(|a| a > CATCHING_UP_AFTER),
+                            Ordering::Relaxed,
+                        );
+                        open = Some(OpenTx { meta, items: 0, work: Work::default() });
+                        self.metrics.transaction_rows_in_flight.set(0);
+                    }
+                    Ok(Some(SourceEvent::Tx(Decoded::Item(item)))) => {
+                        let Some(tx) = open.as_mut() else {
+                            break Err(anyhow::anyhow!("a change outside a transaction"));
+                        };
+                        translate::translate_item(&mut settings, &self.markers, &tx.meta, tx.items, &item, &mut tx.work);
+                        tx.items += 1;
+                        self.metrics.row_changes.inc();
+                        self.metrics.transaction_rows_in_flight.inc();
+                        if pending.work.size() + tx.work.size() >= FLUSH_ROWS {
+                            // Whole transactions first, so that the checkpoint
+                            // moves in order; then this one's rows so far.
+                            let before = Batch::Complete(std::mem::take(&mut pending));
+                            if let Err(e) = self.launch(db, &source, before, &mut inflight).await { break Err(e) }
+                            self.observe(&mut tx.work);
+                            let ahead = Batch::Ahead { work: tx.work.take_rows(), tx: tx.meta };
+                            if let Err(e) = self.launch(db, &source, ahead, &mut inflight).await { break Err(e) }
+                        }
+                    }
+                    Ok(Some(SourceEvent::Tx(Decoded::Commit { end_lsn }))) => {
+                        let Some(mut tx) = open.take() else {
+                            break Err(anyhow::anyhow!("a Commit without its Begin"));
+                        };
                         self.metrics.transactions.inc();
-                        self.metrics.row_changes.inc_by(tx.items.len() as u64);
-                        let work = translate::translate(&mut settings, &self.markers, &tx);
-                        self.observe(&work);
+                        self.metrics.transaction_rows_in_flight.set(0);
+                        self.observe(&mut tx.work);
                         if pending.since.is_none() {
                             pending.since = Some(Instant::now());
-                            self.oldest_pending.store(tx.commit_time.timestamp_micros(), Ordering::Relaxed);
+                            pending.oldest = Some(tx.meta.commit_time);
                         }
-                        pending.work.merge(work);
-                        pending.xids.push(tx.xid);
-                        pending.end_lsn = tx.end_lsn;
+                        pending.work.merge(tx.work);
+                        pending.xids.push(tx.meta.xid);
+                        pending.end_lsn = end_lsn;
                         pending.txs += 1;
-                        if pending.txs >= FLUSH_TXS {
-                            if let Err(e) = self.flush(db, &source, &mut pending).await { break Err(e) }
+                        if pending.txs >= FLUSH_TXS || pending.work.size() >= FLUSH_ROWS {
+                            let batch = Batch::Complete(std::mem::take(&mut pending));
+                            if let Err(e) = self.launch(db, &source, batch, &mut inflight).await { break Err(e) }
                         }
                     }
                     Ok(Some(SourceEvent::Idle { wal_end })) => {
-                        if pending.txs == 0 {
+                        self.catching_up.store(false, Ordering::Relaxed);
+                        if pending.txs == 0 && inflight.is_none() {
                             idle.offer(wal_end);
-                        } else if let Err(e) = self.flush(db, &source, &mut pending).await {
-                            break Err(e);
                         }
                     }
                     Ok(None) => break Err(anyhow::anyhow!("replication stream ended")),
@@ -591,54 +691,114 @@ impl Capture<'_> {
                 }
             }
         };
+        self.metrics.transaction_rows_in_flight.set(0);
+        self.oldest_pending.store(0, Ordering::Relaxed);
+        self.catching_up.store(false, Ordering::Relaxed);
         self.health.streaming.store(false, Ordering::Relaxed);
         source.shutdown().await;
         result
     }
 
-    async fn flush(&self, db: &Db, source: &Source, pending: &mut Pending) -> anyhow::Result<()> {
-        if pending.txs == 0 {
-            return Ok(());
+    /// Starts a hand-off, once the one in flight has committed: one at a
+    /// time, in stream order, while the stream reads the next batch.
+    async fn launch<'f>(
+        &'f self,
+        db: &'f Db,
+        source: &Source,
+        batch: Batch,
+        inflight: &mut Option<InFlight<'f>>,
+    ) -> anyhow::Result<()> {
+        self.settle(source, inflight).await?;
+        let (ack, oldest) = match &batch {
+            Batch::Complete(p) if p.txs == 0 => return Ok(()),
+            Batch::Complete(p) => (Some(p.end_lsn), p.oldest),
+            Batch::Ahead { tx, .. } => (None, Some(tx.commit_time)),
+        };
+        *inflight = Some(InFlight {
+            ack,
+            oldest,
+            done: Box::pin(self.hand_off(db, batch)),
+        });
+        Ok(())
+    }
+
+    /// Waits for the hand-off in flight, then acknowledges what it made durable.
+    async fn settle(
+        &self,
+        source: &Source,
+        inflight: &mut Option<InFlight<'_>>,
+    ) -> anyhow::Result<()> {
+        if let Some(f) = inflight.as_mut() {
+            f.done.as_mut().await?;
+            let ack = f.ack;
+            *inflight = None;
+            self.acknowledge(source, ack);
         }
-        let span = tracing::debug_span!("hand_off", txs = pending.txs, end_lsn = %replication::lsn_to_string(pending.end_lsn));
+        Ok(())
+    }
+
+    /// Durable: only now may the slot release the WAL before `lsn`.
+    fn acknowledge(&self, source: &Source, lsn: Option<u64>) {
+        if let Some(lsn) = lsn {
+            source.ack(lsn);
+            self.metrics.acked_lsn.set(lsn as i64);
+        }
+    }
+
+    async fn hand_off(&self, db: &Db, batch: Batch) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let touched = async {
-            let mut client = db.client().await?;
-            store::hand_off(
-                &mut client,
-                &self.cfg.slot,
-                &pending.work,
-                &pending.xids,
-                pending.end_lsn,
-                &self.metrics,
-            )
-            .await
-        }
-        .instrument(span)
-        .await
-        .context("hand-off to hubspot_sync")?;
-        // The window the crash tests aim at: committed, not yet acknowledged.
-        crate::failpoints::crash_point(crate::failpoints::HANDOFF_COMMITTED);
+        let mut client = db.client().await?;
+        let touched = match &batch {
+            Batch::Complete(p) => {
+                let span = tracing::debug_span!("hand_off", txs = p.txs, end_lsn = %replication::lsn_to_string(p.end_lsn));
+                let touched = store::hand_off(
+                    &mut client,
+                    &self.cfg.slot,
+                    &p.work,
+                    &p.xids,
+                    p.end_lsn,
+                    &self.metrics,
+                )
+                .instrument(span)
+                .await
+                .context("hand-off to hubspot_sync")?;
+                // The window the crash tests aim at: committed, not yet acknowledged.
+                crate::failpoints::crash_point(crate::failpoints::HANDOFF_COMMITTED);
+                debug!(slot = %self.cfg.slot, txs = p.txs, members = p.work.members.len(), touched, "handed off");
+                touched
+            }
+            Batch::Ahead { work, tx } => {
+                let touched =
+                    store::hand_off_ahead(&mut client, work, tx.xid, tx.commit_lsn, &self.metrics)
+                        .await
+                        .context("hand-off ahead of a large transaction's commit")?;
+                crate::failpoints::crash_point(crate::failpoints::HANDOFF_AHEAD_COMMITTED);
+                debug!(
+                    xid = tx.xid,
+                    members = work.members.len(),
+                    activities = work.activities.len(),
+                    touched,
+                    "handed off ahead of the commit"
+                );
+                touched
+            }
+        };
         self.metrics
             .handoff_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.handoffs.inc();
-        // Durable: only now may the slot release this WAL.
-        source.ack(pending.end_lsn);
-        self.metrics.acked_lsn.set(pending.end_lsn as i64);
-        debug!(
-            slot = %self.cfg.slot,
-            txs = pending.txs,
-            members = pending.work.members.len(),
-            touched,
-            "handed off"
-        );
         if touched > 0 {
             self.wake.notify_waiters();
         }
-        *pending = Pending::default();
-        self.oldest_pending.store(0, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+/// Resolves when the hand-off in flight commits (never, when there is none).
+async fn committed(inflight: &mut Option<InFlight<'_>>) -> anyhow::Result<()> {
+    match inflight {
+        Some(f) => f.done.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,36 +11,13 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, ExitStatus};
+use std::process::ExitStatus;
 use std::time::Duration;
 
 use common::*;
 use hubspot_emulator::{Emulator, EmulatorConfig};
 
 const SECOND: Duration = Duration::from_secs(1);
-
-/// A sidecar process that is killed when the test ends, even by a panic.
-struct Process(Child);
-
-impl std::ops::Deref for Process {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Process {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The sidecar process, with the crash point `armed` when given.
 fn spawn(url: &str, slot: &str, emu: &Emulator, listen: &str, armed: Option<&str>) -> Process {
@@ -74,17 +51,6 @@ fn assert_killed(status: ExitStatus) {
     );
 }
 
-async fn connect_token(http: &reqwest::Client, listen: &str, spot: i64, token: &str) {
-    let (status, body) = api_call(
-        http,
-        &format!("http://{listen}/api/spots/{spot}/hubspot/connect"),
-        reqwest::Method::POST,
-        Some(serde_json::json!({"access_token": token})),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-}
-
 /// A Spot of `n` members, each with a contact in the portal.
 async fn spot_with_contacts(
     db: &tokio_postgres::Client,
@@ -96,13 +62,7 @@ async fn spot_with_contacts(
     for i in 0..n {
         emu.add_contact(portal, &format!("m{i}@example.com"), &[]);
     }
-    db.execute(
-        "INSERT INTO members (spot_id, email, status)
-         SELECT $1, 'm' || g || '@example.com', 'accepted' FROM generate_series(0, $2::bigint - 1) g",
-        &[&spot, &n],
-    )
-    .await
-    .unwrap();
+    add_members(db, spot, "m", n).await;
     spot
 }
 
@@ -165,14 +125,78 @@ async fn handoff_committed_slot_not_acknowledged() {
 
     let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;
-    wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
-    let (_, committed) = slot_position(&db, &slot).await;
+    converged_and_acknowledged(&db, &emu, portal, spot, &slot).await;
+}
+
+/// After the restart: every contact holds its member's headline, and the
+/// slot acknowledges everything committed.
+async fn converged_and_acknowledged(
+    db: &tokio_postgres::Client,
+    emu: &Emulator,
+    portal: u64,
+    spot: i64,
+    slot: &str,
+) {
+    wait_headlines_converge(db, emu, portal, spot, 120 * SECOND).await;
+    let (_, committed) = slot_position(db, slot).await;
     wait_for(
         "the slot acknowledges the replayed range",
-        30 * SECOND,
-        || async { slot_position(&db, &slot).await.0 >= committed },
+        60 * SECOND,
+        || async { slot_position(db, slot).await.0 >= committed },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_ahead_committed_mid_transaction() {
+    let (url, slot) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let http = reqwest::Client::new();
+    let listen = free_addr();
+    let (portal, token) = emu.create_portal();
+    let spot = spot_with_contacts(&db, &emu, portal, 50).await;
+    // Enough other members that one transaction over all of them is handed
+    // off in parts before its commit is read (FLUSH_ROWS is 50,000).
+    let crowd = seed_spot(&db, "Crowd").await;
+    add_members(&db, crowd, "c", 120_000).await;
+
+    let mut child = spawn(&url, &slot, &emu, &listen, None);
+    wait_ready(&http, &listen).await;
+    connect_token(&http, &listen, spot, &token).await;
+    wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let before = checkpoint(&db, &slot).await;
+
+    // One transaction over every member; the armed process dies right after
+    // its first part is handed off.
+    db.execute("UPDATE members SET headline = 'large ' || id", &[])
+        .await
+        .unwrap();
+    let mut child = spawn(&url, &slot, &emu, &listen, Some("handoff_ahead_committed"));
+    assert_killed(wait_exit(&mut child, 120 * SECOND).await);
+    let queued: i64 = db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = $1",
+            &[&spot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        queued > 0,
+        "the first part of the transaction was handed off"
+    );
+    assert_eq!(
+        checkpoint(&db, &slot).await,
+        before,
+        "the checkpoint does not move until the whole transaction is handed off"
+    );
+
+    let _running = spawn(&url, &slot, &emu, &listen, None);
+    wait_ready(&http, &listen).await;
+    converged_and_acknowledged(&db, &emu, portal, spot, &slot).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,10 +20,11 @@ use crate::hubspot::{Portal, BATCH_LIMIT};
 use crate::internal_events::{DeliveryRetried, FailCause, IntegrationFailed, RetryCause};
 use crate::store::{self, AuthKind, Fence, LiveIntegration, Marker};
 
-/// How long a partial batch waits for more work before the next round: the
-/// first change after a quiet spell goes out at once, a steady stream is
-/// coalesced into fewer, fuller batches.
-const LINGER: Duration = Duration::from_millis(250);
+/// The longest a partial batch is held while the stream reads a backlog.
+const HOLD_PARTIAL: Duration = Duration::from_secs(2);
+/// Calls a round usually makes (a batch update, and a batch read for
+/// contacts not yet mapped): what the linger paces for.
+const ROUND_CALLS: usize = 2;
 /// How long an idle worker waits before it looks again without being woken.
 const IDLE_POLL: Duration = Duration::from_millis(500);
 /// Members queued per backfill page, and the backlog under which the next
@@ -119,20 +120,33 @@ impl SpotWorker {
                 // Disconnected, failed, reconnected, or the supervisor is gone.
                 break;
             };
+            // Registered before the round looks for work, so that work handed
+            // off while it runs wakes the idle wait below (a notification
+            // reaches only waiters already registered).
+            let wake = self.ctx.wake.clone();
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             // Every call of the round passes the fence (see `fence`).
             let result = self.step(&spot).await;
             match result {
                 Ok(Round::Full) => {}
-                // A partial batch: let the next one gather what arrives meanwhile.
-                Ok(Round::Partial) => tokio::select! {
-                    _ = shutdown.changed() => {}
-                    _ = tokio::time::sleep(LINGER) => {}
-                },
+                // A partial batch: the next one gathers what arrives while
+                // the portal's budget says to wait (nothing while it is ample).
+                Ok(Round::Partial) => {
+                    let linger = self.limiter.linger(ROUND_CALLS).await;
+                    if !linger.is_zero() {
+                        tokio::select! {
+                            _ = shutdown.changed() => {}
+                            _ = tokio::time::sleep(linger) => {}
+                        }
+                    }
+                }
                 // Idle: new work or a settings change ends the wait early.
                 Ok(Round::Idle) => tokio::select! {
                     _ = shutdown.changed() => {}
                     _ = self.spot.changed() => {}
-                    _ = self.ctx.wake.notified() => {}
+                    _ = &mut woken => {}
                     _ = tokio::time::sleep(IDLE_POLL) => {}
                 },
                 // Backing off: new work must not end the wait, or an outage would
@@ -377,6 +391,24 @@ impl SpotWorker {
             return Ok(Round::Idle);
         }
         let full = markers.len() == BATCH_LIMIT;
+        // While the stream reads a backlog, a partial batch waits (up to
+        // HOLD_PARTIAL) for the rest of it: a backlog costs the minimum of
+        // calls, full batches of 100, instead of one call per hand-off.
+        let oldest_wait = markers
+            .iter()
+            .map(|m| Utc::now() - m.enqueued_at)
+            .max()
+            .and_then(|age| age.to_std().ok())
+            .unwrap_or_default();
+        if !full
+            && self
+                .ctx
+                .catching_up
+                .load(std::sync::atomic::Ordering::Relaxed)
+            && oldest_wait < HOLD_PARTIAL
+        {
+            return Ok(Round::Idle);
+        }
         let span = tracing::debug_span!("delivery_batch", items = markers.len());
         if let Err(error) =
             round::deliver_properties(&self.ctx.metrics, &self.ctx.db, portal, fence, &markers)

@@ -75,6 +75,23 @@ impl RateLimiter {
         }
     }
 
+    /// How long a partial batch waits for more work before its next round of
+    /// `n` calls. While at most half of the window's budget is used it goes
+    /// at once: latency wins while calls are cheap. Past half, the wait grows
+    /// with the share used, through the paced interval (window / limit per
+    /// call, the rate the budget lasts at) at three quarters, to twice that
+    /// when the window is full; so a stream above the budget fills its
+    /// batches instead of spending the window in its first seconds and then
+    /// stalling.
+    pub async fn linger(&self, n: usize) -> Duration {
+        let used = {
+            let mut sent = self.sent.lock().await;
+            self.forget_old(&mut sent, Instant::now());
+            sent.len()
+        };
+        linger_for(used, self.limit, n, self.window)
+    }
+
     /// Records a request that was sent without waiting (one made before the
     /// portal was known), so that the window still counts it.
     pub async fn record_unthrottled(&self) {
@@ -105,6 +122,16 @@ impl RateLimiter {
         sent.clear();
         sent.extend(std::iter::repeat_n(now, self.limit));
     }
+}
+
+/// `RateLimiter::linger` for `used` of `limit` requests in the window.
+fn linger_for(used: usize, limit: usize, n: usize, window: Duration) -> Duration {
+    let share = used as f64 / limit.max(1) as f64;
+    if share <= 0.5 {
+        return Duration::ZERO;
+    }
+    let paced = window.mul_f64(n as f64 / limit.max(1) as f64);
+    paced.mul_f64(((share - 0.5) * 4.0).min(2.0))
 }
 
 /// The limiters of all portals, created on first use: every part of the
@@ -161,6 +188,17 @@ mod tests {
             rl.acquire().await;
         }
         assert!(started.elapsed() < Duration::from_millis(10));
+    }
+
+    #[test]
+    fn the_linger_is_nothing_while_the_budget_is_ample_and_paces_when_it_is_tight() {
+        let w = WINDOW;
+        assert_eq!(linger_for(0, 100, 2, w), Duration::ZERO);
+        assert_eq!(linger_for(50, 100, 2, w), Duration::ZERO);
+        // Three quarters used: the paced interval, 2 calls at 100 ms each.
+        assert_eq!(linger_for(75, 100, 2, w), Duration::from_millis(200));
+        assert_eq!(linger_for(100, 100, 2, w), Duration::from_millis(400));
+        assert!(linger_for(60, 100, 2, w) < linger_for(90, 100, 2, w));
     }
 
     #[tokio::test(start_paused = true)]

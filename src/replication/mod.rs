@@ -2,7 +2,20 @@
 //! committed transactions of typed row changes.
 //!
 //! pgwire-replication owns the transport and standby feedback; this module owns
-//! the slot's lifecycle, the relation cache and the assembly of transactions.
+//! the slot's lifecycle, the relation cache and the framing of transactions.
+//!
+//! A transaction is never held whole: each change is handed on as it is
+//! decoded (`SourceEvent::Change`), between its `Begin` and `Commit`, so that
+//! memory does not grow with the transaction (a million-row UPDATE is one
+//! transaction). The consumer folds the changes into small per-Spot work.
+//!
+//! Why protocol 1 and not v2's `streaming 'on'`: v2 streams a transaction
+//! while it is still running, and it may yet abort. Nothing of it can be
+//! acted on before its commit (delivery reads the committed rows over SQL),
+//! so its changes would have to be kept somewhere until then, which is the
+//! very cost streaming is meant to avoid. With protocol 1 the walsender keeps
+//! a large transaction on its own disk (`logical_decoding_work_mem`) and sends
+//! it once committed; read change by change, that costs this process nothing.
 
 pub mod pgoutput;
 pub mod slot;
@@ -118,10 +131,8 @@ impl RowChange {
 #[derive(Debug, Clone)]
 pub enum TxItem {
     Change(RowChange),
-    Truncate {
-        schema: Arc<str>,
-        table: Arc<str>,
-    },
+    /// One TRUNCATE statement: the (schema, table) of each relation it emptied.
+    Truncate(Vec<(Arc<str>, Arc<str>)>),
     /// A transactional `pg_logical_emit_message`.
     Message {
         prefix: String,
@@ -129,14 +140,24 @@ pub enum TxItem {
     },
 }
 
-/// One committed transaction.
-#[derive(Debug, Clone)]
-pub struct Transaction {
+/// What a transaction's Begin says: with protocol 1 it is sent once the
+/// transaction has committed, so its commit position and time are known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxMeta {
     pub xid: u32,
     pub commit_lsn: u64,
-    pub end_lsn: u64,
     pub commit_time: DateTime<Utc>,
-    pub items: Vec<TxItem>,
+}
+
+/// A transaction's frame and contents, one piece at a time.
+#[derive(Debug, Clone)]
+pub enum Decoded {
+    Begin(TxMeta),
+    Item(TxItem),
+    /// The transaction is complete; `end_lsn` is where the next one starts.
+    Commit {
+        end_lsn: u64,
+    },
 }
 
 /// Relation cache keyed by OID; every Relation message replaces the entry, so a
@@ -144,7 +165,7 @@ pub struct Transaction {
 #[derive(Default)]
 pub struct Assembler {
     relations: HashMap<u32, Arc<Relation>>,
-    open: Option<Transaction>,
+    open: Option<TxMeta>,
 }
 
 impl Assembler {
@@ -187,28 +208,23 @@ impl Assembler {
         }))
     }
 
-    /// Feed one decoded message; returns a transaction when its Commit arrives.
-    pub fn push(&mut self, msg: Message) -> Result<Option<Transaction>, ReplicationError> {
+    /// Feed one decoded message; returns what it means for the open transaction.
+    pub fn push(&mut self, msg: Message) -> Result<Option<Decoded>, ReplicationError> {
         let item = match msg {
             Message::Begin(b) => {
-                self.open = Some(Transaction {
+                let meta = TxMeta {
                     xid: b.xid,
                     commit_lsn: b.final_lsn,
-                    end_lsn: 0,
                     commit_time: pg_time(b.commit_time),
-                    items: Vec::new(),
-                });
-                return Ok(None);
+                };
+                self.open = Some(meta);
+                return Ok(Some(Decoded::Begin(meta)));
             }
             Message::Commit(c) => {
-                let mut tx = self
-                    .open
+                self.open
                     .take()
                     .ok_or_else(|| ReplicationError::Protocol("Commit without Begin".into()))?;
-                tx.commit_lsn = c.commit_lsn;
-                tx.end_lsn = c.end_lsn;
-                tx.commit_time = pg_time(c.commit_time);
-                return Ok(Some(tx));
+                return Ok(Some(Decoded::Commit { end_lsn: c.end_lsn }));
             }
             Message::Relation(r) => {
                 self.relations.insert(r.id, Arc::new(r));
@@ -227,20 +243,17 @@ impl Assembler {
                 self.change(relation_id, Op::Delete, None, Some(old))?
             }
             Message::Truncate { relation_ids, .. } => {
-                let tx = self.open.as_mut().ok_or_else(|| {
-                    ReplicationError::Protocol("Truncate outside a transaction".into())
-                })?;
-                for id in relation_ids {
-                    let r = self
-                        .relations
-                        .get(&id)
-                        .ok_or(ReplicationError::UnknownRelation(id))?;
-                    tx.items.push(TxItem::Truncate {
-                        schema: r.namespace.as_str().into(),
-                        table: r.name.as_str().into(),
-                    });
-                }
-                return Ok(None);
+                let tables = relation_ids
+                    .iter()
+                    .map(|id| {
+                        let r = self
+                            .relations
+                            .get(id)
+                            .ok_or(ReplicationError::UnknownRelation(*id))?;
+                        Ok((r.namespace.as_str().into(), r.name.as_str().into()))
+                    })
+                    .collect::<Result<_, ReplicationError>>()?;
+                TxItem::Truncate(tables)
             }
             Message::LogicalMessage {
                 transactional,
@@ -254,12 +267,12 @@ impl Assembler {
                 TxItem::Message { prefix, content }
             }
         };
-        let tx = self
-            .open
-            .as_mut()
-            .ok_or_else(|| ReplicationError::Protocol("row change outside a transaction".into()))?;
-        tx.items.push(item);
-        Ok(None)
+        if self.open.is_none() {
+            return Err(ReplicationError::Protocol(
+                "row change outside a transaction".into(),
+            ));
+        }
+        Ok(Some(Decoded::Item(item)))
     }
 }
 
@@ -272,12 +285,11 @@ pub fn pg_time(micros: i64) -> DateTime<Utc> {
 /// What the stream hands to the pipeline.
 #[derive(Debug)]
 pub enum SourceEvent {
-    Transaction(Transaction),
+    /// A piece of a committed transaction, in stream order.
+    Tx(Decoded),
     /// A keepalive with nothing open: everything up to `wal_end` has been
     /// sent to us, so it may be acknowledged once no work is in flight.
-    Idle {
-        wal_end: u64,
-    },
+    Idle { wal_end: u64 },
 }
 
 /// Connection parameters taken from DATABASE_URL.
@@ -361,62 +373,55 @@ impl Source {
         })
     }
 
-    /// The next committed transaction or idle keepalive. Cancel-safe: partial
-    /// transactions stay in the assembler between calls.
+    /// The next piece of a committed transaction, or an idle keepalive.
+    /// Cancel-safe: the assembler keeps its place between calls.
     pub async fn next(&mut self) -> Result<Option<SourceEvent>, ReplicationError> {
         loop {
             let Some(ev) = self.client.recv().await? else {
                 return Ok(None);
             };
-            match ev {
+            let msg = match ev {
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
                     if !self.assembler.in_transaction() {
                         return Ok(Some(SourceEvent::Idle { wal_end: wal_end.0 }));
                     }
+                    continue;
                 }
                 ReplicationEvent::Begin {
                     final_lsn,
                     xid,
                     commit_time_micros,
-                } => {
-                    self.assembler.push(Message::Begin(pgoutput::Begin {
-                        final_lsn: final_lsn.0,
-                        commit_time: commit_time_micros,
-                        xid,
-                    }))?;
-                }
+                } => Message::Begin(pgoutput::Begin {
+                    final_lsn: final_lsn.0,
+                    commit_time: commit_time_micros,
+                    xid,
+                }),
                 ReplicationEvent::Commit {
                     lsn,
                     end_lsn,
                     commit_time_micros,
-                } => {
-                    if let Some(tx) = self.assembler.push(Message::Commit(pgoutput::Commit {
-                        flags: 0,
-                        commit_lsn: lsn.0,
-                        end_lsn: end_lsn.0,
-                        commit_time: commit_time_micros,
-                    }))? {
-                        return Ok(Some(SourceEvent::Transaction(tx)));
-                    }
-                }
+                } => Message::Commit(pgoutput::Commit {
+                    flags: 0,
+                    commit_lsn: lsn.0,
+                    end_lsn: end_lsn.0,
+                    commit_time: commit_time_micros,
+                }),
                 ReplicationEvent::Message {
                     transactional,
                     lsn,
                     prefix,
                     content,
-                } => {
-                    self.assembler.push(Message::LogicalMessage {
-                        transactional,
-                        lsn: lsn.0,
-                        prefix,
-                        content,
-                    })?;
-                }
-                ReplicationEvent::XLogData { data, .. } => {
-                    let msg = pgoutput::decode(&data)?;
-                    self.assembler.push(msg)?;
-                }
+                } => Message::LogicalMessage {
+                    transactional,
+                    lsn: lsn.0,
+                    prefix,
+                    content,
+                },
+                ReplicationEvent::XLogData { data, .. } => pgoutput::decode(&data)?,
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
+            };
+            if let Some(d) = self.assembler.push(msg)? {
+                return Ok(Some(SourceEvent::Tx(d)));
             }
         }
     }
@@ -466,36 +471,46 @@ mod tests {
     }
 
     #[test]
-    fn assembles_a_transaction_and_keeps_toast_unchanged() {
+    fn frames_a_transaction_and_keeps_toast_unchanged() {
         let mut a = Assembler::default();
-        a.push(Message::Begin(pgoutput::Begin {
-            final_lsn: 10,
-            commit_time: 0,
-            xid: 5,
-        }))
-        .unwrap();
-        a.push(rel()).unwrap();
-        a.push(Message::Update {
-            relation_id: 1,
-            old: None,
-            new: Tuple(vec![
-                Value::Text(Bytes::from_static(b"42")),
-                Value::UnchangedToast,
-                Value::Text(Bytes::from_static(b"hi")),
-            ]),
-        })
-        .unwrap();
-        let tx = a
+        let begin = a
+            .push(Message::Begin(pgoutput::Begin {
+                final_lsn: 10,
+                commit_time: 0,
+                xid: 5,
+            }))
+            .unwrap();
+        assert!(matches!(
+            begin,
+            Some(Decoded::Begin(TxMeta {
+                xid: 5,
+                commit_lsn: 10,
+                ..
+            }))
+        ));
+        assert!(a.push(rel()).unwrap().is_none());
+        let item = a
+            .push(Message::Update {
+                relation_id: 1,
+                old: None,
+                new: Tuple(vec![
+                    Value::Text(Bytes::from_static(b"42")),
+                    Value::UnchangedToast,
+                    Value::Text(Bytes::from_static(b"hi")),
+                ]),
+            })
+            .unwrap();
+        let end = a
             .push(Message::Commit(pgoutput::Commit {
                 flags: 0,
                 commit_lsn: 10,
                 end_lsn: 20,
                 commit_time: 0,
             }))
-            .unwrap()
-            .expect("commit yields the transaction");
-        assert_eq!(tx.end_lsn, 20);
-        let TxItem::Change(c) = &tx.items[0] else {
+            .unwrap();
+        assert!(matches!(end, Some(Decoded::Commit { end_lsn: 20 })));
+        assert!(!a.in_transaction());
+        let Some(Decoded::Item(TxItem::Change(c))) = &item else {
             panic!()
         };
         let new = c.new.as_ref().unwrap();

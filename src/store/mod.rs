@@ -206,7 +206,55 @@ pub async fn hand_off(
         wait_visible(db, xids, metrics).await?;
     }
     let tx = db.transaction().await?;
-    let queued = queue_activities(&tx, &work.activities).await?;
+    let touched = queue_work(&tx, work, lsn).await?;
+    for settings in work.settings.values() {
+        let json = serde_json::to_value(settings.activities).unwrap_or_default();
+        tx.execute(
+            "INSERT INTO hubspot_sync.stream_settings (spot_id, status, create_contacts, activities, lsn, version)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (spot_id) DO UPDATE
+                SET status = $2, create_contacts = $3, activities = $4, lsn = $5, version = $6",
+            &[&settings.spot_id, &settings.status, &settings.create_contacts, &json, &lsn, &settings.version],
+        )
+        .await?;
+    }
+    tx.execute(
+        "INSERT INTO hubspot_sync.checkpoint (slot_name, lsn, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (slot_name) DO UPDATE SET lsn = GREATEST(hubspot_sync.checkpoint.lsn, excluded.lsn), updated_at = now()",
+        &[&slot, &lsn],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(touched)
+}
+
+/// Writes part of a transaction that is still being read: its outbox rows,
+/// without the checkpoint, which moves only once the whole transaction is
+/// handed off. A crash before that replays the transaction from its start,
+/// and these writes are idempotent upserts (deterministic event ids; an
+/// outbox row is a marker to read the member again), so replaying them is
+/// harmless. This bounds memory for a transaction of any size.
+pub async fn hand_off_ahead(
+    db: &mut Client,
+    work: &Work,
+    xid: u32,
+    commit_lsn: u64,
+    metrics: &Metrics,
+) -> Result<u64, DbError> {
+    wait_visible(db, &[xid], metrics).await?;
+    let tx = db.transaction().await?;
+    let touched = queue_work(&tx, work, PgLsn::from(commit_lsn)).await?;
+    tx.commit().await?;
+    Ok(touched)
+}
+
+/// The outbox rows for `work`: a member's property row, every activity.
+async fn queue_work(
+    tx: &tokio_postgres::Transaction<'_>,
+    work: &Work,
+    lsn: PgLsn,
+) -> Result<u64, DbError> {
+    let queued = queue_activities(tx, &work.activities).await?;
     let mut touched = 0;
     if work.touches_members() {
         let members: Vec<i64> = work.members.iter().copied().collect();
@@ -245,24 +293,6 @@ pub async fn hand_off(
             )
             .await?;
     }
-    for settings in work.settings.values() {
-        let json = serde_json::to_value(settings.activities).unwrap_or_default();
-        tx.execute(
-            "INSERT INTO hubspot_sync.stream_settings (spot_id, status, create_contacts, activities, lsn, version)
-             VALUES ($1, $2, $3, $4, $5, $6)
-             ON CONFLICT (spot_id) DO UPDATE
-                SET status = $2, create_contacts = $3, activities = $4, lsn = $5, version = $6",
-            &[&settings.spot_id, &settings.status, &settings.create_contacts, &json, &lsn, &settings.version],
-        )
-        .await?;
-    }
-    tx.execute(
-        "INSERT INTO hubspot_sync.checkpoint (slot_name, lsn, updated_at) VALUES ($1, $2, now())
-         ON CONFLICT (slot_name) DO UPDATE SET lsn = GREATEST(hubspot_sync.checkpoint.lsn, excluded.lsn), updated_at = now()",
-        &[&slot, &lsn],
-    )
-    .await?;
-    tx.commit().await?;
     Ok(touched + queued)
 }
 

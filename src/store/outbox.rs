@@ -295,6 +295,16 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
         return Ok(false);
     }
     let portal = fence.portal_id;
+    // Set-based, a statement per kind of write rather than per member: the
+    // transaction holds its locks for a few round trips, whatever the batch.
+    let mut map = MapRows::default();
+    let mut unmapped: Vec<i64> = Vec::new();
+    let mut dead = (
+        Vec::<i64>::new(),
+        Vec::<serde_json::Value>::new(),
+        Vec::<&str>::new(),
+    );
+    let mut delivered = (Vec::<i64>::new(), Vec::<i64>::new());
     for c in done {
         let marker = match c {
             Completion::Written {
@@ -303,36 +313,19 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
                 contact_id,
                 written,
             } => {
-                let written = serde_json::to_value(written).unwrap_or_default();
-                tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
-                     VALUES ($1, $2, $3, $4, $5, now(), $6)
-                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
-                        SET email = $3, contact_id = $4, written = $5, updated_at = now()",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id, &written, &portal],
-                )
-                .await?;
+                map.push(
+                    marker,
+                    email,
+                    Some(contact_id),
+                    serde_json::to_value(written).unwrap_or_default(),
+                );
                 marker
             }
             Completion::NoContact { marker, email } => {
                 match email {
-                    Some(email) => tx
-                        .execute(
-                            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
-                             VALUES ($1, $2, $3, NULL, '{}', $4)
-                             ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
-                                SET email = $3, contact_id = NULL, written = '{}', updated_at = now()",
-                            &[&marker.spot_id, &marker.member_id, email, &portal],
-                        )
-                        .await?,
-                    None => tx
-                        .execute(
-                            "DELETE FROM hubspot_sync.contact_map
-                              WHERE spot_id = $1 AND member_id = $2 AND portal_id = $3",
-                            &[&marker.spot_id, &marker.member_id, &portal],
-                        )
-                        .await?,
-                };
+                    Some(email) => map.push(marker, email, None, serde_json::json!({})),
+                    None => unmapped.push(marker.member_id),
+                }
                 marker
             }
             Completion::Remap {
@@ -340,14 +333,8 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
                 email,
                 contact_id,
             } => {
-                tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
-                     VALUES ($1, $2, $3, $4, '{}', $5)
-                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id, &portal],
-                )
-                .await?;
                 // The outbox row stays: the next round writes the properties.
+                map.push(marker, email, Some(contact_id), serde_json::json!({}));
                 continue;
             }
             Completion::DeadLetter {
@@ -357,32 +344,94 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
                 payload,
                 reason,
             } => {
-                tx.execute(
-                    "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
-                     VALUES ($1, $2, 'contact_properties', $3, $4)",
-                    &[&marker.spot_id, &marker.member_id, payload, reason],
-                )
-                .await?;
+                dead.0.push(marker.member_id);
+                dead.1.push(payload.clone());
+                dead.2.push(reason);
                 // Keep the mapping but forget what was written, so the next
                 // change sends every property again.
-                tx.execute(
-                    "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, portal_id)
-                     VALUES ($1, $2, $3, $4, '{}', $5)
-                     ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE SET email = $3, contact_id = $4, written = '{}'",
-                    &[&marker.spot_id, &marker.member_id, email, contact_id, &portal],
-                )
-                .await?;
+                map.push(marker, email, contact_id.as_ref(), serde_json::json!({}));
                 marker
             }
         };
+        delivered.0.push(marker.member_id);
+        delivered.1.push(marker.version);
+    }
+    let spot = fence.spot_id;
+    if !map.members.is_empty() {
         tx.execute(
-            "DELETE FROM hubspot_sync.property_outbox WHERE spot_id = $1 AND member_id = $2 AND version = $3",
-            &[&marker.spot_id, &marker.member_id, &marker.version],
+            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
+             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2
+               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[]) AS m(member_id, email, contact_id, written)
+              ORDER BY m.member_id
+             ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
+                SET email = excluded.email, contact_id = excluded.contact_id,
+                    written = excluded.written, updated_at = now()",
+            &[&spot, &portal, &map.members, &map.emails, &map.contact_ids, &map.written],
+        )
+        .await?;
+    }
+    if !unmapped.is_empty() {
+        tx.execute(
+            "DELETE FROM hubspot_sync.contact_map
+              WHERE spot_id = $1 AND portal_id = $2 AND member_id = ANY($3)",
+            &[&spot, &portal, &unmapped],
+        )
+        .await?;
+    }
+    if !dead.0.is_empty() {
+        tx.execute(
+            "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
+             SELECT $1, d.member_id, 'contact_properties', d.payload, d.reason
+               FROM unnest($2::bigint[], $3::jsonb[], $4::text[]) WITH ORDINALITY AS d(member_id, payload, reason, n)
+              ORDER BY d.n",
+            &[&spot, &dead.0, &dead.1, &dead.2],
+        )
+        .await?;
+    }
+    if !delivered.0.is_empty() {
+        // A row whose version moved on meanwhile (a newer change) stays.
+        tx.execute(
+            "WITH k AS (
+                 SELECT o.member_id
+                   FROM hubspot_sync.property_outbox o
+                   JOIN unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
+                     ON o.member_id = u.member_id AND o.version = u.version
+                  WHERE o.spot_id = $1
+                  ORDER BY o.member_id
+                    FOR UPDATE OF o
+             )
+             DELETE FROM hubspot_sync.property_outbox o
+              USING k WHERE o.spot_id = $1 AND o.member_id = k.member_id",
+            &[&spot, &delivered.0, &delivered.1],
         )
         .await?;
     }
     tx.commit().await?;
     Ok(true)
+}
+
+/// The contact-map rows a completion writes, as columns for `unnest`.
+#[derive(Default)]
+struct MapRows<'a> {
+    members: Vec<i64>,
+    emails: Vec<&'a str>,
+    contact_ids: Vec<Option<&'a str>>,
+    written: Vec<serde_json::Value>,
+}
+
+impl<'a> MapRows<'a> {
+    fn push(
+        &mut self,
+        marker: &Marker,
+        email: &'a str,
+        contact_id: Option<&'a String>,
+        written: serde_json::Value,
+    ) {
+        self.members.push(marker.member_id);
+        self.emails.push(email);
+        self.contact_ids.push(contact_id.map(String::as_str));
+        self.written.push(written);
+    }
 }
 
 /// Pushes markers back after a transient failure.

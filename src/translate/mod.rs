@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 
 use serde::{Deserialize, Serialize};
 
-use crate::replication::{Field, Op, Row, RowChange, Transaction, TxItem};
+use crate::replication::{Field, Op, Row, RowChange, TxItem, TxMeta};
 use activity::ActivityType;
 
 pub use markers::{MarkerKey, RejectedMarker, SETTINGS_PREFIX};
@@ -211,6 +211,32 @@ impl Work {
             && self.rejected_markers.is_empty()
     }
 
+    /// How many ids and events it holds: what its memory grows with.
+    pub fn size(&self) -> usize {
+        self.members.len()
+            + self.groups.len()
+            + self.tags.len()
+            + self.custom_roles.len()
+            + self.create_contacts.len()
+            + self.activities.len()
+    }
+
+    /// Takes out the part that can be handed off before its transaction's
+    /// commit is read (the outbox rows are idempotent upserts); the settings
+    /// stay, to be stored with the checkpoint when the transaction is done.
+    pub fn take_rows(&mut self) -> Work {
+        Work {
+            members: std::mem::take(&mut self.members),
+            groups: std::mem::take(&mut self.groups),
+            tags: std::mem::take(&mut self.tags),
+            custom_roles: std::mem::take(&mut self.custom_roles),
+            all_members: std::mem::take(&mut self.all_members),
+            create_contacts: std::mem::take(&mut self.create_contacts),
+            activities: std::mem::take(&mut self.activities),
+            ..Work::default()
+        }
+    }
+
     /// Coalesces another transaction's work into this one.
     pub fn merge(&mut self, other: Work) {
         self.members.extend(other.members);
@@ -227,65 +253,73 @@ impl Work {
     }
 }
 
-/// The work one transaction implies. Settings messages update `settings` in
-/// place, so a toggle governs exactly the changes after it in commit order.
-pub fn translate(settings: &mut Arc<StreamSettings>, key: &MarkerKey, tx: &Transaction) -> Work {
-    let mut work = Work::default();
-    for (ordinal, item) in tx.items.iter().enumerate() {
-        match item {
-            TxItem::Message { prefix, content } if prefix == SETTINGS_PREFIX => {
-                match key.open(content) {
-                    Ok(s) => match settings.get(&s.spot_id) {
-                        // The same marker again (the stream resumed before it): nothing changes.
-                        Some(last) if *last == s => {}
-                        // A genuine marker, but not newer than the one applied: a replay.
-                        Some(last) if s.version <= last.version => {
-                            work.rejected_markers.push(RejectedMarker {
-                                spot_id: Some(s.spot_id),
-                                reason: markers::MarkerRejection::Replayed,
-                            })
-                        }
-                        _ => {
-                            // Copy on write: activities already seen keep the settings of their time.
-                            Arc::make_mut(settings).insert(s.spot_id, s.clone());
-                            work.settings.insert(s.spot_id, s);
-                        }
-                    },
-                    Err(rejected) => work.rejected_markers.push(rejected),
-                }
-            }
-            TxItem::Change(c) if &*c.schema == SCHEMA => {
-                if let Some(t) = FULL_IDENTITY_TABLES.iter().find(|t| **t == &*c.table) {
-                    work.identity_full.insert(t, c.identity_full);
-                }
-                property_change(c, &mut work);
-                activity_change(c, tx, ordinal, settings, &mut work);
-                if c.op == Op::Insert && &*c.table == "members" {
-                    let new = c.new.as_ref();
-                    let spot = new.and_then(|r| r.i64("spot_id"));
-                    let creating = spot
-                        .and_then(|s| settings.get(&s))
-                        // While failed the work is retained for the reconnect (SPEC §4.7).
-                        .is_some_and(|s| {
-                            s.create_contacts && (s.status == "active" || s.status == "failed")
-                        });
-                    if let (true, Some(id)) = (creating, new.and_then(|r| r.i64("id"))) {
-                        work.create_contacts.insert(id);
+/// Folds one item of a transaction into `work` as it is decoded, so that
+/// nothing of the transaction itself is kept. `ordinal` is the item's
+/// position in its transaction. Settings messages update `settings` in place,
+/// so a toggle governs exactly the changes after it in commit order.
+pub fn translate_item(
+    settings: &mut Arc<StreamSettings>,
+    key: &MarkerKey,
+    tx: &TxMeta,
+    ordinal: usize,
+    item: &TxItem,
+    work: &mut Work,
+) {
+    match item {
+        TxItem::Message { prefix, content } if prefix == SETTINGS_PREFIX => {
+            match key.open(content) {
+                Ok(s) => match settings.get(&s.spot_id) {
+                    // The same marker again (the stream resumed before it): nothing changes.
+                    Some(last) if *last == s => {}
+                    // A genuine marker, but not newer than the one applied: a replay.
+                    Some(last) if s.version <= last.version => {
+                        work.rejected_markers.push(RejectedMarker {
+                            spot_id: Some(s.spot_id),
+                            reason: markers::MarkerRejection::Replayed,
+                        })
                     }
-                }
+                    _ => {
+                        // Copy on write: activities already seen keep the settings of their time.
+                        Arc::make_mut(settings).insert(s.spot_id, s.clone());
+                        work.settings.insert(s.spot_id, s);
+                    }
+                },
+                Err(rejected) => work.rejected_markers.push(rejected),
             }
-            TxItem::Truncate { schema, table } if &**schema == SCHEMA => {
-                if matches!(
-                    &**table,
-                    "group_members" | "member_tags" | "groups" | "tags" | "custom_roles"
-                ) {
-                    work.all_members = true;
-                }
-            }
-            _ => {}
         }
+        TxItem::Change(c) if &*c.schema == SCHEMA => {
+            if let Some(t) = FULL_IDENTITY_TABLES.iter().find(|t| **t == &*c.table) {
+                work.identity_full.insert(t, c.identity_full);
+            }
+            property_change(c, work);
+            activity_change(c, tx, ordinal, settings, work);
+            if c.op == Op::Insert && &*c.table == "members" {
+                let new = c.new.as_ref();
+                let spot = new.and_then(|r| r.i64("spot_id"));
+                let creating = spot
+                    .and_then(|s| settings.get(&s))
+                    // While failed the work is retained for the reconnect (SPEC §4.7).
+                    .is_some_and(|s| {
+                        s.create_contacts && (s.status == "active" || s.status == "failed")
+                    });
+                if let (true, Some(id)) = (creating, new.and_then(|r| r.i64("id"))) {
+                    work.create_contacts.insert(id);
+                }
+            }
+        }
+        TxItem::Truncate(tables)
+            if tables.iter().any(|(schema, table)| {
+                &**schema == SCHEMA
+                    && matches!(
+                        &**table,
+                        "group_members" | "member_tags" | "groups" | "tags" | "custom_roles"
+                    )
+            }) =>
+        {
+            work.all_members = true;
+        }
+        _ => {}
     }
-    work
 }
 
 /// A timestamp column as pgoutput renders it (ISO style, UTC session).
@@ -313,7 +347,7 @@ fn became_non_null(c: &RowChange, column: &str) -> Option<DateTime<Utc>> {
 
 fn activity_change(
     c: &RowChange,
-    tx: &Transaction,
+    tx: &TxMeta,
     ordinal: usize,
     settings: &Arc<StreamSettings>,
     work: &mut Work,
@@ -480,7 +514,7 @@ mod tests {
     use crate::replication::pgoutput::{
         self, Message, OldKind, OldTuple, Relation, RelationColumn, Tuple, Value,
     };
-    use crate::replication::Assembler;
+    use crate::replication::{Assembler, Decoded};
     use bytes::Bytes;
 
     fn relation(id: u32, table: &str, cols: &[&str]) -> Message {
@@ -513,8 +547,15 @@ mod tests {
         MarkerKey::new(&[9; 32])
     }
 
-    fn run(settings: &mut Arc<StreamSettings>, tx: &Transaction) -> Work {
-        translate(settings, &key(), tx)
+    /// A decoded transaction: its Begin and its items.
+    type Tx = (TxMeta, Vec<TxItem>);
+
+    fn run(settings: &mut Arc<StreamSettings>, (meta, items): &Tx) -> Work {
+        let mut work = Work::default();
+        for (ordinal, item) in items.iter().enumerate() {
+            translate_item(settings, &key(), meta, ordinal, item, &mut work);
+        }
+        work
     }
 
     fn marker(content: String) -> Message {
@@ -543,25 +584,34 @@ mod tests {
         }
     }
 
-    fn tx(messages: Vec<Message>) -> Transaction {
+    fn tx(messages: Vec<Message>) -> Tx {
         let mut a = Assembler::default();
-        a.push(Message::Begin(pgoutput::Begin {
-            final_lsn: 1,
-            commit_time: 0,
-            xid: 1,
-        }))
-        .unwrap();
+        let Some(Decoded::Begin(meta)) = a
+            .push(Message::Begin(pgoutput::Begin {
+                final_lsn: 1,
+                commit_time: 0,
+                xid: 1,
+            }))
+            .unwrap()
+        else {
+            panic!("a Begin starts a transaction")
+        };
+        let mut items = Vec::new();
         for m in messages {
-            a.push(m).unwrap();
+            if let Some(Decoded::Item(item)) = a.push(m).unwrap() {
+                items.push(item);
+            }
         }
-        a.push(Message::Commit(pgoutput::Commit {
-            flags: 0,
-            commit_lsn: 1,
-            end_lsn: 2,
-            commit_time: 0,
-        }))
-        .unwrap()
-        .unwrap()
+        let end = a
+            .push(Message::Commit(pgoutput::Commit {
+                flags: 0,
+                commit_lsn: 1,
+                end_lsn: 2,
+                commit_time: 0,
+            }))
+            .unwrap();
+        assert!(matches!(end, Some(Decoded::Commit { end_lsn: 2 })));
+        (meta, items)
     }
 
     #[test]

@@ -510,3 +510,62 @@ pub async fn change_settings_process(
     .await;
     assert_eq!(status, 200, "{v}");
 }
+
+/// A sidecar process that is killed when the test ends, even by a panic.
+pub struct Process(pub std::process::Child);
+
+impl std::ops::Deref for Process {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Process {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `POST …/connect` with a private-app token on a sidecar process; asserts 200.
+pub async fn connect_token(http: &reqwest::Client, listen: &str, spot: i64, token: &str) {
+    let (status, body) = api_call(
+        http,
+        &format!("http://{listen}/api/spots/{spot}/hubspot/connect"),
+        reqwest::Method::POST,
+        Some(serde_json::json!({"access_token": token})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+}
+
+/// `count` accepted members of the Spot, `{prefix}{n}@example.com` for n from 0.
+pub async fn add_members(db: &Client, spot_id: i64, prefix: &str, count: i64) {
+    db.execute(
+        "INSERT INTO members (spot_id, email, status)
+         SELECT $1, $2 || g || '@example.com', 'accepted' FROM generate_series(0, $3::bigint - 1) g",
+        &[&spot_id, &prefix, &count],
+    )
+    .await
+    .expect("insert members");
+}
+
+/// Peak resident memory of a process, in bytes (`VmHWM` in /proc).
+pub fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .expect("VmHWM in /proc/<pid>/status")
+        * 1024
+}
