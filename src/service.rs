@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +42,8 @@ const FLUSH_TXS: usize = 2000;
 /// transaction that reaches it is handed off ahead of its commit: this bounds
 /// memory whatever the size of a transaction (a few MB at this figure).
 const FLUSH_ROWS: usize = 50_000;
+/// How long an ending stream waits for its hand-off in flight.
+const SETTLE_ON_EXIT: Duration = Duration::from_secs(10);
 /// A commit read this long after it happened means the stream is reading a
 /// backlog (after a restart or an outage, or behind a large transaction).
 const CATCHING_UP_AFTER: Duration = Duration::from_secs(1);
@@ -278,7 +280,7 @@ impl Shared<'_> {
 
         // The lag gauge's source, and whether the stream is reading a backlog.
         let oldest_pending = Arc::new(AtomicI64::new(0));
-        let catching_up = Arc::new(AtomicBool::new(false));
+        let (catching_up, catching_up_rx) = watch::channel(false);
         let deliver_task = tokio::spawn(
             deliver::supervise(
                 DeliverContext {
@@ -295,7 +297,7 @@ impl Shared<'_> {
                     fail_after: cfg.fail_after,
                     failed_retention: cfg.failed_retention,
                     wake: wake.clone(),
-                    catching_up: catching_up.clone(),
+                    catching_up: catching_up_rx,
                     notify: notify.clone(),
                 },
                 term.clone(),
@@ -387,8 +389,8 @@ struct Capture<'a> {
     health: Arc<Health>,
     wake: Arc<Notify>,
     /// Set while the commits read are older than CATCHING_UP_AFTER: a backlog
-    /// is being read, and delivery holds partial batches for the rest of it.
-    catching_up: Arc<AtomicBool>,
+    /// is being read, and delivery holds its batches for the rest of it.
+    catching_up: watch::Sender<bool>,
     oldest_pending: Arc<AtomicI64>,
     /// Checks the settings markers in the stream.
     markers: MarkerKey,
@@ -406,6 +408,8 @@ struct Pending {
     since: Option<Instant>,
     /// Commit time of the first of them (the lag gauge).
     oldest: Option<DateTime<Utc>>,
+    /// Commit time of the last of them.
+    newest: Option<DateTime<Utc>>,
 }
 
 /// The transaction being read, folded into its work change by change.
@@ -428,6 +432,8 @@ struct InFlight<'f> {
     /// What the slot may be acknowledged up to once it commits.
     ack: Option<u64>,
     oldest: Option<DateTime<Utc>>,
+    /// Commit time of the last transaction in it.
+    newest: Option<DateTime<Utc>>,
     done: Pin<Box<dyn Future<Output = anyhow::Result<()>> + Send + 'f>>,
 }
 
@@ -549,11 +555,8 @@ impl Capture<'_> {
     async fn stream(&self, db: &Db, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         self.check_slot(db).await?;
         let (start, stream_settings) = {
-            let client = db.client().await?;
-            let start = store::load_checkpoint(&client, &self.cfg.slot)
-                .await?
-                .unwrap_or(0);
-            (start, store::load_stream_settings(&client).await?)
+            let mut client = db.client().await?;
+            store::load_resume_point(&mut client, &self.cfg.slot).await?
         };
         // Settings as of the checkpoint: the stream re-applies later changes in order.
         let mut settings = Arc::new(stream_settings);
@@ -586,6 +589,10 @@ impl Capture<'_> {
                 .since
                 .filter(|_| inflight.is_none())
                 .map(|t| t + FLUSH_AFTER);
+            // An idle position is stored once nothing is pending or in flight.
+            let idle_deadline = idle
+                .deadline()
+                .filter(|_| pending.txs == 0 && inflight.is_none());
             tokio::select! {
                 biased;
                 _ = stopped(&mut shutdown) => {
@@ -602,7 +609,7 @@ impl Capture<'_> {
                         break Err(e);
                     }
                     if let Some(f) = inflight.take() {
-                        self.acknowledge(&source, f.ack);
+                        self.handed_off(&source, &f);
                     }
                 }
                 _ = inspect.tick() => {
@@ -616,29 +623,23 @@ impl Capture<'_> {
                     let batch = Batch::Complete(std::mem::take(&mut pending));
                     if let Err(e) = self.launch(db, &source, batch, &mut inflight).await { break Err(e) }
                 }
-                _ = sleep_until_opt(idle.deadline()) => {
+                _ = sleep_until_opt(idle_deadline) => {
                     // Nothing open or in flight: everything before the idle position
                     // is done, so idle or unpublished tables never hold WAL (G3).
                     // Stored first, then acknowledged, so that the checkpoint is
                     // never behind the slot.
-                    match idle.take() {
-                        Some(lsn) if pending.txs == 0 && inflight.is_none() => {
+                    if pending.txs == 0 && inflight.is_none() {
+                        if let Some(lsn) = idle.take() {
                             if let Err(e) = self.store_idle(db, lsn).await {
                                 break Err(e);
                             }
                             self.acknowledge(&source, Some(lsn));
                         }
-                        _ => {}
                     }
                 }
                 ev = source.next() => match ev {
                     Ok(Some(SourceEvent::Tx(Decoded::Begin(meta)))) => {
-                        // A commit from more than a moment ago: a backlog is being read (or a large transaction).
-                        let age = Utc::now() - meta.commit_time;
-                        self.catching_up.store(
-                            age.to_std().is_ok_and(|a| a > CATCHING_UP_AFTER),
-                            Ordering::Relaxed,
-                        );
+                        self.note_backlog(&source, meta.commit_time);
                         open = Some(OpenTx { meta, items: 0, work: Work::default() });
                         self.metrics.transaction_rows_in_flight.set(0);
                     }
@@ -655,6 +656,7 @@ impl Capture<'_> {
                             // moves in order; then this one's rows so far.
                             let before = Batch::Complete(std::mem::take(&mut pending));
                             if let Err(e) = self.launch(db, &source, before, &mut inflight).await { break Err(e) }
+                            self.note_backlog(&source, tx.meta.commit_time);
                             self.observe(&mut tx.work);
                             let ahead = Batch::Ahead { work: tx.work.take_rows(), tx: tx.meta };
                             if let Err(e) = self.launch(db, &source, ahead, &mut inflight).await { break Err(e) }
@@ -671,6 +673,9 @@ impl Capture<'_> {
                             pending.since = Some(Instant::now());
                             pending.oldest = Some(tx.meta.commit_time);
                         }
+                        // The server time is fresh now (the change before the Commit carried it).
+                        self.note_backlog(&source, tx.meta.commit_time);
+                        pending.newest = Some(tx.meta.commit_time);
                         pending.work.merge(tx.work);
                         pending.xids.push(tx.meta.xid);
                         pending.end_lsn = end_lsn;
@@ -681,8 +686,9 @@ impl Capture<'_> {
                         }
                     }
                     Ok(Some(SourceEvent::Idle { wal_end })) => {
-                        self.catching_up.store(false, Ordering::Relaxed);
                         if pending.txs == 0 && inflight.is_none() {
+                            // Everything read is handed off, and nothing more is coming.
+                            self.set_catching_up(false);
                             idle.offer(wal_end);
                         }
                     }
@@ -691,12 +697,44 @@ impl Capture<'_> {
                 }
             }
         };
+        // A hand-off still in flight after an error is finished (bounded)
+        // rather than dropped, so that its commit cannot land after the next
+        // stream has read the checkpoint; acknowledged if it committed.
+        if inflight.is_some() {
+            match tokio::time::timeout(SETTLE_ON_EXIT, self.settle(&source, &mut inflight)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    debug!(error = %e, "the hand-off in flight failed as the stream ended")
+                }
+                Err(_) => debug!("the hand-off in flight did not finish as the stream ended"),
+            }
+            drop(inflight);
+        }
         self.metrics.transaction_rows_in_flight.set(0);
         self.oldest_pending.store(0, Ordering::Relaxed);
-        self.catching_up.store(false, Ordering::Relaxed);
+        self.set_catching_up(false);
         self.health.streaming.store(false, Ordering::Relaxed);
         source.shutdown().await;
         result
+    }
+
+    /// Whether the stream reads a backlog: a commit read more than a moment
+    /// after it happened (after a restart or an outage, or far into a large
+    /// transaction). Delivery then holds its batches for the rest of it.
+    fn note_backlog(&self, source: &Source, commit_time: DateTime<Utc>) {
+        self.set_catching_up(source.behind(commit_time) > CATCHING_UP_AFTER);
+    }
+
+    /// Tells delivery, only when it changes (a held worker waits for that).
+    fn set_catching_up(&self, on: bool) {
+        let changed = self
+            .catching_up
+            .send_if_modified(|was| std::mem::replace(was, on) != on);
+        if changed && on {
+            info!("reading a backlog: delivery waits for it to be read (at most 30 s)");
+        } else if changed {
+            info!("the stream has caught up");
+        }
     }
 
     /// Starts a hand-off, once the one in flight has committed: one at a
@@ -709,14 +747,15 @@ impl Capture<'_> {
         inflight: &mut Option<InFlight<'f>>,
     ) -> anyhow::Result<()> {
         self.settle(source, inflight).await?;
-        let (ack, oldest) = match &batch {
+        let (ack, oldest, newest) = match &batch {
             Batch::Complete(p) if p.txs == 0 => return Ok(()),
-            Batch::Complete(p) => (Some(p.end_lsn), p.oldest),
-            Batch::Ahead { tx, .. } => (None, Some(tx.commit_time)),
+            Batch::Complete(p) => (Some(p.end_lsn), p.oldest, p.newest),
+            Batch::Ahead { tx, .. } => (None, Some(tx.commit_time), None),
         };
         *inflight = Some(InFlight {
             ack,
             oldest,
+            newest,
             done: Box::pin(self.hand_off(db, batch)),
         });
         Ok(())
@@ -730,11 +769,23 @@ impl Capture<'_> {
     ) -> anyhow::Result<()> {
         if let Some(f) = inflight.as_mut() {
             f.done.as_mut().await?;
-            let ack = f.ack;
+            self.handed_off(source, f);
             *inflight = None;
-            self.acknowledge(source, ack);
         }
         Ok(())
+    }
+
+    /// A hand-off committed: acknowledge it, and once what it carried was
+    /// committed just now, the stream has caught up. (Only lowered here, after
+    /// the commit, so that delivery never starts on a backlog still being
+    /// handed off; the server time may be a later keepalive's.)
+    fn handed_off(&self, source: &Source, f: &InFlight<'_>) {
+        self.acknowledge(source, f.ack);
+        if f.newest
+            .is_some_and(|t| source.behind(t) <= CATCHING_UP_AFTER)
+        {
+            self.set_catching_up(false);
+        }
     }
 
     /// Durable: only now may the slot release the WAL before `lsn`.

@@ -59,8 +59,8 @@ pub struct DeliverContext {
     /// Signalled by the hand-off when new work was stored.
     pub wake: Arc<Notify>,
     /// The stream is reading a backlog: more work for every Spot is coming,
-    /// so a partial batch waits for it (calls stay at the minimum).
-    pub catching_up: Arc<std::sync::atomic::AtomicBool>,
+    /// so delivery waits for it (calls stay at the minimum).
+    pub catching_up: tokio::sync::watch::Receiver<bool>,
     /// Signalled when an integration failed and notifications wait.
     pub notify: Arc<Notify>,
 }

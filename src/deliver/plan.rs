@@ -492,6 +492,7 @@ mod tests {
             version: 1,
             create_contact,
             enqueued_at: Utc::now(),
+            queued_for: std::time::Duration::ZERO,
         }
     }
 

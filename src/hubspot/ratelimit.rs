@@ -83,13 +83,16 @@ impl RateLimiter {
     /// when the window is full; so a stream above the budget fills its
     /// batches instead of spending the window in its first seconds and then
     /// stalling.
-    pub async fn linger(&self, n: usize) -> Duration {
-        let used = {
-            let mut sent = self.sent.lock().await;
-            self.forget_old(&mut sent, Instant::now());
-            sent.len()
+    pub fn linger(&self, n: usize) -> Duration {
+        // Held by a caller waiting for the window to have room: it is full.
+        let used = match self.sent.try_lock() {
+            Ok(mut sent) => {
+                self.forget_old(&mut sent, Instant::now());
+                sent.len()
+            }
+            Err(_) => self.limit,
         };
-        linger_for(used, self.limit, n, self.window)
+        linger_for(used, self.limit, n.min(self.limit), self.window)
     }
 
     /// Records a request that was sent without waiting (one made before the

@@ -337,6 +337,8 @@ impl ConnParams {
 pub struct Source {
     client: ReplicationClient,
     assembler: Assembler,
+    /// The server's clock when it sent the latest message that carries it.
+    server_time_micros: i64,
 }
 
 impl Source {
@@ -370,6 +372,7 @@ impl Source {
         Ok(Source {
             client,
             assembler: Assembler::default(),
+            server_time_micros: 0,
         })
     }
 
@@ -381,7 +384,12 @@ impl Source {
                 return Ok(None);
             };
             let msg = match ev {
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
+                ReplicationEvent::KeepAlive {
+                    wal_end,
+                    server_time_micros,
+                    ..
+                } => {
+                    self.server_time_micros = server_time_micros;
                     if !self.assembler.in_transaction() {
                         return Ok(Some(SourceEvent::Idle { wal_end: wal_end.0 }));
                     }
@@ -417,13 +425,31 @@ impl Source {
                     prefix,
                     content,
                 },
-                ReplicationEvent::XLogData { data, .. } => pgoutput::decode(&data)?,
+                ReplicationEvent::XLogData {
+                    data,
+                    server_time_micros,
+                    ..
+                } => {
+                    self.server_time_micros = server_time_micros;
+                    pgoutput::decode(&data)?
+                }
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
             };
             if let Some(d) = self.assembler.push(msg)? {
                 return Ok(Some(SourceEvent::Tx(d)));
             }
         }
+    }
+
+    /// How far behind the server the stream is reading: the server's clock
+    /// when it sent the latest change or keepalive, minus `commit_time`. Both
+    /// times are the server's, so a clock skew with this host does not count.
+    /// Begin and Commit carry no server time (pgwire-replication parses them
+    /// apart), so right after a quiet spell the estimate is low, never high.
+    pub fn behind(&self, commit_time: DateTime<Utc>) -> Duration {
+        (pg_time(self.server_time_micros) - commit_time)
+            .to_std()
+            .unwrap_or_default()
     }
 
     /// Everything up to `lsn` is durable on our side; the slot may release it.

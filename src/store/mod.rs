@@ -19,7 +19,7 @@ pub use crate::translate::MarkerKey;
 pub use db::{Db, DbClient, DbError};
 
 use tokio_postgres::types::PgLsn;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, GenericClient};
 
 use crate::metrics::Metrics;
 use crate::translate::{SpotSettings, StreamSettings, Work};
@@ -92,6 +92,25 @@ pub async fn load_checkpoint(db: &Client, slot: &str) -> Result<Option<u64>, DbE
     Ok(checkpoint_row(db, slot).await?.map(|c| c.lsn))
 }
 
+/// Where the stream resumes: the checkpoint (0 before the first hand-off) and
+/// the settings as of it, read in one snapshot, so that a hand-off committing
+/// meanwhile cannot give one without the other.
+pub async fn load_resume_point(
+    db: &mut Client,
+    slot: &str,
+) -> Result<(u64, StreamSettings), DbError> {
+    let tx = db
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let start = checkpoint_row(&tx, slot).await?.map_or(0, |c| c.lsn);
+    let settings = load_stream_settings(&tx).await?;
+    tx.commit().await?;
+    Ok((start, settings))
+}
+
 /// The slot's checkpoint and the server it was taken on.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CheckpointRow {
@@ -104,7 +123,10 @@ pub struct CheckpointRow {
 }
 
 /// Reads the slot's `hubspot_sync.checkpoint` row.
-pub async fn checkpoint_row(db: &Client, slot: &str) -> Result<Option<CheckpointRow>, DbError> {
+pub async fn checkpoint_row(
+    db: &impl GenericClient,
+    slot: &str,
+) -> Result<Option<CheckpointRow>, DbError> {
     let row = db
         .query_opt(
             "SELECT lsn, system_identifier, timeline FROM hubspot_sync.checkpoint WHERE slot_name = $1",
@@ -264,20 +286,27 @@ async fn queue_work(
         let create: Vec<i64> = work.create_contacts.iter().copied().collect();
         // Fan-outs are expanded here, against the same snapshot that stores the
         // checkpoint. Spots without a live integration produce no work (G5); a
-        // failed one keeps collecting it for its reconnect (SPEC §4.7).
+        // failed one keeps collecting it for its reconnect (SPEC §4.7). Each
+        // member is looked up by its key (LATERAL; OFFSET 0 keeps the planner
+        // from turning it into a scan of every member of the live Spots, which
+        // it chose on fresh statistics), so a hand-off costs what it carries,
+        // not the size of the Spots it touches.
         touched = tx
             .execute(
                 "WITH ids AS (
-                     SELECT unnest($1::bigint[]) AS id
-                     UNION SELECT member_id FROM public.group_members WHERE group_id = ANY($2)
-                     UNION SELECT member_id FROM public.member_tags WHERE tag_id = ANY($3)
-                     UNION SELECT id FROM public.members WHERE custom_role_id = ANY($4)
-                     UNION SELECT id FROM public.members WHERE $5
+                     SELECT id, bool_or(create_contact) AS create_contact FROM (
+                         SELECT unnest($1::bigint[]) AS id, false AS create_contact
+                         UNION ALL SELECT unnest($7::bigint[]), true
+                         UNION ALL SELECT member_id, false FROM public.group_members WHERE group_id = ANY($2)
+                         UNION ALL SELECT member_id, false FROM public.member_tags WHERE tag_id = ANY($3)
+                         UNION ALL SELECT id, false FROM public.members WHERE custom_role_id = ANY($4)
+                         UNION ALL SELECT id, false FROM public.members WHERE $5
+                     ) changed GROUP BY id
                  )
                  INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact)
-                 SELECT m.spot_id, m.id, $6, m.id = ANY($7)
+                 SELECT m.spot_id, m.id, $6, ids.create_contact
                    FROM ids
-                   JOIN public.members m ON m.id = ids.id
+                  CROSS JOIN LATERAL (SELECT spot_id, id FROM public.members WHERE id = ids.id OFFSET 0) m
                    JOIN hubspot_sync.integrations i
                      ON i.spot_id = m.spot_id AND i.status IN ('active', 'failed')
                   -- One lock order for every writer of the outbox: no deadlocks.
@@ -372,7 +401,7 @@ async fn wait_visible(db: &Client, xids: &[u32], metrics: &Metrics) -> Result<()
 }
 
 /// The settings the stream had seen at the checkpoint.
-pub async fn load_stream_settings(db: &Client) -> Result<StreamSettings, DbError> {
+pub async fn load_stream_settings(db: &impl GenericClient) -> Result<StreamSettings, DbError> {
     let rows = db
         .query(
             // A Spot the stream has not seen yet (first start) begins from its row.

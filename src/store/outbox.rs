@@ -21,6 +21,8 @@ pub struct Marker {
     pub create_contact: bool,
     /// When the change was handed off (delivery latency starts here).
     pub enqueued_at: DateTime<Utc>,
+    /// How long it has been queued, by the database's clock (no skew with this host).
+    pub queued_for: std::time::Duration,
 }
 
 /// Reads up to `limit` due `hubspot_sync.property_outbox` rows of these Spots, oldest first.
@@ -31,7 +33,9 @@ pub async fn due_markers(
 ) -> Result<Vec<Marker>, DbError> {
     let rows = db
         .query(
-            "SELECT spot_id, member_id, version, create_contact, enqueued_at FROM hubspot_sync.property_outbox
+            "SELECT spot_id, member_id, version, create_contact, enqueued_at,
+                    greatest(extract(epoch FROM now() - enqueued_at), 0)::float8
+               FROM hubspot_sync.property_outbox
               WHERE spot_id = ANY($1) AND next_attempt_at <= now()
               ORDER BY next_attempt_at, version LIMIT $2",
             &[&spot_ids, &limit],
@@ -45,6 +49,7 @@ pub async fn due_markers(
             version: r.get(2),
             create_contact: r.get(3),
             enqueued_at: r.get(4),
+            queued_for: std::time::Duration::try_from_secs_f64(r.get(5)).unwrap_or_default(),
         })
         .collect())
 }

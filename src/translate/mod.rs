@@ -219,6 +219,7 @@ impl Work {
             + self.custom_roles.len()
             + self.create_contacts.len()
             + self.activities.len()
+            + self.rejected_markers.len()
     }
 
     /// Takes out the part that can be handed off before its transaction's
