@@ -605,10 +605,12 @@ impl Capture<'_> {
                     break r.await;
                 }
                 done = committed(&mut inflight) => {
+                    // Finished either way: a completed future is never polled again.
+                    let finished = inflight.take();
                     if let Err(e) = done {
                         break Err(e);
                     }
-                    if let Some(f) = inflight.take() {
+                    if let Some(f) = finished {
                         self.handed_off(&source, &f);
                     }
                 }
@@ -701,6 +703,8 @@ impl Capture<'_> {
         // rather than dropped, so that its commit cannot land after the next
         // stream has read the checkpoint; acknowledged if it committed.
         if inflight.is_some() {
+            // (A timeout drops it: its transaction rolls back, or commits
+            // unacknowledged, which a restart replays harmlessly.)
             match tokio::time::timeout(SETTLE_ON_EXIT, self.settle(&source, &mut inflight)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -767,10 +771,10 @@ impl Capture<'_> {
         source: &Source,
         inflight: &mut Option<InFlight<'_>>,
     ) -> anyhow::Result<()> {
-        if let Some(f) = inflight.as_mut() {
+        // Taken first: whether it commits or fails, it is never polled again.
+        if let Some(mut f) = inflight.take() {
             f.done.as_mut().await?;
-            self.handed_off(source, f);
-            *inflight = None;
+            self.handed_off(source, &f);
         }
         Ok(())
     }
