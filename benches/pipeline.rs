@@ -181,15 +181,8 @@ async fn lsn_now(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
         .get(0))
 }
 
-/// The `pg_recvlogical` slots (a warm-up read and the timed one), here; the
-/// sidecar's too unless it made its own.
-async fn create_slots(db: &Db, sidecar_too: bool) -> anyhow::Result<[String; 2]> {
-    let warm = format!("{}_warmup", db.slot);
-    let recv = format!("{}_recvlogical", db.slot);
-    let mut slots = vec![&warm, &recv];
-    if sidecar_too {
-        slots.push(&db.slot);
-    }
+/// Logical replication slots at the current position, one per reader.
+async fn create_slots(db: &Db, slots: &[&str]) -> anyhow::Result<()> {
     for slot in slots {
         db.client
             .execute(
@@ -198,20 +191,7 @@ async fn create_slots(db: &Db, sidecar_too: bool) -> anyhow::Result<[String; 2]>
             )
             .await?;
     }
-    Ok([warm, recv])
-}
-
-/// `pg_recvlogical` over the range twice, on the warm-up slot first, so that
-/// neither it nor the sidecar after it reads the WAL from a cold cache: the
-/// time of the second read.
-fn recvlogical_warm(
-    cluster: &PgCluster,
-    url: &str,
-    [warm, recv]: &[String; 2],
-    end_lsn: i64,
-) -> anyhow::Result<f64> {
-    recvlogical(cluster, url, warm, end_lsn)?;
-    recvlogical(cluster, url, recv, end_lsn)
+    Ok(())
 }
 
 /// `pg_recvlogical` from the slot's start to `end_lsn`: the time it took.
@@ -316,7 +296,13 @@ async fn catchup(b: &mut Bench, a: &Args, shape: Catchup) -> anyhow::Result<()> 
         let _ = stop.send(true);
         let _ = task.await;
     }
-    let recv_slot = create_slots(&db, false).await?;
+    // pg_recvlogical reads the range once untimed (warm_slot), so that
+    // neither its timed read nor the sidecar after it meets a cold cache.
+    let (warm_slot, recv_slot) = (
+        format!("{}_warmup", db.slot),
+        format!("{}_recvlogical", db.slot),
+    );
+    create_slots(&db, &[&warm_slot, &recv_slot]).await?;
     let ids: Vec<i64> = db
         .client
         .query("SELECT id FROM members ORDER BY id", &[])
@@ -374,7 +360,8 @@ async fn catchup(b: &mut Bench, a: &Args, shape: Catchup) -> anyhow::Result<()> 
         .map(|r| (r.get(0), r.get(1)))
         .collect();
 
-    let recv_secs = recvlogical_warm(&b.cluster, &db.url, &recv_slot, end_lsn)?;
+    recvlogical(&b.cluster, &db.url, &warm_slot, end_lsn)?;
+    let recv_secs = recvlogical(&b.cluster, &db.url, &recv_slot, end_lsn)?;
 
     let before: HashMap<u64, (u64, u64)> = portals
         .iter()
@@ -457,7 +444,9 @@ async fn large(b: &mut Bench, a: &Args, rows: usize) -> anyhow::Result<()> {
     println!("\n== large: one UPDATE of {rows} members in one transaction (REPLICA IDENTITY FULL: old and new row)");
     let mut db = b.database().await?;
     seed_spot(&mut db.client, &b.emu, "Large", rows, false).await?;
-    let recv_slot = create_slots(&db, true).await?;
+    // The sidecar reads while the WAL is hot, pg_recvlogical after it.
+    let recv_slot = format!("{}_recvlogical", db.slot);
+    create_slots(&db, &[&recv_slot, &db.slot]).await?;
     let listen = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .to_string();
@@ -522,7 +511,7 @@ async fn large(b: &mut Bench, a: &Args, rows: usize) -> anyhow::Result<()> {
     let side_secs = t.elapsed().as_secs_f64();
     let peak = common::peak_rss(pid);
     drop(child);
-    let recv_secs = recvlogical_warm(&b.cluster, &db.url, &recv_slot, end_lsn)?;
+    let recv_secs = recvlogical(&b.cluster, &db.url, &recv_slot, end_lsn)?;
     println!(
         "  pg_recvlogical, raw bytes to /dev/null   {recv_secs:>7.2} s  {:>9.0} changes/s",
         rows as f64 / recv_secs

@@ -735,7 +735,7 @@ impl Capture<'_> {
             .catching_up
             .send_if_modified(|was| std::mem::replace(was, on) != on);
         if changed && on {
-            info!("reading a backlog: delivery waits for it to be read (at most 30 s)");
+            info!("reading a backlog: delivery waits for it to be read");
         } else if changed {
             info!("the stream has caught up");
         }

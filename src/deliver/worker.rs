@@ -412,8 +412,8 @@ impl SpotWorker {
         // HOLD_WHILE_CATCHING_UP, full batches too: a member changed again
         // later in the backlog is written once, batches are full, and the
         // hand-offs the backlog waits for do not compete with delivery for
-        // the database (measured: 1.10x the minimum calls and half the
-        // stream's speed without the hold, 1.00x and full speed with it).
+        // the database (measured over 50 Spots: held 5 s, 1.10x the minimum
+        // calls and 0.52x the raw stream's speed; held 30 s, 1.00x and 0.95x).
         let oldest_wait = markers
             .iter()
             .map(|m| m.queued_for)
