@@ -3,7 +3,8 @@
 //!
 //! Data flows through the modules in this order:
 //! `replication` -> `translate` -> `store` -> `deliver` -> `hubspot`,
-//! with `http` (admin API, metrics, health) and `config` beside them.
+//! with `http` (admin API, pages, metrics, health) and `config` beside them,
+//! and the operator tools `doctor` and `reconcile`.
 
 // The public surface is what the binary, the tests and the benchmark use;
 // every stage is private behind it (rust-postgres keeps its codec the same way).
@@ -20,6 +21,7 @@ pub(crate) mod internal_events;
 pub(crate) mod leader;
 pub mod metrics;
 pub mod pg_cluster;
+pub mod reconcile;
 pub(crate) mod replication;
 pub mod service;
 pub mod store;

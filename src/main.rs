@@ -1,4 +1,5 @@
-//! `hubspot-sidecar` binary: parses the command line and runs `run`, `demo` or `doctor`.
+//! `hubspot-sidecar` binary: parses the command line and runs `run`, `demo`, `doctor` or
+//! `reconcile`.
 //!
 //! `run` reads its configuration from the environment (see `config::RunArgs`), stops on
 //! SIGTERM or Ctrl-C, and exits 2 on a configuration error.
@@ -6,7 +7,7 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use hubspot_sidecar::{config, demo, doctor, service};
+use hubspot_sidecar::{config, demo, doctor, reconcile, service};
 
 #[derive(Parser)]
 #[command(
@@ -27,6 +28,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Check that the database is ready for the sidecar; prints PASS/WARN/FAIL with fixes.
     Doctor(doctor::DoctorArgs),
+    /// Compare a Spot's contacts in HubSpot with the database; exit 1 if anything drifted.
+    Reconcile(reconcile::cli::ReconcileArgs),
 }
 
 fn main() -> ExitCode {
@@ -63,6 +66,7 @@ fn main() -> ExitCode {
         }
         Command::Demo(args) => rt.block_on(demo::run(args)),
         Command::Doctor(args) => return rt.block_on(doctor::run(args)),
+        Command::Reconcile(args) => return rt.block_on(reconcile::cli::run(args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

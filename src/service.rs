@@ -141,6 +141,8 @@ pub async fn run(
         health: health.clone(),
         admin_token: cfg.admin_token.as_str().into(),
         secret_key: cfg.secret_key,
+        public_url: cfg.public_url.as_str().into(),
+        slot: cfg.slot.as_str().into(),
         integrations: Integrations {
             db: db.clone(),
             sealer: sealer.clone(),

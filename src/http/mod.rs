@@ -1,4 +1,6 @@
-//! HTTP: admin API (SPEC §6), metrics, health.
+//! HTTP: admin API (SPEC §6), the pages (`ui`), metrics, health.
+
+mod ui;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -36,8 +38,12 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// SIDECAR_ADMIN_TOKEN.
     pub admin_token: Arc<str>,
-    /// SIDECAR_SECRET_KEY (signs the OAuth state).
+    /// SIDECAR_SECRET_KEY (signs the OAuth state, the page links and sessions).
     pub secret_key: [u8; 32],
+    /// SIDECAR_PUBLIC_URL: where browsers reach this sidecar.
+    pub public_url: Arc<str>,
+    /// SIDECAR_SLOT, for the operator overview.
+    pub slot: Arc<str>,
     /// The lifecycle use cases.
     pub integrations: Integrations,
 }
@@ -68,7 +74,10 @@ pub fn router(state: AppState) -> Router {
             post(retry_dead_letters),
         )
         .route("/api/spots/{spot_id}/hubspot/resync", post(resync))
+        .route("/api/spots/{spot_id}/hubspot/ui-link", post(ui_link))
+        .route("/api/spots/{spot_id}/hubspot/reconcile", post(reconcile))
         .route("/oauth/hubspot/callback", get(oauth_callback))
+        .merge(ui::routes())
         .with_state(state)
 }
 
@@ -229,30 +238,13 @@ struct CallbackQuery {
     error_description: Option<String>,
 }
 
-fn page(status: StatusCode, title: &str, text: &str) -> Response {
-    let esc = |t: &str| {
-        t.replace('&', "&amp;")
-            .replace('<', "&lt;")
-            .replace('>', "&gt;")
-    };
-    let html = format!(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>{t}</title></head>\
-         <body style=\"font-family:sans-serif;margin:3em\"><h1>{t}</h1><p>{x}</p>\
-         <script>if (window.opener) {{ window.opener.postMessage('hubspot-connect-done', '*'); }}</script>\
-         </body></html>",
-        t = esc(title),
-        x = esc(text)
-    );
-    (
-        status,
-        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-        html,
-    )
-        .into_response()
-}
-
 /// `GET /oauth/hubspot/callback`: the state authenticates the request.
-async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery>) -> Response {
+async fn oauth_callback(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<CallbackQuery>,
+) -> Response {
+    let page = |status, title: &str, text: &str| ui::oauth_result(status, title, text, None);
     if require_leader(&s).is_err() {
         return page(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -280,10 +272,11 @@ async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery
         .complete_oauth(&s.secret_key, &code, &state)
         .await
     {
-        Ok(_) => page(
+        Ok(spot) => ui::oauth_result(
             StatusCode::OK,
             "HubSpot is connected",
             "You can close this window and return to MeltingSpot.",
+            ui::settings_page_of_session(&s, &headers, spot),
         ),
         Err(IntegrationError::Refused(m)) => {
             page(StatusCode::BAD_REQUEST, "HubSpot was not connected", &m)
@@ -300,6 +293,73 @@ async fn oauth_callback(State(s): State<AppState>, Query(q): Query<CallbackQuery
             )
         }
     }
+}
+
+/// `POST ui-link`: a link that opens the Spot's settings page once, within
+/// 10 minutes, with a session for that Spot only.
+async fn ui_link(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let token = s
+        .integrations
+        .issue_settings_link(&s.secret_key, id)
+        .await?;
+    let url = format!("{}{}", s.public_url, ui::settings_link_path(&token));
+    Ok(
+        Json(json!({"url": url, "expires_in": crate::integrations::signed::STATE_TTL_SECS}))
+            .into_response(),
+    )
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReconcileBody {
+    #[serde(default)]
+    fix: bool,
+}
+
+/// `POST reconcile`: newline-delimited JSON, `{"progress": …}` after every
+/// page of contacts, then `{"report": …}` or `{"error": "…"}`.
+async fn reconcile(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Option<Json<ReconcileBody>>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    require_leader(&s)?;
+    let id = spot_id(&raw)?;
+    let fix = body.map(|Json(b)| b.fix).unwrap_or_default();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let line = |v: serde_json::Value| format!("{v}\n");
+    tokio::spawn(async move {
+        let progress = tx.clone();
+        let outcome = s
+            .integrations
+            .reconcile(id, fix, move |p| {
+                let _ = progress.send(line(json!({ "progress": p })));
+            })
+            .await;
+        let last = match outcome {
+            Ok(report) => json!({ "report": report }),
+            Err(e) => json!({ "error": e.to_string() }),
+        };
+        let _ = tx.send(line(last));
+    });
+    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|l| (Ok::<_, std::convert::Infallible>(l), rx))
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(lines),
+    )
+        .into_response())
 }
 
 #[derive(Deserialize)]
@@ -322,7 +382,12 @@ async fn patch_settings(
     let Json(body) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
     let view = s
         .integrations
-        .change_settings(id, body.create_contacts, body.activities)
+        .change_settings(
+            id,
+            body.create_contacts,
+            body.activities,
+            crate::integrations::ChangeSource::AdminApi,
+        )
         .await?;
     Ok(Json(view).into_response())
 }
@@ -335,7 +400,12 @@ async fn disconnect(
     authorize(&s, &headers)?;
     require_leader(&s)?;
     let id = spot_id(&raw)?;
-    Ok(Json(s.integrations.disconnect(id).await?).into_response())
+    Ok(Json(
+        s.integrations
+            .disconnect(id, crate::integrations::ChangeSource::AdminApi)
+            .await?,
+    )
+    .into_response())
 }
 
 /// Paging of the audit trail and the dead letters: newest first, `before` an id.

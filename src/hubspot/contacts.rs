@@ -43,21 +43,7 @@ impl Portal {
         &self,
         emails: &[String],
     ) -> Result<HashMap<String, String>, HubSpotError> {
-        let inputs: Vec<Value> = emails.iter().map(|e| json!({"id": e})).collect();
-        // `propertiesWithHistory` is required by the published definition.
-        let body = json!({
-            "idProperty": "email",
-            "properties": ["email"],
-            "propertiesWithHistory": [],
-            "inputs": inputs,
-        });
-        let (_, resp) = self
-            .call(
-                &Endpoint::ContactsBatchRead,
-                reqwest::Method::POST,
-                Some(&body),
-            )
-            .await?;
+        let resp = self.batch_read(Some("email"), emails, &["email"]).await?;
         // Results do not echo the input id: map them back through their email.
         Ok(resp
             .get("results")
@@ -70,6 +56,70 @@ impl Portal {
                 Some((properties::normalize_email(email), id))
             })
             .collect())
+    }
+
+    /// Reads `properties` of contacts by record id (≤100). Returns record id →
+    /// property → value (null → None); an id HubSpot does not have (deleted
+    /// or merged) is absent from the map.
+    pub async fn read_contact_properties(
+        &self,
+        ids: &[String],
+        properties: &[&str],
+    ) -> Result<HashMap<String, HashMap<String, Option<String>>>, HubSpotError> {
+        debug_assert!(ids.len() <= super::BATCH_LIMIT);
+        // No `idProperty`: the ids are record ids.
+        let resp = self.batch_read(None, ids, properties).await?;
+        read_lookup_errors(&resp)?;
+        Ok(resp
+            .get("results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let id = r.get("id")?.as_str()?.to_string();
+                let values = r
+                    .get("properties")?
+                    .as_object()?
+                    .iter()
+                    .map(|(name, v)| {
+                        let v = match v {
+                            Value::Null => None,
+                            Value::String(s) => Some(s.clone()),
+                            other => Some(other.to_string()),
+                        };
+                        (name.clone(), v)
+                    })
+                    .collect();
+                Some((id, values))
+            })
+            .collect())
+    }
+
+    /// One batch read (≤100 inputs) by `id_property` (None: record ids); HubSpot's answer.
+    async fn batch_read(
+        &self,
+        id_property: Option<&str>,
+        ids: &[String],
+        properties: &[&str],
+    ) -> Result<Value, HubSpotError> {
+        let inputs: Vec<Value> = ids.iter().map(|id| json!({"id": id})).collect();
+        // `propertiesWithHistory` is required by the published definition.
+        let mut body = json!({
+            "properties": properties,
+            "propertiesWithHistory": [],
+            "inputs": inputs,
+        });
+        if let Some(p) = id_property {
+            body["idProperty"] = json!(p);
+        }
+        let (_, resp) = self
+            .call(
+                &Endpoint::ContactsBatchRead,
+                reqwest::Method::POST,
+                Some(&body),
+            )
+            .await?;
+        Ok(resp)
     }
 
     /// Creates contacts (≤100), each with an `objectWriteTraceId` so that HubSpot
@@ -221,6 +271,43 @@ pub(super) fn read_update_errors(resp: &Value) -> Result<UpdateOutcome, HubSpotE
     Ok(outcome)
 }
 
+/// Reads the errors of a batch read (a 207): OBJECT_NOT_FOUND only says which
+/// ids HubSpot does not have; any other error fails the read, so that an id
+/// HubSpot failed to read is never taken for one it does not have.
+fn read_lookup_errors(resp: &Value) -> Result<(), HubSpotError> {
+    for err in resp
+        .get("errors")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let category = err.get("category").and_then(Value::as_str).unwrap_or("");
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("");
+        match category {
+            "OBJECT_NOT_FOUND" => {}
+            // Per-item throttling is flow control, never a failure (SPEC §4.7).
+            "RATE_LIMITS" => {
+                return Err(HubSpotError::RateLimited {
+                    retry_after: None,
+                    policy: "batch item".into(),
+                })
+            }
+            c if TRANSIENT_CATEGORIES.contains(&c) => {
+                return Err(HubSpotError::Transient(format!(
+                    "contacts.batch_read: 207 {c}: {message}"
+                )))
+            }
+            _ => {
+                return Err(HubSpotError::Rejected {
+                    status: 207,
+                    error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `schema_missing` for a parsed error body.
 pub(crate) fn schema_missing_in(e: &super::ApiError) -> bool {
     e.category == "PROPERTY_DOESNT_EXIST"
@@ -271,6 +358,18 @@ mod tests {
         let resp = json!({"errors": [{"category": "INTERNAL_ERROR", "context": {"ids": ["1"]}}]});
         assert!(matches!(
             read_update_errors(&resp),
+            Err(HubSpotError::Transient(_))
+        ));
+    }
+
+    #[test]
+    fn a_batch_read_fails_on_any_error_but_not_found() {
+        let missing =
+            json!({"errors": [{"category": "OBJECT_NOT_FOUND", "context": {"ids": ["9"]}}]});
+        assert!(read_lookup_errors(&missing).is_ok());
+        let failed = json!({"errors": [{"category": "INTERNAL_ERROR", "context": {"ids": ["9"]}}]});
+        assert!(matches!(
+            read_lookup_errors(&failed),
             Err(HubSpotError::Transient(_))
         ));
     }

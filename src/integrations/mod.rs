@@ -13,14 +13,15 @@ use crate::hubspot::oauth::{OAuthApp, Tokens};
 use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::store::{
-    self, secrets::Sealer, AuthKind, ChangeSource, Credentials, Db, DbError, IntegrationEvent,
-    IntegrationView,
+    self, secrets::Sealer, AuthKind, Credentials, Db, DbError, IntegrationEvent, IntegrationView,
 };
 use crate::translate::{ActivitiesPatch, MarkerKey};
 
-pub mod oauth_state;
+pub mod signed;
 
-pub use crate::store::Status;
+use signed::Purpose;
+
+pub use crate::store::{ChangeSource, Status};
 
 /// Why a use case did not happen; each maps to one HTTP answer.
 #[derive(Debug, thiserror::Error)]
@@ -138,6 +139,66 @@ impl Integrations {
         self.view(spot_id).await
     }
 
+    /// Reads the Spot's matched contacts back from HubSpot and compares them
+    /// with the database (`reconcile`); with `fix`, queues the drifted ones.
+    /// Uses the token delivery keeps fresh and the portal's shared limiter,
+    /// so it spends the same budget as delivery, not a second one.
+    pub async fn reconcile(
+        &self,
+        spot_id: i64,
+        fix: bool,
+        progress: impl FnMut(crate::reconcile::Progress),
+    ) -> Result<crate::reconcile::Report, IntegrationError> {
+        self.require_active(spot_id, "reconcile it").await?;
+        let live = store::active_integrations(&*self.db.client().await?)
+            .await?
+            .into_iter()
+            .find(|i| i.spot_id == spot_id)
+            .ok_or_else(|| {
+                IntegrationError::Refused("the integration is no longer active".into())
+            })?;
+        // Refreshing here would race delivery's own refresh of the same
+        // token; delivery refreshes it minutes before it expires.
+        if live
+            .expires_at
+            .is_some_and(|t| t < chrono::Utc::now() + chrono::Duration::seconds(30))
+        {
+            return Err(IntegrationError::Refused(
+                "the Spot's HubSpot access token has expired and delivery has not refreshed it yet                  (it does on its next call); try again in a minute"
+                    .into(),
+            ));
+        }
+        let token = self.sealer.open(&live.access_token_enc).map_err(|e| {
+            IntegrationError::Refused(format!(
+                "the Spot's token cannot be read with this SIDECAR_SECRET_KEY: {e}"
+            ))
+        })?;
+        let portal = crate::hubspot::Portal {
+            client: self.hubspot.clone(),
+            token,
+            limiter: self.limiters.portal(live.portal_id),
+            fence: None,
+        };
+        let report =
+            crate::reconcile::reconcile(&self.db, &portal, spot_id, live.portal_id, fix, progress)
+                .await
+                .map_err(|e| match e {
+                    crate::reconcile::ReconcileError::Db(e) => IntegrationError::Db(e),
+                    e @ crate::reconcile::ReconcileError::HubSpot(_) => {
+                        IntegrationError::HubSpotUnavailable(e.to_string())
+                    }
+                })?;
+        if report.queued.unwrap_or(0) > 0 {
+            self.wake.notify_waiters();
+            info!(
+                spot_id,
+                queued = report.queued,
+                "reconcile queued drifted contacts"
+            );
+        }
+        Ok(report)
+    }
+
     async fn require_active(&self, spot_id: i64, to: &str) -> Result<(), IntegrationError> {
         self.require_spot(spot_id).await?;
         if self.view(spot_id).await?.status != Status::Active {
@@ -146,6 +207,11 @@ impl Integrations {
             )));
         }
         Ok(())
+    }
+
+    /// The Spot's name, or None if there is no such Spot.
+    pub async fn spot_name(&self, spot_id: i64) -> Result<Option<String>, IntegrationError> {
+        Ok(store::spot_name(&*self.db.client().await?, spot_id).await?)
     }
 
     /// Every Spot with an integration.
@@ -174,15 +240,71 @@ impl Integrations {
                 "OAuth is not configured: set HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET, or send {\"access_token\": \"…\"}".into(),
             ));
         };
-        let issued = oauth_state::issue(secret_key, spot_id);
-        store::issue_oauth_state(
+        let issued = self
+            .issue_one_time(secret_key, Purpose::OAuthState, spot_id)
+            .await?;
+        Ok(app.authorize_url(&issued))
+    }
+
+    /// A signed token for `purpose`, bound to the Spot, valid 10 minutes,
+    /// recorded so that it is accepted once.
+    async fn issue_one_time(
+        &self,
+        secret_key: &[u8; 32],
+        purpose: Purpose,
+        spot_id: i64,
+    ) -> Result<String, IntegrationError> {
+        let issued = signed::issue(secret_key, purpose, spot_id, signed::STATE_TTL_SECS);
+        store::issue_one_time(
             &*self.db.client().await?,
+            purpose.label(),
             &issued.nonce,
             spot_id,
             issued.expires_at,
         )
         .await?;
-        Ok(app.authorize_url(&issued.state))
+        Ok(issued.token)
+    }
+
+    /// Accepts a token `issue_one_time` made, once: its Spot.
+    async fn consume_one_time(
+        &self,
+        secret_key: &[u8; 32],
+        purpose: Purpose,
+        token: &str,
+    ) -> Result<i64, IntegrationError> {
+        let verified = signed::verify(secret_key, purpose, token)
+            .map_err(|e| IntegrationError::Refused(e.to_string()))?;
+        let consumed =
+            store::consume_one_time(&*self.db.client().await?, purpose.label(), &verified.nonce)
+                .await?;
+        if consumed != Some(verified.spot_id) {
+            return Err(IntegrationError::Refused(
+                "This link was already used or has expired; start again.".into(),
+            ));
+        }
+        Ok(verified.spot_id)
+    }
+
+    /// A link token that opens the Spot's settings page once, within 10 minutes.
+    pub async fn issue_settings_link(
+        &self,
+        secret_key: &[u8; 32],
+        spot_id: i64,
+    ) -> Result<String, IntegrationError> {
+        self.require_spot(spot_id).await?;
+        self.issue_one_time(secret_key, Purpose::SettingsLink, spot_id)
+            .await
+    }
+
+    /// Accepts a settings link once: the Spot whose page it opens.
+    pub async fn open_settings_link(
+        &self,
+        secret_key: &[u8; 32],
+        token: &str,
+    ) -> Result<i64, IntegrationError> {
+        self.consume_one_time(secret_key, Purpose::SettingsLink, token)
+            .await
     }
 
     /// Connects with a service key or private-app token, at once.
@@ -235,16 +357,9 @@ impl Integrations {
         code: &str,
         state: &str,
     ) -> Result<i64, IntegrationError> {
-        let verified = oauth_state::verify(secret_key, state)
-            .map_err(|e| IntegrationError::Refused(e.to_string()))?;
-        let consumed =
-            store::consume_oauth_state(&*self.db.client().await?, &verified.nonce).await?;
-        if consumed != Some(verified.spot_id) {
-            return Err(IntegrationError::Refused(
-                "This authorization link was already used or has expired; start the connection again."
-                    .into(),
-            ));
-        }
+        let spot_id = self
+            .consume_one_time(secret_key, Purpose::OAuthState, state)
+            .await?;
         let Some(app) = &self.oauth else {
             return Err(IntegrationError::Refused("OAuth is not configured.".into()));
         };
@@ -273,7 +388,7 @@ impl Integrations {
             expires_at: Some(tokens.expires_at()),
         };
         self.activate(
-            verified.spot_id,
+            spot_id,
             portal_id,
             &creds,
             Some(&tokens.refresh_token),
@@ -281,10 +396,10 @@ impl Integrations {
         )
         .await?;
         info!(
-            spot_id = verified.spot_id,
+            spot_id = spot_id,
             portal_id, "integration connected through OAuth"
         );
-        Ok(verified.spot_id)
+        Ok(spot_id)
     }
 
     /// A new activation. Waits for the Spot's call in flight, so that once
@@ -342,6 +457,7 @@ impl Integrations {
         spot_id: i64,
         create_contacts: Option<bool>,
         activities: ActivitiesPatch,
+        source: ChangeSource,
     ) -> Result<IntegrationView, IntegrationError> {
         self.require_spot(spot_id).await?;
         let current = self.view(spot_id).await?;
@@ -353,7 +469,7 @@ impl Integrations {
             spot_id,
             create_contacts,
             &activities,
-            ChangeSource::AdminApi,
+            source,
         )
         .await?;
         drop(client);
@@ -363,7 +479,11 @@ impl Integrations {
     /// Disconnects: `inactive`, both backlogs dropped, tokens erased and the
     /// refresh token revoked (best effort). Waits for the Spot's call in
     /// flight, so nothing is sent for the Spot after it returns.
-    pub async fn disconnect(&self, spot_id: i64) -> Result<IntegrationView, IntegrationError> {
+    pub async fn disconnect(
+        &self,
+        spot_id: i64,
+        source: ChangeSource,
+    ) -> Result<IntegrationView, IntegrationError> {
         let view = self.view(spot_id).await?;
         if view.status == Status::Inactive {
             return Ok(view);
@@ -371,7 +491,7 @@ impl Integrations {
         let erased = {
             let _fence = self.fences.exclusive(spot_id).await;
             let mut client = self.db.client().await?;
-            store::deactivate(&mut client, &self.markers, spot_id, ChangeSource::AdminApi).await?
+            store::deactivate(&mut client, &self.markers, spot_id, source).await?
         };
         info!(spot_id, "integration disconnected");
         if let Some(token) = erased.and_then(|sealed| self.sealer.open(&sealed).ok()) {

@@ -165,6 +165,8 @@ pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, Db
 pub struct IntegrationView {
     /// The Spot.
     pub spot_id: i64,
+    /// The Spot's name (`spots.name`).
+    pub spot_name: Option<String>,
     /// `inactive`, `active` or `failed`.
     pub status: Status,
     /// Connected HubSpot portal, if any.
@@ -181,6 +183,8 @@ pub struct IntegrationView {
     pub dead_letters: i64,
     /// The activation's backfill (after a connect or a resync).
     pub backfill: BackfillProgress,
+    /// When HubSpot last accepted a call for the Spot.
+    pub last_success_at: Option<DateTime<Utc>>,
     /// How the Spot authenticates; not shown, used to refuse activities on a static token.
     #[serde(skip)]
     pub auth_kind: Option<AuthKind>,
@@ -219,7 +223,9 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
                     (SELECT count(*) FROM public.members m
                       WHERE m.spot_id = i.spot_id
                         AND (i.backfill_done_at IS NOT NULL OR m.id <= COALESCE(i.backfill_after, 0))),
-                    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id)
+                    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id),
+                    last_success_at,
+                    (SELECT name FROM public.spots s WHERE s.id = i.spot_id)
                FROM hubspot_sync.integrations i WHERE spot_id = $1",
             &[&spot_id],
         )
@@ -243,6 +249,8 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
                 queued: r.get(10),
                 members: r.get(11),
             },
+            last_success_at: r.get(12),
+            spot_name: r.get(13),
         },
         None => IntegrationView {
             spot_id,
@@ -255,6 +263,8 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
             backlog: Backlog::default(),
             dead_letters: 0,
             backfill: BackfillProgress::default(),
+            last_success_at: None,
+            spot_name: None,
         },
     })
 }
@@ -272,6 +282,14 @@ pub async fn list_integrations(db: &Client) -> Result<Vec<IntegrationView>, DbEr
         out.push(integration_view(db, r.get(0)).await?);
     }
     Ok(out)
+}
+
+/// The Spot's name in `public.spots`, or None if there is no such Spot.
+pub async fn spot_name(db: &Client, spot_id: i64) -> Result<Option<String>, DbError> {
+    Ok(db
+        .query_opt("SELECT name FROM public.spots WHERE id = $1", &[&spot_id])
+        .await?
+        .map(|r| r.get(0)))
 }
 
 /// Whether the Spot exists in `public.spots` (an unknown Spot is a 404).
@@ -320,6 +338,10 @@ async fn emit_settings(
 pub enum ChangeSource {
     /// The admin API (MeltingSpot's web app on behalf of a Spot admin).
     AdminApi,
+    /// The Spot admin's settings page (a session a one-time link started).
+    SettingsPage,
+    /// The operator overview (`/ui`, signed in with the admin token).
+    OperatorPage,
     /// HubSpot's OAuth redirect, authenticated by the signed state.
     OAuthCallback,
     /// The delivery stage (a failure).
@@ -333,6 +355,8 @@ impl ChangeSource {
     pub fn as_str(self) -> &'static str {
         match self {
             ChangeSource::AdminApi => "admin_api",
+            ChangeSource::SettingsPage => "settings_page",
+            ChangeSource::OperatorPage => "operator_page",
             ChangeSource::OAuthCallback => "oauth_callback",
             ChangeSource::Delivery => "delivery",
             ChangeSource::Stream => "stream",
@@ -917,34 +941,41 @@ pub async fn purge_expired_backlog(
     Ok(n)
 }
 
-/// Remembers an issued OAuth state nonce.
-pub async fn issue_oauth_state(
+/// Remembers an issued single-use token's nonce (an OAuth state, a settings link).
+pub async fn issue_one_time(
     db: &Client,
+    purpose: &str,
     nonce: &str,
     spot_id: i64,
     expires_at: DateTime<Utc>,
 ) -> Result<(), DbError> {
     db.execute(
-        "INSERT INTO hubspot_sync.oauth_states (nonce, spot_id, expires_at) VALUES ($1, $2, $3)",
-        &[&nonce, &spot_id, &expires_at],
+        "INSERT INTO hubspot_sync.one_time_tokens (purpose, nonce, spot_id, expires_at)
+         VALUES ($1, $2, $3, $4)",
+        &[&purpose, &nonce, &spot_id, &expires_at],
     )
     .await?;
     db.execute(
-        "DELETE FROM hubspot_sync.oauth_states WHERE expires_at < now() - interval '1 day'",
+        "DELETE FROM hubspot_sync.one_time_tokens WHERE expires_at < now() - interval '1 day'",
         &[],
     )
     .await?;
     Ok(())
 }
 
-/// Accepts a state nonce once: returns its Spot, or None if unknown, used or expired.
-pub async fn consume_oauth_state(db: &Client, nonce: &str) -> Result<Option<i64>, DbError> {
+/// Accepts a single-use nonce of `purpose` once: returns its Spot, or None
+/// if unknown, used or expired.
+pub async fn consume_one_time(
+    db: &Client,
+    purpose: &str,
+    nonce: &str,
+) -> Result<Option<i64>, DbError> {
     Ok(db
         .query_opt(
-            "UPDATE hubspot_sync.oauth_states SET used_at = now()
-              WHERE nonce = $1 AND used_at IS NULL AND expires_at > now()
+            "UPDATE hubspot_sync.one_time_tokens SET used_at = now()
+              WHERE purpose = $1 AND nonce = $2 AND used_at IS NULL AND expires_at > now()
           RETURNING spot_id",
-            &[&nonce],
+            &[&purpose, &nonce],
         )
         .await?
         .map(|r| r.get(0)))

@@ -7,12 +7,14 @@ mod db;
 pub mod dead_letters;
 pub mod integrations;
 pub mod outbox;
+pub mod reconcile;
 pub mod secrets;
 
 pub use activities::*;
 pub use dead_letters::*;
 pub use integrations::*;
 pub use outbox::*;
+pub use reconcile::*;
 
 /// The key the store signs settings markers with (see `translate::markers`).
 pub use crate::translate::MarkerKey;
@@ -40,6 +42,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         7,
         include_str!("../../sql/migrations/0007_dead_letter_retries.sql"),
+    ),
+    (
+        8,
+        include_str!("../../sql/migrations/0008_one_time_tokens.sql"),
     ),
 ];
 

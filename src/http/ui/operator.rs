@@ -1,0 +1,533 @@
+//! The operator overview at `/ui`: every Spot with an integration, the
+//! replication slot's state, and per Spot its dead letters and audit trail,
+//! with the operator's actions (retry, resynchronise, reconcile, disconnect).
+//! Signing in takes SIDECAR_ADMIN_TOKEN once and starts a session cookie, so
+//! the token is not kept in the browser.
+
+use axum::extract::{Form, Path};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde::Deserialize;
+
+use super::{
+    end_session, esc, page, see_other, session, start_session, status_badge, when, Refusal,
+    Session, SessionKind, Ui,
+};
+use crate::http::{constant_time_eq, require_leader, spot_id, AppState};
+use crate::integrations::{ChangeSource, IntegrationError};
+use crate::reconcile::Report;
+use crate::store::Status;
+
+pub(super) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/ui", get(overview))
+        .route("/ui/login", post(login))
+        .route("/ui/logout", post(logout))
+        .route("/ui/spots/{spot_id}", get(spot))
+        .route("/ui/spots/{spot_id}/retry", post(retry))
+        .route("/ui/spots/{spot_id}/resync", post(resync))
+        .route("/ui/spots/{spot_id}/disconnect", post(disconnect))
+        .route("/ui/spots/{spot_id}/reconcile", post(reconcile))
+}
+
+pub(super) fn login_page(status: StatusCode, problem: Option<&str>) -> Response {
+    let problem = problem
+        .map(|p| format!("<p class=\"problem\" role=\"alert\">{}</p>", esc(p)))
+        .unwrap_or_default();
+    page(
+        status,
+        "Sign in · hubspot-sidecar",
+        None,
+        &format!(
+            "<h1>hubspot-sidecar</h1>{problem}<form method=\"post\" action=\"/ui/login\" class=\"login\">\
+             <label for=\"token\">Admin token (SIDECAR_ADMIN_TOKEN)</label>\
+             <input type=\"password\" id=\"token\" name=\"token\" autocomplete=\"current-password\" required autofocus>\
+             <button type=\"submit\" class=\"primary\">Sign in</button></form>"
+        ),
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(ui: Ui, Form(f): Form<LoginForm>) -> Response {
+    let state = ui.0;
+    if !constant_time_eq(f.token.trim().as_bytes(), state.admin_token.as_bytes()) {
+        return login_page(
+            StatusCode::UNAUTHORIZED,
+            Some("That is not the admin token."),
+        );
+    }
+    let mut resp = see_other("/ui");
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        start_session(&state, SessionKind::Operator, 0),
+    );
+    resp
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: Option<String>,
+}
+
+async fn logout(ui: Ui, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
+    let state = ui.0;
+    if let Err(r) = acting(&state, &headers, f.csrf.as_deref(), false) {
+        return r.into_response();
+    }
+    let mut resp = see_other("/ui");
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        end_session(&state, SessionKind::Operator),
+    );
+    resp
+}
+
+/// The operator's session, or the login page.
+fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<Session, Refusal> {
+    session(state, headers, SessionKind::Operator).ok_or(Refusal::SignIn)
+}
+
+/// The session of a state-changing request: it must carry the CSRF field.
+fn acting(
+    state: &AppState,
+    headers: &HeaderMap,
+    csrf: Option<&str>,
+    change: bool,
+) -> Result<Session, Refusal> {
+    let s = signed_in(state, headers)?;
+    if !super::csrf_ok(&s, csrf) {
+        return Err(Refusal::Csrf);
+    }
+    if change {
+        require_leader(state).map_err(Refusal::Api)?;
+    }
+    Ok(s)
+}
+
+fn csrf_field(s: &Session) -> String {
+    format!(
+        "<input type=\"hidden\" name=\"csrf\" value=\"{}\">",
+        esc(&s.csrf)
+    )
+}
+
+fn nav(s: &Session) -> String {
+    format!(
+        "<nav class=\"top\"><a href=\"/ui\">All Spots</a>\
+         <form method=\"post\" action=\"/ui/logout\">{}<button type=\"submit\">Sign out</button></form></nav>",
+        csrf_field(s)
+    )
+}
+
+fn db_error(e: IntegrationError) -> Response {
+    super::refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Not available",
+        &format!("{e}"),
+    )
+}
+
+async fn overview(ui: Ui, headers: HeaderMap) -> Response {
+    let state = ui.0;
+    let s = match signed_in(&state, &headers) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let spots = match state.integrations.list().await {
+        Ok(l) => l,
+        Err(e) => return db_error(e),
+    };
+    let m = &state.metrics;
+    let slot = format!(
+        "<dl class=\"facts\">\
+         <div><dt>Replication lag</dt><dd id=\"lag-bytes\">{} bytes</dd></div>\
+         <div><dt>Commit to hand-off</dt><dd id=\"lag-seconds\">{:.1} s</dd></div>\
+         <div><dt>WAL the slot retains</dt><dd>{} bytes</dd></div>\
+         <div><dt>Slot</dt><dd id=\"slot-state\">{} ({})</dd></div>\
+         <div><dt>This replica</dt><dd>{}</dd></div></dl>",
+        m.replication_lag_bytes.get(),
+        m.replication_lag_seconds.get(),
+        m.slot_retained_wal_bytes.get(),
+        esc(&state.slot),
+        if m.slot_active.get() == 1 {
+            "streaming"
+        } else {
+            "not streaming"
+        },
+        if m.leader.get() == 1 {
+            "leader"
+        } else {
+            "standby"
+        },
+    );
+    let rows: String = spots
+        .iter()
+        .map(|v| {
+            format!(
+                "<tr><td><a href=\"/ui/spots/{id}\">Spot {id}</a> {name}</td><td>{badge}</td><td>{portal}</td>\
+                 <td>{backlog}</td><td>{dead}</td><td>{last_error}</td><td>{success}</td></tr>",
+                id = v.spot_id,
+                name = esc(v.spot_name.as_deref().unwrap_or_default()),
+                badge = status_badge(v.status),
+                portal = v.portal_id.map(|p| p.to_string()).unwrap_or_else(|| "—".into()),
+                backlog = v.backlog.properties + v.backlog.activities,
+                dead = v.dead_letters,
+                last_error = v.last_error.as_deref().map(esc).unwrap_or_else(|| "—".into()),
+                success = when(v.last_success_at),
+            )
+        })
+        .collect();
+    page(
+        StatusCode::OK,
+        "Overview · hubspot-sidecar",
+        Some(&s.csrf),
+        &format!(
+            "{nav}<h1>hubspot-sidecar</h1><section aria-labelledby=\"slot-title\">\
+             <h2 id=\"slot-title\">Replication</h2>{slot}</section>\
+             <section aria-labelledby=\"spots-title\"><h2 id=\"spots-title\">Spots ({n})</h2>\
+             <table id=\"spots\"><thead><tr><th scope=\"col\">Spot</th><th scope=\"col\">Status</th>\
+             <th scope=\"col\">Portal</th><th scope=\"col\">Backlog</th><th scope=\"col\">Dead letters</th>\
+             <th scope=\"col\">Last error</th><th scope=\"col\">Last success</th></tr></thead>\
+             <tbody>{rows}</tbody></table></section>",
+            nav = nav(&s),
+            n = spots.len(),
+        ),
+    )
+}
+
+async fn spot(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
+    let state = ui.0;
+    let s = match signed_in(&state, &headers) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let id = match spot_id(&raw) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    spot_page(&state, &s, id, None).await
+}
+
+/// A Spot's page, with `outcome` (what the last action did) on top.
+async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<String>) -> Response {
+    let ig = &state.integrations;
+    let (view, letters, events, name) = match tokio::try_join!(
+        ig.view(id),
+        ig.dead_letters(id, None, 50),
+        ig.events(id, None, 50),
+        ig.spot_name(id),
+    ) {
+        Ok(all) => all,
+        Err(e) => return db_error(e),
+    };
+    let Some(name) = name else {
+        return super::refusal(
+            StatusCode::NOT_FOUND,
+            "No such Spot",
+            &format!("Spot {id} does not exist."),
+        );
+    };
+    let csrf = csrf_field(s);
+    let action = |path: &str, label: &str, extra: &str, class: &str| {
+        format!(
+            "<form method=\"post\" action=\"/ui/spots/{id}/{path}\">{csrf}{extra}\
+             <button type=\"submit\" class=\"{class}\">{label}</button></form>"
+        )
+    };
+    let letter_rows: String = letters
+        .iter()
+        .map(|d| {
+            let retry = if d.retried_at.is_some() {
+                format!("retried {}", when(d.retried_at))
+            } else {
+                action(
+                    "retry",
+                    "Retry",
+                    &format!("<input type=\"hidden\" name=\"id\" value=\"{}\">", d.id),
+                    "",
+                )
+            };
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{retry}</td></tr>",
+                when(Some(d.created_at)),
+                esc(&d.kind),
+                d.member_id.map(|m| m.to_string()).unwrap_or_else(|| "—".into()),
+                esc(&d.reason),
+                esc(&payload_summary(&d.payload)),
+            )
+        })
+        .collect();
+    let event_rows: String = events
+        .iter()
+        .map(|e| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
+                when(Some(e.at)),
+                esc(&e.kind),
+                esc(&e.source),
+                esc(&e.changes.to_string()),
+                e.detail.as_deref().map(esc).unwrap_or_default(),
+            )
+        })
+        .collect();
+    let active = view.status == Status::Active;
+    let mut actions = String::new();
+    if active {
+        actions.push_str(&action(
+            "retry",
+            "Retry all dead letters",
+            "<input type=\"hidden\" name=\"all\" value=\"true\">",
+            "",
+        ));
+        actions.push_str(&action("resync", "Resynchronise", "", ""));
+        actions.push_str(&action("reconcile", "Reconcile", "", ""));
+        actions.push_str(&action(
+            "reconcile",
+            "Reconcile and fix",
+            "<input type=\"hidden\" name=\"fix\" value=\"true\">",
+            "",
+        ));
+    }
+    if view.status != Status::Inactive {
+        actions.push_str(&format!(
+            "<form method=\"post\" action=\"/ui/spots/{id}/disconnect\" data-confirm=\"Disconnect Spot {id} from HubSpot? \
+             Its queued changes are dropped.\">{csrf}<button type=\"submit\" class=\"danger\">Disconnect</button></form>"
+        ));
+    }
+    let outcome = outcome
+        .map(|o| format!("<section class=\"outcome\" role=\"status\">{o}</section>"))
+        .unwrap_or_default();
+    page(
+        StatusCode::OK,
+        &format!("Spot {id} · hubspot-sidecar"),
+        Some(&s.csrf),
+        &format!(
+            "{nav}<h1>Spot {id}: {name}</h1>{outcome}\
+             <dl class=\"facts\"><div><dt>Status</dt><dd id=\"status\">{badge}</dd></div>\
+             <div><dt>Portal</dt><dd>{portal}</dd></div>\
+             <div><dt>Backlog</dt><dd>{props} contacts, {acts} activities</dd></div>\
+             <div><dt>Dead letters</dt><dd id=\"dead-letters\">{dead}</dd></div>\
+             <div><dt>Last success</dt><dd>{success}</dd></div>\
+             <div><dt>Backfill</dt><dd>{backfill}</dd></div>\
+             <div><dt>Last error</dt><dd>{last_error}</dd></div></dl>\
+             <div class=\"actions\">{actions}</div>\
+             <section aria-labelledby=\"dl-title\"><h2 id=\"dl-title\">Dead letters</h2>\
+             <table id=\"dead-letter-table\"><thead><tr><th scope=\"col\">When</th><th scope=\"col\">Kind</th>\
+             <th scope=\"col\">Member</th><th scope=\"col\">Reason</th><th scope=\"col\">Payload</th><th scope=\"col\"></th></tr></thead>\
+             <tbody>{letter_rows}</tbody></table></section>\
+             <section aria-labelledby=\"audit-title\"><h2 id=\"audit-title\">Settings audit trail</h2>\
+             <table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">What</th><th scope=\"col\">By</th>\
+             <th scope=\"col\">Changes</th><th scope=\"col\">Detail</th></tr></thead><tbody>{event_rows}</tbody></table></section>",
+            nav = nav(s),
+            name = esc(&name),
+            badge = status_badge(view.status),
+            portal = view.portal_id.map(|p| p.to_string()).unwrap_or_else(|| "—".into()),
+            props = view.backlog.properties,
+            acts = view.backlog.activities,
+            dead = view.dead_letters,
+            success = when(view.last_success_at),
+            backfill = if view.backfill.running {
+                format!("{} of {} members queued", view.backfill.queued, view.backfill.members)
+            } else {
+                "done".into()
+            },
+            last_error = view.last_error.as_deref().map(esc).unwrap_or_else(|| "—".into()),
+        ),
+    )
+}
+
+/// A dead letter's payload in one line: its e-mail, contact, or event type.
+fn payload_summary(p: &serde_json::Value) -> String {
+    let pick = |k: &str| p.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    let parts: Vec<String> = [
+        pick("email"),
+        pick("contact_id").map(|c| format!("contact {c}")),
+        pick("event_type").or_else(|| pick("type")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if parts.is_empty() {
+        let mut s = p.to_string();
+        if s.len() > 120 {
+            let cut = (0..=120)
+                .rev()
+                .find(|i| s.is_char_boundary(*i))
+                .unwrap_or(0);
+            s.truncate(cut);
+            s.push('…');
+        }
+        s
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// Runs an operator action on the Spot in the path (a session, its CSRF
+/// token, the leader), then shows the Spot's page with what it did.
+async fn act<Fut>(
+    state: AppState,
+    headers: &HeaderMap,
+    raw: &str,
+    csrf: Option<&str>,
+    action: impl FnOnce(AppState, i64) -> Fut,
+) -> Response
+where
+    Fut: std::future::Future<Output = Result<String, IntegrationError>>,
+{
+    let s = match acting(&state, headers, csrf, true) {
+        Ok(s) => s,
+        Err(r) => return r.into_response(),
+    };
+    let id = match spot_id(raw) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    let outcome = match action(state.clone(), id).await {
+        Ok(html) => html,
+        Err(e) => format!(
+            "<p class=\"problem\" role=\"alert\">{}</p>",
+            esc(&e.to_string())
+        ),
+    };
+    spot_page(&state, &s, id, Some(outcome)).await
+}
+
+#[derive(Deserialize)]
+struct RetryForm {
+    csrf: Option<String>,
+    id: Option<i64>,
+    all: Option<String>,
+}
+
+async fn retry(
+    ui: Ui,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<RetryForm>,
+) -> Response {
+    let only = match (f.all.is_some(), f.id) {
+        (true, _) => None,
+        (false, Some(one)) => Some(one),
+        (false, None) => {
+            return super::refusal(
+                StatusCode::BAD_REQUEST,
+                "Nothing to retry",
+                "Choose a dead letter, or all of them.",
+            )
+        }
+    };
+    act(
+        ui.0,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            let n = st.integrations.retry_dead_letters(id, only).await?;
+            Ok(format!("<p>{n} dead letter(s) queued again.</p>"))
+        },
+    )
+    .await
+}
+
+async fn resync(
+    ui: Ui,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    act(
+        ui.0,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            st.integrations.resync(id).await?;
+            Ok("<p>Resynchronisation started: every member's values are sent again.</p>".into())
+        },
+    )
+    .await
+}
+
+async fn disconnect(
+    ui: Ui,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    act(
+        ui.0,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            st.integrations
+                .disconnect(id, ChangeSource::OperatorPage)
+                .await?;
+            Ok("<p>Disconnected.</p>".into())
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct ReconcileForm {
+    csrf: Option<String>,
+    fix: Option<String>,
+}
+
+async fn reconcile(
+    ui: Ui,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<ReconcileForm>,
+) -> Response {
+    let fix = f.fix.is_some();
+    act(
+        ui.0,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            let report = st.integrations.reconcile(id, fix, |_| {}).await?;
+            Ok(render_report(&report))
+        },
+    )
+    .await
+}
+
+/// A reconcile report: the summary, and the drift as a table.
+fn render_report(r: &Report) -> String {
+    let summary = crate::reconcile::summary(r);
+    if r.drift.is_empty() {
+        return format!(
+            "<h2>Reconcile</h2><p id=\"reconcile-summary\">{}</p>",
+            esc(&summary)
+        );
+    }
+    let rows: String = r
+        .drift
+        .iter()
+        .map(|d| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&format!("{} ({})", d.contact_id, d.email)),
+                esc(&d.property),
+                esc(d.hubspot.as_deref().unwrap_or("(empty)")),
+                esc(&d.database),
+            )
+        })
+        .collect();
+    format!(
+        "<h2>Reconcile</h2><p id=\"reconcile-summary\">{}</p><table id=\"drift\"><thead><tr>\
+         <th scope=\"col\">Contact</th><th scope=\"col\">Property</th><th scope=\"col\">HubSpot</th>\
+         <th scope=\"col\">Database</th></tr></thead><tbody>{rows}</tbody></table>",
+        esc(&summary)
+    )
+}

@@ -1,0 +1,183 @@
+//! Signed, expiring tokens bound to a Spot: the OAuth `state`, the settings
+//! page's one-time link, and the page sessions. One mechanism for all of
+//! them: HMAC-SHA256 under SIDECAR_SECRET_KEY over the purpose and the
+//! payload, so a token issued for one purpose never passes for another (an
+//! OAuth state cannot open a session). Single use, where a purpose needs it,
+//! is the store's: the nonce is recorded and consumed once.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// What a token is for; signed with it, so it cannot be used for another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// The OAuth `state` of a connect (single use, recorded by the store).
+    OAuthState,
+    /// The link that opens a Spot's settings page (single use, recorded).
+    SettingsLink,
+    /// The settings page's session cookie for one Spot.
+    SpotSession,
+    /// The operator overview's session cookie (spot id 0).
+    OperatorSession,
+    /// A session's CSRF token, derived from the session's nonce.
+    Csrf,
+}
+
+impl Purpose {
+    /// The label signed with the payload, and the store's name for the purpose.
+    pub fn label(self) -> &'static str {
+        match self {
+            Purpose::OAuthState => "oauth_state",
+            Purpose::SettingsLink => "settings_link",
+            Purpose::SpotSession => "spot_session",
+            Purpose::OperatorSession => "operator_session",
+            Purpose::Csrf => "csrf",
+        }
+    }
+}
+
+/// How long a user has to finish an OAuth authorization or open a link.
+pub const STATE_TTL_SECS: i64 = 600;
+
+/// A token just issued, with what the store records of it.
+pub struct Issued {
+    /// The token itself: `{spot}.{nonce}.{expiry}.{signature}`.
+    pub token: String,
+    /// Its random part (recorded for single use; a session's CSRF seed).
+    pub nonce: String,
+    /// When it stops being accepted.
+    pub expires_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Issues a token for `purpose` and `spot_id`, valid `ttl_secs`.
+pub fn issue(key: &[u8; 32], purpose: Purpose, spot_id: i64, ttl_secs: i64) -> Issued {
+    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    let expires_at = chrono::Utc::now() + chrono::Duration::seconds(ttl_secs);
+    let payload = format!("{spot_id}.{nonce}.{}", expires_at.timestamp());
+    let sig = URL_SAFE_NO_PAD.encode(mac(key, purpose, &payload).finalize().into_bytes());
+    Issued {
+        token: format!("{payload}.{sig}"),
+        nonce,
+        expires_at,
+    }
+}
+
+fn mac(key: &[u8; 32], purpose: Purpose, payload: &str) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
+    mac.update(purpose.label().as_bytes());
+    mac.update(b"\n");
+    mac.update(payload.as_bytes());
+    mac
+}
+
+/// A value derived from `input` for `purpose` (a session's CSRF token).
+pub fn derive(key: &[u8; 32], purpose: Purpose, input: &str) -> String {
+    URL_SAFE_NO_PAD.encode(mac(key, purpose, input).finalize().into_bytes())
+}
+
+/// A token whose signature and expiry hold: its Spot and nonce.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Verified {
+    /// The Spot it is bound to.
+    pub spot_id: i64,
+    /// Its random part (to consume, for single-use purposes).
+    pub nonce: String,
+}
+
+/// Why a token was refused.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token of ours at all.
+    #[error("the link is malformed")]
+    Malformed,
+    /// Tampered with, or issued for another purpose or under another key.
+    #[error("the link's signature is wrong")]
+    BadSignature,
+    /// Past its expiry.
+    #[error("the link has expired; start again")]
+    Expired,
+}
+
+/// Checks `token`'s signature for `purpose` and its expiry.
+pub fn verify(key: &[u8; 32], purpose: Purpose, token: &str) -> Result<Verified, TokenError> {
+    let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
+    let sig = URL_SAFE_NO_PAD
+        .decode(sig)
+        .map_err(|_| TokenError::Malformed)?;
+    mac(key, purpose, payload)
+        .verify_slice(&sig)
+        .map_err(|_| TokenError::BadSignature)?;
+    let mut parts = payload.split('.');
+    let (Some(spot), Some(nonce), Some(exp), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(TokenError::Malformed);
+    };
+    let spot_id: i64 = spot.parse().map_err(|_| TokenError::Malformed)?;
+    let exp: i64 = exp.parse().map_err(|_| TokenError::Malformed)?;
+    if exp < chrono::Utc::now().timestamp() {
+        return Err(TokenError::Expired);
+    }
+    Ok(Verified {
+        spot_id,
+        nonce: nonce.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_tokens_verify_and_forgeries_do_not() {
+        let key = [3u8; 32];
+        let issued = issue(&key, Purpose::OAuthState, 42, STATE_TTL_SECS);
+        let v = verify(&key, Purpose::OAuthState, &issued.token).unwrap();
+        assert_eq!(v.spot_id, 42);
+        assert_eq!(v.nonce, issued.nonce);
+        // Bound to the Spot: changing it breaks the signature.
+        let forged = issued.token.replacen("42.", "43.", 1);
+        assert_eq!(
+            verify(&key, Purpose::OAuthState, &forged),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            verify(&[4u8; 32], Purpose::OAuthState, &issued.token),
+            Err(TokenError::BadSignature)
+        );
+        assert_eq!(
+            verify(&key, Purpose::OAuthState, "nonsense"),
+            Err(TokenError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_token_of_one_purpose_is_refused_for_another() {
+        let key = [3u8; 32];
+        let state = issue(&key, Purpose::OAuthState, 7, STATE_TTL_SECS);
+        assert_eq!(
+            verify(&key, Purpose::SpotSession, &state.token),
+            Err(TokenError::BadSignature)
+        );
+        let link = issue(&key, Purpose::SettingsLink, 7, STATE_TTL_SECS);
+        assert_eq!(
+            verify(&key, Purpose::SpotSession, &link.token),
+            Err(TokenError::BadSignature)
+        );
+        assert!(verify(&key, Purpose::SettingsLink, &link.token).is_ok());
+    }
+
+    #[test]
+    fn expired_tokens_are_refused() {
+        let key = [3u8; 32];
+        let issued = issue(&key, Purpose::SettingsLink, 1, -1);
+        assert_eq!(
+            verify(&key, Purpose::SettingsLink, &issued.token),
+            Err(TokenError::Expired)
+        );
+    }
+}

@@ -1,0 +1,123 @@
+//! What `reconcile` reads and queues: a Spot's matched contacts on one
+//! portal, paged by member, and a delivery again of chosen members that
+//! writes every value, not only those the contact map believes changed.
+
+use tokio_postgres::Client;
+
+use super::DbError;
+
+/// A member the contact map ties to a HubSpot contact.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MatchedContact {
+    /// `members.id`.
+    pub member_id: i64,
+    /// HubSpot record id of the contact.
+    pub contact_id: String,
+    /// E-mail the contact was looked up or written under.
+    pub email: String,
+}
+
+/// How many of the Spot's members have a contact on this portal.
+pub async fn count_matched_contacts(
+    db: &Client,
+    spot_id: i64,
+    portal_id: i64,
+) -> Result<i64, DbError> {
+    Ok(db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.contact_map
+              WHERE spot_id = $1 AND portal_id = $2 AND contact_id IS NOT NULL",
+            &[&spot_id, &portal_id],
+        )
+        .await?
+        .get(0))
+}
+
+/// The Spot's members with a contact on this portal, by member id, up to
+/// `limit` after `after_member` (keyset pages stay stable while rows change).
+pub async fn matched_contacts(
+    db: &Client,
+    spot_id: i64,
+    portal_id: i64,
+    after_member: i64,
+    limit: i64,
+) -> Result<Vec<MatchedContact>, DbError> {
+    let rows = db
+        .query(
+            "SELECT member_id, contact_id, email FROM hubspot_sync.contact_map
+              WHERE spot_id = $1 AND portal_id = $2 AND contact_id IS NOT NULL
+                AND member_id > $3
+              ORDER BY member_id LIMIT $4",
+            &[&spot_id, &portal_id, &after_member, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| MatchedContact {
+            member_id: r.get(0),
+            contact_id: r.get(1),
+            email: r.get(2),
+        })
+        .collect())
+}
+
+/// Queues these members for delivery again and forgets what was written to
+/// their contacts, in one transaction: delivery then writes every value
+/// instead of skipping those it believes HubSpot holds. Only members still
+/// in the Spot, and only while the integration is active on this portal.
+/// Returns how many were queued.
+pub async fn queue_for_delivery(
+    db: &mut Client,
+    spot_id: i64,
+    portal_id: i64,
+    member_ids: &[i64],
+) -> Result<u64, DbError> {
+    if member_ids.is_empty() {
+        return Ok(0);
+    }
+    let tx = db.transaction().await?;
+    // The integration first (the lock order of every outbox writer): a
+    // disconnect or reconnect cannot commit between the check and the writes.
+    let active = tx
+        .query_opt(
+            "SELECT 1 FROM hubspot_sync.integrations
+              WHERE spot_id = $1 AND portal_id = $2 AND status = 'active' FOR SHARE",
+            &[&spot_id, &portal_id],
+        )
+        .await?
+        .is_some();
+    if !active {
+        return Ok(0);
+    }
+    // Then the contact map by member, as a completion locks it.
+    tx.execute(
+        "WITH k AS (
+             SELECT c.member_id
+               FROM hubspot_sync.contact_map c
+               JOIN public.members m ON m.id = c.member_id AND m.spot_id = c.spot_id
+              WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = ANY($3)
+              ORDER BY c.member_id
+                FOR UPDATE OF c
+         )
+         UPDATE hubspot_sync.contact_map c SET written = '{}', updated_at = now()
+           FROM k
+          WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = k.member_id",
+        &[&spot_id, &portal_id, &member_ids],
+    )
+    .await?;
+    let queued = tx
+        .execute(
+            "INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact)
+             SELECT m.spot_id, m.id, '0/0', false
+               FROM public.members m
+              WHERE m.spot_id = $1 AND m.id = ANY($2)
+              -- One lock order for every writer of the outbox: no deadlocks.
+              ORDER BY m.spot_id, m.id
+             ON CONFLICT (spot_id, member_id) DO UPDATE
+                SET version = nextval('hubspot_sync.outbox_version'), next_attempt_at = now()",
+            &[&spot_id, &member_ids],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(queued)
+}
