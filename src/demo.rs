@@ -30,6 +30,12 @@ pub struct DemoArgs {
     /// Changes per second to drive.
     #[arg(long, default_value_t = 40)]
     pub rate: u32,
+    /// Open the settings page and the operator overview in a browser, if one is installed.
+    #[arg(long)]
+    pub open: bool,
+    /// After the summary, keep everything serving until Ctrl-C, to click through the pages.
+    #[arg(long)]
+    pub keep_running: bool,
 }
 
 const STATUSES: [&str; 6] = [
@@ -129,6 +135,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         resp.text().await?
     );
     println!("• turned on contact creation and every activity category");
+    let links = page_links(&http, &api, &admin, spot).await?;
+    if args.open {
+        for link in [&links.settings, &links.overview] {
+            open_in_browser(link);
+        }
+    }
 
     let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(7);
@@ -174,12 +186,83 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     } else {
         println!("• interrupted");
     }
+    if args.keep_running && !interrupted {
+        // The link printed earlier may be used or expired by now: a fresh one.
+        let links = page_links(&http, &api, &admin, spot).await?;
+        println!("• still serving the pages; Ctrl-C ends the demo");
+        println!(
+            "  settings page (opens once, within 10 min): {}",
+            links.settings
+        );
+        println!("  operator overview: {}", links.overview);
+        let _ = tokio::signal::ctrl_c().await;
+    }
     let _ = stop_tx.send(true);
     let _ = sidecar.await;
     emu.shutdown().await;
     drop(cluster);
     println!("• stopped; the throwaway Postgres and its files are gone");
     Ok(())
+}
+
+/// The demo's two pages: the Spot's settings (a one-time link) and the operator overview.
+struct PageLinks {
+    settings: String,
+    overview: String,
+}
+
+/// Asks the admin API for the settings page's link, as MeltingSpot's web
+/// app would, and prints both pages' addresses.
+async fn page_links(
+    http: &reqwest::Client,
+    api: &str,
+    admin: &str,
+    spot: i64,
+) -> anyhow::Result<PageLinks> {
+    let resp = http
+        .post(format!("{api}/api/spots/{spot}/hubspot/ui-link"))
+        .bearer_auth(admin)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "ui-link failed: {}",
+        resp.text().await?
+    );
+    let body: serde_json::Value = resp.json().await?;
+    let links = PageLinks {
+        settings: body["url"].as_str().unwrap_or_default().to_string(),
+        overview: format!("{api}/ui"),
+    };
+    println!(
+        "• the Spot's HubSpot tab (this link opens once, within 10 min): {}",
+        links.settings
+    );
+    println!(
+        "• the operator overview: {} (sign in with the admin token {admin})",
+        links.overview
+    );
+    Ok(links)
+}
+
+/// Opens `url` with the desktop's browser, if there is one; says so if not.
+fn open_in_browser(url: &str) {
+    let opener = std::env::var("BROWSER").ok().filter(|b| !b.is_empty());
+    let candidates: Vec<String> = opener
+        .into_iter()
+        .chain(["xdg-open", "open"].map(String::from))
+        .collect();
+    for program in &candidates {
+        let started = std::process::Command::new(program)
+            .arg(url)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if started.is_ok() {
+            return;
+        }
+    }
+    println!("  (no browser found: set BROWSER, or open the link yourself)");
 }
 
 fn demo_config(url: &str, hubspot: &str) -> anyhow::Result<Config> {
