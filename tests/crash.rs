@@ -88,3 +88,54 @@ async fn kill_9_during_2000_updates_then_restart_converges() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_the_new_process_counts_the_old_ones_calls() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let http = reqwest::Client::new();
+    let listen = free_addr();
+    let spot = seed_spot(&db, "Restarted").await;
+    let (portal, token) = emu.create_portal();
+    emu.add_contact(portal, "ada@example.com", &[]);
+    seed_member(&db, spot, "ada@example.com", "accepted").await;
+    let mut first = Process(spawn_sidecar(&url, &name, &emu.base_url(), &listen));
+    wait_ready(&http, &listen).await;
+    connect_token(&http, &listen, spot, &token).await;
+    wait_for(
+        "the first process wrote the contact",
+        30 * SECOND,
+        || async {
+            prop(&emu, portal, "ada@example.com", "meltingspot_member_status").as_deref()
+                == Some("accepted")
+        },
+    )
+    .await;
+    first.kill().expect("kill -9");
+    first.wait().expect("reap");
+
+    // The new process's limiter starts empty, while HubSpot still counts the
+    // old one's calls: it must wait them out instead of calling blind.
+    let log_path = std::env::temp_dir().join(format!("restart-{name}.log"));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let _second = Process(
+        sidecar_command(&url, &name, &emu.base_url(), &listen)
+            .env("RUST_LOG", "info")
+            .stderr(log)
+            .spawn()
+            .expect("spawn the second process"),
+    );
+    wait_for(
+        "the previous process's calls counted",
+        15 * SECOND,
+        || async {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            text.lines().any(|l| {
+                l.contains("called moments ago by the previous process")
+                    && l.contains(&portal.to_string())
+            })
+        },
+    )
+    .await;
+}

@@ -88,6 +88,33 @@ const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
 /// How often work of long-failed integrations is purged (retention is in days).
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 
+/// The limiter of a new process starts empty, while HubSpot still counts
+/// the calls the previous process (before a kill -9, a restart, a change of
+/// leader) made in the last 10 s: without this, the first calls after a
+/// restart go out blind and can pass the budget. Best effort: without the
+/// database, HubSpot's rate-limit headers correct the count after one call.
+async fn count_the_previous_process(ctx: &DeliverContext) {
+    let recent = match ctx.db.client().await {
+        Ok(db) => store::recently_called_portals(&db).await,
+        Err(e) => Err(e),
+    };
+    match recent {
+        Ok(recent) => {
+            for (portal_id, ago) in recent {
+                let ago = std::time::Duration::from_secs_f64(ago.max(0.0));
+                ctx.limiters.portal(portal_id).assume_full_since(ago).await;
+                info!(
+                    portal_id,
+                    seconds_ago = ago.as_secs_f64(),
+                    "the portal was called moments ago by the previous process: \
+                     its calls wait until those have left HubSpot's 10 s window"
+                );
+            }
+        }
+        Err(e) => warn!(error = %e, "could not read when portals were last called"),
+    }
+}
+
 /// Starts and stops a worker per Spot activation as integrations come and
 /// go, until shutdown. A reconnect is a new activation, so a new worker with
 /// nothing cached; the old one is told to stop and is fenced meanwhile.
@@ -97,6 +124,7 @@ pub async fn supervise(
 ) -> Result<(), DeliverError> {
     let mut last_purge: Option<std::time::Instant> = None;
     let mut workers: HashMap<(i64, i64), Worker> = HashMap::new();
+    count_the_previous_process(&ctx).await;
     loop {
         // Survive a database restart: keep the workers, reconnect, try again.
         let db = match ctx.db.client().await {

@@ -491,6 +491,7 @@ mod tests {
             member_id,
             version: 1,
             create_contact,
+            rewrite: false,
             enqueued_at: Utc::now(),
             queued_for: std::time::Duration::ZERO,
         }

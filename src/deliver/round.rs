@@ -59,7 +59,14 @@ pub(super) async fn deliver_properties(
     let member_ids: Vec<i64> = markers.iter().map(|m| m.member_id).collect();
     let records = records(metrics, db, &member_ids).await?;
     let keys: Vec<(i64, i64)> = markers.iter().map(|m| (m.spot_id, m.member_id)).collect();
-    let states = store::contact_states(&*db.client().await?, fence.portal_id, &keys).await?;
+    let mut states = store::contact_states(&*db.client().await?, fence.portal_id, &keys).await?;
+    // A row `reconcile --fix` queued: HubSpot was proven to differ from what
+    // the contact map says was written, so nothing is taken as written.
+    for m in markers.iter().filter(|m| m.rewrite) {
+        if let Some(state) = states.get_mut(&(m.spot_id, m.member_id)) {
+            state.written.clear();
+        }
+    }
 
     // Resolve e-mails we do not know yet, or that changed, in one batch read.
     let lookups = plan::emails_to_look_up(&records, &states, &keys);

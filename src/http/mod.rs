@@ -336,24 +336,33 @@ async fn reconcile(
     let fix = body.map(|Json(b)| b.fix).unwrap_or_default();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     let line = |v: serde_json::Value| format!("{v}\n");
-    tokio::spawn(async move {
-        let progress = tx.clone();
-        let outcome = s
-            .integrations
+    let run = tokio::spawn(async move {
+        s.integrations
             .reconcile(id, fix, move |p| {
-                let _ = progress.send(line(json!({ "progress": p })));
+                let _ = tx.send(line(json!({ "progress": p })));
             })
-            .await;
-        let last = match outcome {
-            Ok(report) => json!({ "report": report }),
-            Err(e) => json!({ "error": e.to_string() }),
-        };
-        let _ = tx.send(line(last));
-    });
-    let lines = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
             .await
-            .map(|l| (Ok::<_, std::convert::Infallible>(l), rx))
+    });
+    // The last line: the report, or why there is none (a panic included).
+    let last = tokio::spawn(async move {
+        match run.await {
+            Ok(Ok(report)) => json!({ "report": report }),
+            Ok(Err(e)) => json!({ "error": e.to_string() }),
+            Err(e) => {
+                tracing::error!(error = %e, spot_id = id, "reconcile stopped");
+                json!({ "error": format!("the reconcile stopped: {e}") })
+            }
+        }
+    });
+    let progress =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|l| (l, rx)) });
+    let end = futures_util::stream::once(async move {
+        last.await
+            .map(line)
+            .unwrap_or_else(|e| line(json!({ "error": e.to_string() })))
+    });
+    let lines = futures_util::StreamExt::map(futures_util::StreamExt::chain(progress, end), |l| {
+        Ok::<_, std::convert::Infallible>(l)
     });
     Ok((
         [(header::CONTENT_TYPE, "application/x-ndjson")],

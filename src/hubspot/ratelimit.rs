@@ -118,6 +118,22 @@ impl RateLimiter {
         }
     }
 
+    /// Treats the window as full as of `ago` before now, when nothing was
+    /// sent here yet: another process of ours (the one before a restart or a
+    /// change of leader) was calling the portal then, and its calls still
+    /// count in HubSpot's window. Calls wait until that moment has left it.
+    pub async fn assume_full_since(&self, ago: Duration) {
+        if ago >= self.window {
+            return;
+        }
+        let now = Instant::now();
+        let at = now.checked_sub(ago).unwrap_or(now);
+        let mut sent = self.sent.lock().await;
+        if sent.is_empty() {
+            sent.extend(std::iter::repeat_n(at, self.limit));
+        }
+    }
+
     /// Pushes every slot to "just used": after a 429 the window is treated as full.
     pub async fn saturate(&self) {
         let mut sent = self.sent.lock().await;
@@ -166,6 +182,27 @@ impl Limiters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_process_waits_for_the_previous_ones_window() {
+        // The previous process last called 4 s ago: its calls leave the window in 6 s.
+        let rl = RateLimiter::new(10);
+        tokio::time::advance(Duration::from_secs(20)).await;
+        rl.assume_full_since(Duration::from_secs(4)).await;
+        let started = Instant::now();
+        rl.acquire().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(6) && waited < Duration::from_secs(7),
+            "{waited:?}"
+        );
+        // Longer ago than the window: nothing to wait for.
+        let rl = RateLimiter::new(10);
+        rl.assume_full_since(WINDOW).await;
+        let started = Instant::now();
+        rl.acquire().await;
+        assert!(started.elapsed() < Duration::from_millis(10));
+    }
 
     #[tokio::test(start_paused = true)]
     async fn what_hubspot_counts_beyond_our_memory_is_waited_for() {

@@ -76,7 +76,13 @@ fn mac(key: &[u8; 32], purpose: Purpose, payload: &str) -> HmacSha256 {
 
 /// A value derived from `input` for `purpose` (a session's CSRF token).
 pub fn derive(key: &[u8; 32], purpose: Purpose, input: &str) -> String {
-    URL_SAFE_NO_PAD.encode(mac(key, purpose, input).finalize().into_bytes())
+    URL_SAFE_NO_PAD.encode(derive_key(key, purpose, input))
+}
+
+/// A key derived from `input` for `purpose`: tokens signed with it stop
+/// verifying when `input` changes (operator sessions end with the admin token).
+pub fn derive_key(key: &[u8; 32], purpose: Purpose, input: &str) -> [u8; 32] {
+    mac(key, purpose, input).finalize().into_bytes().into()
 }
 
 /// A token whose signature and expiry hold: its Spot and nonce.

@@ -9,10 +9,12 @@
 //! afresh from the database, which is what this does, 100 contacts a call,
 //! within the portal's rate limit.
 //!
-//! With `fix`, the drifted members are queued for delivery again, and their
-//! `written` is reset in the same transaction: delivery then sends every
-//! value instead of skipping those it believes HubSpot already holds, which
-//! is the very belief the drift proved wrong.
+//! With `fix`, the drifted members are queued for delivery again, marked to
+//! be written whole: delivery then sends every value instead of skipping
+//! those it believes HubSpot already holds, which is the very belief the
+//! drift proved wrong. Members whose contact HubSpot no longer has are
+//! queued with the contact forgotten, so delivery looks their e-mail up
+//! again (and finds the contact that replaced it, if any).
 
 pub mod cli;
 
@@ -185,6 +187,7 @@ pub async fn reconcile(
         ..Report::default()
     };
     let mut drifted: Vec<i64> = Vec::new();
+    let mut missing: Vec<i64> = Vec::new();
     let mut after = i64::MIN;
     let mut done = 0;
     loop {
@@ -223,12 +226,13 @@ pub async fn reconcile(
         let held = if contact_ids.is_empty() {
             HashMap::new()
         } else {
-            portal.read_contact_properties(&contact_ids, &names).await?
+            read_with_retries(portal, &contact_ids, &names).await?
         };
         for (c, rec) in live {
             report.checked += 1;
             let Some(values) = held.get(&c.contact_id) else {
                 report.missing_in_hubspot.push(c.contact_id.clone());
+                missing.push(c.member_id);
                 continue;
             };
             let (derived, _) = crate::deliver::derive(rec);
@@ -262,14 +266,39 @@ pub async fn reconcile(
     }
     report.drifted_contacts = drifted.len();
     if fix {
-        report.queued = Some(if drifted.is_empty() {
-            0
-        } else {
-            let mut client = db.client().await?;
-            store::queue_for_delivery(&mut client, spot_id, portal_id, &drifted).await?
-        });
+        let mut client = db.client().await?;
+        report.queued = Some(
+            store::queue_for_delivery(&mut client, spot_id, portal_id, &drifted, &missing).await?,
+        );
     }
     Ok(report)
+}
+
+/// How many times one page's read is tried when HubSpot turns it away for now.
+const READ_TRIES: u32 = 5;
+
+/// Reads one page of contacts, again after a 429 or a transient failure
+/// (with the one backoff), so one busy moment does not throw away the
+/// pages already compared. The limiter already paces every try.
+async fn read_with_retries(
+    portal: &Portal,
+    ids: &[String],
+    names: &[&str],
+) -> Result<HashMap<String, HashMap<String, Option<String>>>, HubSpotError> {
+    let mut backoff = crate::backoff::Backoff::delivery();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match portal.read_contact_properties(ids, names).await {
+            Err(HubSpotError::RateLimited { retry_after, .. }) if tries < READ_TRIES => {
+                tokio::time::sleep(retry_after.unwrap_or_else(|| backoff.next())).await;
+            }
+            Err(HubSpotError::Transient(_)) if tries < READ_TRIES => {
+                tokio::time::sleep(backoff.next()).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 /// The properties whose HubSpot value differs from the database's, as

@@ -835,6 +835,24 @@ pub async fn store_tokens(
     Ok(())
 }
 
+/// Portals this Spot's integrations called less than one rate window ago
+/// (by the last success or failure recorded), with how long ago: a new
+/// process counts the previous one's calls before making its own.
+pub async fn recently_called_portals(db: &Client) -> Result<Vec<(i64, f64)>, DbError> {
+    let rows = db
+        .query(
+            "SELECT portal_id,
+                    EXTRACT(epoch FROM now() - max(GREATEST(last_success_at, updated_at)))::float8
+               FROM hubspot_sync.integrations
+              WHERE status IN ('active', 'failed') AND portal_id IS NOT NULL
+              GROUP BY portal_id
+             HAVING max(GREATEST(last_success_at, updated_at)) > now() - interval '10 seconds'",
+            &[],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
 /// Success clears the transient-failure clock; a failure starts it and keeps
 /// the latest error (this activation only). Returns how long the Spot has
 /// been failing.

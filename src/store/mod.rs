@@ -47,6 +47,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         8,
         include_str!("../../sql/migrations/0008_one_time_tokens.sql"),
     ),
+    (
+        9,
+        include_str!("../../sql/migrations/0009_outbox_rewrite.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so

@@ -19,6 +19,8 @@ pub struct Marker {
     pub version: i64,
     /// The member was inserted while contact creation was on.
     pub create_contact: bool,
+    /// Write every value, whatever the contact map says was written (`reconcile --fix`).
+    pub rewrite: bool,
     /// When the change was handed off (delivery latency starts here).
     pub enqueued_at: DateTime<Utc>,
     /// How long it has been queued, by the database's clock (no skew with this host).
@@ -34,7 +36,7 @@ pub async fn due_markers(
     let rows = db
         .query(
             "SELECT spot_id, member_id, version, create_contact, enqueued_at,
-                    greatest(extract(epoch FROM now() - enqueued_at), 0)::float8
+                    greatest(extract(epoch FROM now() - enqueued_at), 0)::float8, rewrite
                FROM hubspot_sync.property_outbox
               WHERE spot_id = ANY($1) AND next_attempt_at <= now()
               ORDER BY next_attempt_at, version LIMIT $2",
@@ -50,6 +52,7 @@ pub async fn due_markers(
             create_contact: r.get(3),
             enqueued_at: r.get(4),
             queued_for: std::time::Duration::try_from_secs_f64(r.get(5)).unwrap_or_default(),
+            rewrite: r.get(6),
         })
         .collect())
 }

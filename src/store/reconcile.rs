@@ -61,18 +61,20 @@ pub async fn matched_contacts(
         .collect())
 }
 
-/// Queues these members for delivery again and forgets what was written to
-/// their contacts, in one transaction: delivery then writes every value
-/// instead of skipping those it believes HubSpot holds. Only members still
-/// in the Spot, and only while the integration is active on this portal.
-/// Returns how many were queued.
+/// Queues these members for delivery again, in one transaction: `drifted`
+/// rows marked `rewrite`, so delivery writes every value instead of
+/// skipping those the contact map believes HubSpot holds; `missing` (HubSpot
+/// no longer has their contact) with the contact forgotten, so delivery
+/// looks the e-mail up again. Only members still in the Spot, and only while
+/// the integration is active on this portal. Returns how many were queued.
 pub async fn queue_for_delivery(
     db: &mut Client,
     spot_id: i64,
     portal_id: i64,
-    member_ids: &[i64],
+    drifted: &[i64],
+    missing: &[i64],
 ) -> Result<u64, DbError> {
-    if member_ids.is_empty() {
+    if drifted.is_empty() && missing.is_empty() {
         return Ok(0);
     }
     let tx = db.transaction().await?;
@@ -92,30 +94,30 @@ pub async fn queue_for_delivery(
     // Then the contact map by member, as a completion locks it.
     tx.execute(
         "WITH k AS (
-             SELECT c.member_id
-               FROM hubspot_sync.contact_map c
-               JOIN public.members m ON m.id = c.member_id AND m.spot_id = c.spot_id
+             SELECT c.member_id FROM hubspot_sync.contact_map c
               WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = ANY($3)
               ORDER BY c.member_id
                 FOR UPDATE OF c
          )
-         UPDATE hubspot_sync.contact_map c SET written = '{}', updated_at = now()
+         UPDATE hubspot_sync.contact_map c SET contact_id = NULL, written = '{}', updated_at = now()
            FROM k
           WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = k.member_id",
-        &[&spot_id, &portal_id, &member_ids],
+        &[&spot_id, &portal_id, &missing],
     )
     .await?;
+    let all: Vec<i64> = drifted.iter().chain(missing).copied().collect();
     let queued = tx
         .execute(
-            "INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact)
-             SELECT m.spot_id, m.id, '0/0', false
+            "INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact, rewrite)
+             SELECT m.spot_id, m.id, '0/0', false, true
                FROM public.members m
               WHERE m.spot_id = $1 AND m.id = ANY($2)
               -- One lock order for every writer of the outbox: no deadlocks.
               ORDER BY m.spot_id, m.id
              ON CONFLICT (spot_id, member_id) DO UPDATE
-                SET version = nextval('hubspot_sync.outbox_version'), next_attempt_at = now()",
-            &[&spot_id, &member_ids],
+                SET version = nextval('hubspot_sync.outbox_version'), next_attempt_at = now(),
+                    rewrite = true",
+            &[&spot_id, &all],
         )
         .await?;
     tx.commit().await?;

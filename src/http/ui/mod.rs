@@ -131,6 +131,7 @@ pub(super) fn oauth_result(
     text: &str,
     back: Option<String>,
 ) -> Response {
+    let ok = status.is_success();
     let (data, link) = match &back {
         Some(b) => (
             format!(" data-return=\"{}\"", esc(b)),
@@ -146,7 +147,7 @@ pub(super) fn oauth_result(
         title,
         None,
         &format!(
-            "<div data-oauth-result{data}><h1>{}</h1><p role=\"status\">{}</p>{link}</div>",
+            "<div data-oauth-result data-ok=\"{ok}\"{data}><h1>{}</h1><p role=\"status\">{}</p>{link}</div>",
             esc(title),
             esc(text)
         ),
@@ -159,9 +160,7 @@ pub(super) fn settings_page_of_session(
     headers: &HeaderMap,
     spot: i64,
 ) -> Option<String> {
-    session(state, headers, SessionKind::Spot)
-        .filter(|s| s.spot_id == spot)
-        .map(|_| settings::page_path(spot))
+    session(state, headers, SessionKind::Spot(spot)).map(|_| settings::page_path(spot))
 }
 
 /// A page that says why a request was refused.
@@ -191,33 +190,57 @@ pub(super) struct Session {
     pub csrf: String,
 }
 
-/// The two kinds of session, each in its own cookie.
+/// The kinds of session, each in its own cookie: one per Spot (an admin of
+/// two Spots keeps both tabs working), one for the operator.
 #[derive(Clone, Copy)]
 enum SessionKind {
-    Spot,
+    Spot(i64),
     Operator,
 }
 
 impl SessionKind {
-    fn cookie(self) -> &'static str {
+    fn cookie(self) -> String {
         match self {
-            SessionKind::Spot => "hubspot_sidecar_spot",
-            SessionKind::Operator => "hubspot_sidecar_operator",
+            SessionKind::Spot(id) => format!("hubspot_sidecar_spot_{id}"),
+            SessionKind::Operator => "hubspot_sidecar_operator".into(),
         }
     }
 
     fn purpose(self) -> Purpose {
         match self {
-            SessionKind::Spot => Purpose::SpotSession,
+            SessionKind::Spot(_) => Purpose::SpotSession,
             SessionKind::Operator => Purpose::OperatorSession,
+        }
+    }
+
+    fn spot_id(self) -> i64 {
+        match self {
+            SessionKind::Spot(id) => id,
+            SessionKind::Operator => 0,
+        }
+    }
+
+    /// The signing key: an operator session is signed under the admin token
+    /// too, so rotating SIDECAR_ADMIN_TOKEN ends every operator session.
+    fn key(self, state: &AppState) -> [u8; 32] {
+        match self {
+            SessionKind::Spot(_) => state.secret_key,
+            SessionKind::Operator => signed::derive_key(
+                &state.secret_key,
+                Purpose::OperatorSession,
+                &state.admin_token,
+            ),
         }
     }
 }
 
 /// The session of `kind` the request's cookie carries, if it verifies.
 fn session(state: &AppState, headers: &HeaderMap, kind: SessionKind) -> Option<Session> {
-    let token = cookie(headers, kind.cookie())?;
-    let verified = signed::verify(&state.secret_key, kind.purpose(), token).ok()?;
+    let token = cookie(headers, &kind.cookie())?;
+    let verified = signed::verify(&kind.key(state), kind.purpose(), token).ok()?;
+    if verified.spot_id != kind.spot_id() {
+        return None;
+    }
     Some(Session {
         spot_id: verified.spot_id,
         csrf: signed::derive(&state.secret_key, Purpose::Csrf, &verified.nonce),
@@ -236,9 +259,14 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, v)| v)
 }
 
-/// `Set-Cookie` for a new session of `kind` bound to `spot_id`.
-fn start_session(state: &AppState, kind: SessionKind, spot_id: i64) -> HeaderValue {
-    let issued = signed::issue(&state.secret_key, kind.purpose(), spot_id, SESSION_TTL_SECS);
+/// `Set-Cookie` for a new session of `kind`.
+fn start_session(state: &AppState, kind: SessionKind) -> HeaderValue {
+    let issued = signed::issue(
+        &kind.key(state),
+        kind.purpose(),
+        kind.spot_id(),
+        SESSION_TTL_SECS,
+    );
     set_cookie(state, kind, &issued.token, SESSION_TTL_SECS)
 }
 
@@ -276,6 +304,34 @@ pub(super) enum Refusal {
     Csrf,
     /// What the admin API would answer.
     Api(super::ApiError),
+}
+
+impl Refusal {
+    /// The refusal as the page's script reads it: JSON with a message.
+    fn json(self) -> Response {
+        let (status, text) = match self {
+            Refusal::NotThisSpot => (
+                StatusCode::FORBIDDEN,
+                "this page's session for the Spot has ended: open the HubSpot tab from MeltingSpot again",
+            ),
+            Refusal::SignIn => (StatusCode::UNAUTHORIZED, "sign in again"),
+            Refusal::Csrf => (
+                StatusCode::FORBIDDEN,
+                "the request lacked this session's security token: reload the page",
+            ),
+            Refusal::Api(e) => return e.into_response(),
+        };
+        super::ApiError(status, text.into()).into_response()
+    }
+
+    /// The refusal as a page, for a form's request: the admin API's answer
+    /// (a standby, an unknown Spot) rendered instead of JSON.
+    fn page(self) -> Response {
+        match self {
+            Refusal::Api(super::ApiError(status, text)) => refusal(status, "Not done", &text),
+            other => other.into_response(),
+        }
+    }
 }
 
 impl IntoResponse for Refusal {

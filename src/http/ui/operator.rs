@@ -4,7 +4,7 @@
 //! Signing in takes SIDECAR_ADMIN_TOKEN once and starts a session cookie, so
 //! the token is not kept in the browser.
 
-use axum::extract::{Form, Path};
+use axum::extract::{Form, Path, Query};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -65,7 +65,7 @@ async fn login(ui: Ui, Form(f): Form<LoginForm>) -> Response {
     let mut resp = see_other("/ui");
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        start_session(&state, SessionKind::Operator, 0),
+        start_session(&state, SessionKind::Operator),
     );
     resp
 }
@@ -201,7 +201,34 @@ async fn overview(ui: Ui, headers: HeaderMap) -> Response {
     )
 }
 
-async fn spot(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
+/// What an action did, carried by its redirect so that a reload of the page
+/// shows it again instead of repeating the action.
+#[derive(Deserialize)]
+struct DoneQuery {
+    done: Option<String>,
+    n: Option<u64>,
+}
+
+impl DoneQuery {
+    fn outcome(&self) -> Option<String> {
+        let text = match (self.done.as_deref()?, self.n) {
+            ("retried", Some(n)) => format!("{n} dead letter(s) queued again."),
+            ("resync", _) => {
+                "Resynchronisation started: every member's values are sent again.".into()
+            }
+            ("disconnected", _) => "Disconnected.".into(),
+            _ => return None,
+        };
+        Some(format!("<p>{text}</p>"))
+    }
+}
+
+async fn spot(
+    ui: Ui,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Query(done): Query<DoneQuery>,
+) -> Response {
     let state = ui.0;
     let s = match signed_in(&state, &headers) {
         Ok(s) => s,
@@ -211,7 +238,7 @@ async fn spot(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
-    spot_page(&state, &s, id, None).await
+    spot_page(&state, &s, id, done.outcome()).await
 }
 
 /// A Spot's page, with `outcome` (what the last action did) on top.
@@ -369,8 +396,18 @@ fn payload_summary(p: &serde_json::Value) -> String {
     }
 }
 
+/// What an action shows: a redirect to the Spot's page that names what was
+/// done (a reload repeats nothing), or a result to show at once.
+enum Done {
+    /// `?done=…` on the Spot's page.
+    Redirect(String),
+    /// HTML above the Spot's page (a reconcile report).
+    Show(String),
+}
+
 /// Runs an operator action on the Spot in the path (a session, its CSRF
-/// token, the leader), then shows the Spot's page with what it did.
+/// token, the leader), then shows the Spot's page with what it did. A
+/// refusal is shown at once: it changed nothing, so a reload is harmless.
 async fn act<Fut>(
     state: AppState,
     headers: &HeaderMap,
@@ -379,18 +416,19 @@ async fn act<Fut>(
     action: impl FnOnce(AppState, i64) -> Fut,
 ) -> Response
 where
-    Fut: std::future::Future<Output = Result<String, IntegrationError>>,
+    Fut: std::future::Future<Output = Result<Done, IntegrationError>>,
 {
     let s = match acting(&state, headers, csrf, true) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return r.page(),
     };
     let id = match spot_id(raw) {
         Ok(id) => id,
         Err(e) => return e.into_response(),
     };
     let outcome = match action(state.clone(), id).await {
-        Ok(html) => html,
+        Ok(Done::Redirect(query)) => return see_other(&format!("/ui/spots/{id}?{query}")),
+        Ok(Done::Show(html)) => html,
         Err(e) => format!(
             "<p class=\"problem\" role=\"alert\">{}</p>",
             esc(&e.to_string())
@@ -430,7 +468,7 @@ async fn retry(
         f.csrf.as_deref(),
         |st, id| async move {
             let n = st.integrations.retry_dead_letters(id, only).await?;
-            Ok(format!("<p>{n} dead letter(s) queued again.</p>"))
+            Ok(Done::Redirect(format!("done=retried&n={n}")))
         },
     )
     .await
@@ -449,7 +487,7 @@ async fn resync(
         f.csrf.as_deref(),
         |st, id| async move {
             st.integrations.resync(id).await?;
-            Ok("<p>Resynchronisation started: every member's values are sent again.</p>".into())
+            Ok(Done::Redirect("done=resync".into()))
         },
     )
     .await
@@ -470,7 +508,7 @@ async fn disconnect(
             st.integrations
                 .disconnect(id, ChangeSource::OperatorPage)
                 .await?;
-            Ok("<p>Disconnected.</p>".into())
+            Ok(Done::Redirect("done=disconnected".into()))
         },
     )
     .await
@@ -496,7 +534,7 @@ async fn reconcile(
         f.csrf.as_deref(),
         |st, id| async move {
             let report = st.integrations.reconcile(id, fix, |_| {}).await?;
-            Ok(render_report(&report))
+            Ok(Done::Show(render_report(&report)))
         },
     )
     .await

@@ -64,7 +64,7 @@ async fn open(ui: Ui, Query(q): Query<OpenQuery>) -> Response {
             let mut resp = see_other(&page_path(spot));
             resp.headers_mut().insert(
                 header::SET_COOKIE,
-                start_session(&state, SessionKind::Spot, spot),
+                start_session(&state, SessionKind::Spot(spot)),
             );
             resp
         }
@@ -80,9 +80,7 @@ async fn open(ui: Ui, Query(q): Query<OpenQuery>) -> Response {
 /// session, or another Spot's.
 fn spot_session(state: &AppState, headers: &HeaderMap, raw: &str) -> Result<Session, Refusal> {
     let id = spot_id(raw).map_err(Refusal::Api)?;
-    session(state, headers, SessionKind::Spot)
-        .filter(|s| s.spot_id == id)
-        .ok_or(Refusal::NotThisSpot)
+    session(state, headers, SessionKind::Spot(id)).ok_or(Refusal::NotThisSpot)
 }
 
 /// The same, for a state-changing request: it must carry the CSRF header.
@@ -126,7 +124,7 @@ async fn status(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response
     let state = ui.0;
     let s = match spot_session(&state, &headers, &raw) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return r.json(),
     };
     match state.integrations.view(s.spot_id).await {
         Ok(v) => Json(v).into_response(),
@@ -140,7 +138,7 @@ async fn connect(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Respons
     let state = ui.0;
     let s = match acting_session(&state, &headers, &raw) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return r.json(),
     };
     match state
         .integrations
@@ -162,7 +160,7 @@ async fn change(
     let state = ui.0;
     let s = match acting_session(&state, &headers, &raw) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return r.json(),
     };
     let Ok(Json(body)) = body else {
         return ApiError(StatusCode::BAD_REQUEST, "the request is malformed".into())
@@ -187,7 +185,7 @@ async fn disconnect(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Resp
     let state = ui.0;
     let s = match acting_session(&state, &headers, &raw) {
         Ok(s) => s,
-        Err(r) => return r.into_response(),
+        Err(r) => return r.json(),
     };
     match state
         .integrations
@@ -319,7 +317,7 @@ fn render(name: &str, view: &IntegrationView) -> String {
         .unwrap_or_else(|| "—".into());
     let backfill = if view.backfill.running {
         format!(
-            "<div><dt>First synchronisation</dt><dd>{} of {} members</dd></div>",
+            "<div><dt>First synchronisation</dt><dd id=\"backfill\">{} of {} members</dd></div>",
             view.backfill.queued, view.backfill.members
         )
     } else {
@@ -348,7 +346,8 @@ fn render(name: &str, view: &IntegrationView) -> String {
     format!(
         "<header class=\"tab\"><p class=\"crumbs\">{name} · Settings · Integrations</p>\
          <h1>HubSpot</h1></header>\
-         <section id=\"integration\" data-status=\"{status}\" aria-labelledby=\"status-title\">\
+         <section id=\"integration\" data-status=\"{status}\" data-backfill=\"{running}\" \
+         aria-labelledby=\"status-title\">\
          <h2 id=\"status-title\">Integration</h2>\
          <p class=\"status-line\">Status: <span id=\"status\">{badge}</span></p>{problem}\
          <dl class=\"facts\">\
@@ -367,6 +366,7 @@ fn render(name: &str, view: &IntegrationView) -> String {
          <div class=\"actions\"><button type=\"button\" data-action=\"cancel\" autofocus>Cancel</button>\
          <button type=\"button\" class=\"danger\" data-action=\"confirm-disconnect\">Confirm</button></div></dialog>",
         name = esc(name),
+        running = view.backfill.running,
         badge = super::status_badge(view.status),
         backlog = view.backlog.properties + view.backlog.activities,
         dead = view.dead_letters,

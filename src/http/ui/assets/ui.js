@@ -4,16 +4,18 @@
   const csrfMeta = document.querySelector('meta[name="csrf-token"]');
   const csrf = csrfMeta ? csrfMeta.content : "";
 
-  // The return page of HubSpot's OAuth redirect: a popup tells the page that
-  // opened it and closes; a full-window round trip goes back to the page.
+  // The return page of HubSpot's OAuth redirect. In a popup, a success tells
+  // the page that opened it and closes; a refusal stays open to be read (the
+  // page behind reloads when it is closed). In a full window, it goes back.
   const result = document.querySelector("[data-oauth-result]");
   if (result) {
-    if (window.opener && !window.opener.closed) {
+    const popup = window.opener && !window.opener.closed;
+    if (popup && result.dataset.ok === "true") {
       try {
         window.opener.postMessage("hubspot-connect-done", location.origin);
       } catch (e) { /* the opener navigated away */ }
       window.close();
-    } else if (result.dataset.return) {
+    } else if (!popup && result.dataset.return && result.dataset.ok === "true") {
       location.replace(result.dataset.return);
     }
     return;
@@ -118,16 +120,28 @@
     });
   });
 
-  // The state changes on its own too (a failure, the first synchronisation):
-  // the counts follow, and a new status reloads the page.
-  setInterval(async function () {
+  // The state changes on its own too (a failure, the end of the first
+  // synchronisation): the counts follow, and a new state reloads the page.
+  const poll = setInterval(async function () {
     try {
       const resp = await fetch(base + "/status", { credentials: "same-origin" });
+      if (resp.status === 403) {
+        clearInterval(poll);
+        const data = await resp.json().catch(function () { return {}; });
+        say(data.error || "This page's session has ended.", true);
+        return;
+      }
       if (!resp.ok) return;
       const v = await resp.json();
-      if (v.status !== integration.dataset.status) { location.reload(); return; }
+      if (v.status !== integration.dataset.status ||
+          String(v.backfill.running) !== integration.dataset.backfill) {
+        location.reload();
+        return;
+      }
       document.getElementById("backlog").textContent = v.backlog.properties + v.backlog.activities;
       document.getElementById("dead-letters").textContent = v.dead_letters;
+      const backfill = document.getElementById("backfill");
+      if (backfill) backfill.textContent = v.backfill.queued + " of " + v.backfill.members + " members";
     } catch (e) { /* the sidecar restarts; try again */ }
   }, 3000);
 })();
