@@ -220,6 +220,26 @@ impl Portal {
 /// HubSpot categories that clear by themselves: the batch is retried.
 const TRANSIENT_CATEGORIES: [&str; 2] = ["INTERNAL_ERROR", "TIMEOUT"];
 
+/// An error of a 207 that fails the whole batch, whatever the call: per-item
+/// throttling is flow control, never a failure (SPEC §4.7), and the
+/// categories that clear by themselves are retried.
+fn fails_the_batch(err: &Value, operation: &str) -> Option<HubSpotError> {
+    let category = err.get("category").and_then(Value::as_str).unwrap_or("");
+    if category == "RATE_LIMITS" {
+        return Some(HubSpotError::RateLimited {
+            retry_after: None,
+            policy: "batch item".into(),
+        });
+    }
+    if TRANSIENT_CATEGORIES.contains(&category) {
+        let message = err.get("message").and_then(Value::as_str).unwrap_or("");
+        return Some(HubSpotError::Transient(format!(
+            "{operation}: 207 {category}: {message}"
+        )));
+    }
+    None
+}
+
 /// Reads a 207 of a batch update by category: only OBJECT_NOT_FOUND means the
 /// contact is gone; other categories reject their inputs (or, when they clear
 /// by themselves, fail the batch for a retry). An error that names no input is
@@ -232,6 +252,9 @@ pub(super) fn read_update_errors(resp: &Value) -> Result<UpdateOutcome, HubSpotE
         .into_iter()
         .flatten()
     {
+        if let Some(e) = fails_the_batch(err, "contacts.batch_update") {
+            return Err(e);
+        }
         let category = err.get("category").and_then(Value::as_str).unwrap_or("");
         let message = err.get("message").and_then(Value::as_str).unwrap_or("");
         let ids: Vec<String> = ["/context/ids", "/context/id"]
@@ -240,18 +263,6 @@ pub(super) fn read_update_errors(resp: &Value) -> Result<UpdateOutcome, HubSpotE
             .flatten()
             .filter_map(|v| v.as_str().map(str::to_string))
             .collect();
-        // Per-item throttling is flow control, never a failure (SPEC §4.7).
-        if category == "RATE_LIMITS" {
-            return Err(HubSpotError::RateLimited {
-                retry_after: None,
-                policy: "batch item".into(),
-            });
-        }
-        if TRANSIENT_CATEGORIES.contains(&category) {
-            return Err(HubSpotError::Transient(format!(
-                "contacts.batch_update: 207 {category}: {message}"
-            )));
-        }
         if ids.is_empty() || schema_missing(err) {
             return Err(HubSpotError::Rejected {
                 status: 207,
@@ -281,28 +292,14 @@ fn read_lookup_errors(resp: &Value) -> Result<(), HubSpotError> {
         .into_iter()
         .flatten()
     {
-        let category = err.get("category").and_then(Value::as_str).unwrap_or("");
-        let message = err.get("message").and_then(Value::as_str).unwrap_or("");
-        match category {
-            "OBJECT_NOT_FOUND" => {}
-            // Per-item throttling is flow control, never a failure (SPEC §4.7).
-            "RATE_LIMITS" => {
-                return Err(HubSpotError::RateLimited {
-                    retry_after: None,
-                    policy: "batch item".into(),
-                })
-            }
-            c if TRANSIENT_CATEGORIES.contains(&c) => {
-                return Err(HubSpotError::Transient(format!(
-                    "contacts.batch_read: 207 {c}: {message}"
-                )))
-            }
-            _ => {
-                return Err(HubSpotError::Rejected {
-                    status: 207,
-                    error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
-                })
-            }
+        if let Some(e) = fails_the_batch(err, "contacts.batch_read") {
+            return Err(e);
+        }
+        if err.get("category").and_then(Value::as_str) != Some("OBJECT_NOT_FOUND") {
+            return Err(HubSpotError::Rejected {
+                status: 207,
+                error: Box::new(serde_json::from_value(err.clone()).unwrap_or_default()),
+            });
         }
     }
     Ok(())

@@ -12,7 +12,6 @@
 mod operator;
 mod settings;
 
-use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -307,8 +306,8 @@ pub(super) enum Refusal {
 }
 
 impl Refusal {
-    /// The refusal as the page's script reads it: JSON with a message.
-    fn json(self) -> Response {
+    /// The refusal as the page's script reads it: the admin API's JSON error.
+    fn api(self) -> super::ApiError {
         let (status, text) = match self {
             Refusal::NotThisSpot => (
                 StatusCode::FORBIDDEN,
@@ -319,9 +318,9 @@ impl Refusal {
                 StatusCode::FORBIDDEN,
                 "the request lacked this session's security token: reload the page",
             ),
-            Refusal::Api(e) => return e.into_response(),
+            Refusal::Api(e) => return e,
         };
-        super::ApiError(status, text.into()).into_response()
+        super::ApiError(status, text.into())
     }
 
     /// The refusal as a page, for a form's request: the admin API's answer
@@ -377,9 +376,6 @@ fn status_badge(status: crate::store::Status) -> &'static str {
         Status::Inactive => "<span class=\"status status-inactive\">Inactive</span>",
     }
 }
-
-/// The `State` extractor, named for the pages.
-type Ui = State<AppState>;
 
 #[cfg(test)]
 mod tests {

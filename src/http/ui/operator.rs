@@ -4,7 +4,7 @@
 //! Signing in takes SIDECAR_ADMIN_TOKEN once and starts a session cookie, so
 //! the token is not kept in the browser.
 
-use axum::extract::{Form, Path, Query};
+use axum::extract::{Form, Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 use super::{
     end_session, esc, page, see_other, session, start_session, status_badge, when, Refusal,
-    Session, SessionKind, Ui,
+    Session, SessionKind,
 };
 use crate::http::{constant_time_eq, require_leader, spot_id, AppState};
 use crate::integrations::{ChangeSource, IntegrationError};
@@ -54,8 +54,7 @@ struct LoginForm {
     token: String,
 }
 
-async fn login(ui: Ui, Form(f): Form<LoginForm>) -> Response {
-    let state = ui.0;
+async fn login(State(state): State<AppState>, Form(f): Form<LoginForm>) -> Response {
     if !constant_time_eq(f.token.trim().as_bytes(), state.admin_token.as_bytes()) {
         return login_page(
             StatusCode::UNAUTHORIZED,
@@ -75,8 +74,11 @@ struct CsrfForm {
     csrf: Option<String>,
 }
 
-async fn logout(ui: Ui, headers: HeaderMap, Form(f): Form<CsrfForm>) -> Response {
-    let state = ui.0;
+async fn logout(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Form(f): Form<CsrfForm>,
+) -> Response {
     if let Err(r) = acting(&state, &headers, f.csrf.as_deref(), false) {
         return r.into_response();
     }
@@ -133,8 +135,7 @@ fn db_error(e: IntegrationError) -> Response {
     )
 }
 
-async fn overview(ui: Ui, headers: HeaderMap) -> Response {
-    let state = ui.0;
+async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let s = match signed_in(&state, &headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -224,12 +225,11 @@ impl DoneQuery {
 }
 
 async fn spot(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     Query(done): Query<DoneQuery>,
 ) -> Response {
-    let state = ui.0;
     let s = match signed_in(&state, &headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -445,7 +445,7 @@ struct RetryForm {
 }
 
 async fn retry(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     Form(f): Form<RetryForm>,
@@ -462,7 +462,7 @@ async fn retry(
         }
     };
     act(
-        ui.0,
+        state,
         &headers,
         &raw,
         f.csrf.as_deref(),
@@ -475,13 +475,13 @@ async fn retry(
 }
 
 async fn resync(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
     act(
-        ui.0,
+        state,
         &headers,
         &raw,
         f.csrf.as_deref(),
@@ -494,13 +494,13 @@ async fn resync(
 }
 
 async fn disconnect(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     Form(f): Form<CsrfForm>,
 ) -> Response {
     act(
-        ui.0,
+        state,
         &headers,
         &raw,
         f.csrf.as_deref(),
@@ -521,14 +521,14 @@ struct ReconcileForm {
 }
 
 async fn reconcile(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     Form(f): Form<ReconcileForm>,
 ) -> Response {
     let fix = f.fix.is_some();
     act(
-        ui.0,
+        state,
         &headers,
         &raw,
         f.csrf.as_deref(),

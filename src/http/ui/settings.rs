@@ -3,7 +3,7 @@
 //! (`POST /api/spots/{id}/hubspot/ui-link`) and sends the admin to it; the
 //! link is accepted once and starts a session bound to that Spot only.
 
-use axum::extract::{Path, Query};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -11,9 +11,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{
-    esc, page, refusal, see_other, session, start_session, Refusal, Session, SessionKind, Ui,
-};
+use super::{esc, page, refusal, see_other, session, start_session, Refusal, Session, SessionKind};
 use crate::http::{require_leader, spot_id, ApiError, AppState, SettingsBody};
 use crate::integrations::ChangeSource;
 use crate::store::{IntegrationView, Status};
@@ -46,8 +44,7 @@ struct OpenQuery {
 }
 
 /// Opens a settings link: accepted once, it starts the Spot's session.
-async fn open(ui: Ui, Query(q): Query<OpenQuery>) -> Response {
-    let state = ui.0;
+async fn open(State(state): State<AppState>, Query(q): Query<OpenQuery>) -> Response {
     let Some(link) = q.link else {
         return refusal(
             StatusCode::BAD_REQUEST,
@@ -94,8 +91,11 @@ fn acting_session(state: &AppState, headers: &HeaderMap, raw: &str) -> Result<Se
     Ok(s)
 }
 
-async fn show(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
-    let state = ui.0;
+async fn show(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
     let s = match spot_session(&state, &headers, &raw) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -104,13 +104,18 @@ async fn show(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
         Ok(v) => v,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let name = state
-        .integrations
-        .spot_name(s.spot_id)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| format!("Spot {}", s.spot_id));
+    // The view names the Spot once it has an integration row; before its
+    // first connect, ask for the name.
+    let name = match view.spot_name.clone() {
+        Some(name) => name,
+        None => state
+            .integrations
+            .spot_name(s.spot_id)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| format!("Spot {}", s.spot_id)),
+    };
     page(
         StatusCode::OK,
         &format!("HubSpot · {name}"),
@@ -120,53 +125,41 @@ async fn show(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
 }
 
 /// What the page polls: it reloads when the status changed and updates the counts.
-async fn status(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
-    let state = ui.0;
-    let s = match spot_session(&state, &headers, &raw) {
-        Ok(s) => s,
-        Err(r) => return r.json(),
-    };
-    match state.integrations.view(s.spot_id).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Json<IntegrationView>, ApiError> {
+    let s = spot_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    Ok(Json(state.integrations.view(s.spot_id).await?))
 }
 
 /// Starts OAuth: the page opens the answer's URL in a window (or, when a
 /// popup is blocked, goes there itself) and HubSpot's redirect comes back.
-async fn connect(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
-    let state = ui.0;
-    let s = match acting_session(&state, &headers, &raw) {
-        Ok(s) => s,
-        Err(r) => return r.json(),
-    };
-    match state
+async fn connect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let url = state
         .integrations
         .start_oauth(&state.secret_key, s.spot_id)
-        .await
-    {
-        Ok(url) => Json(json!({"authorize_url": url})).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+        .await?;
+    Ok(Json(json!({"authorize_url": url})).into_response())
 }
 
 /// A switch: one setting at a time, applied at once.
 async fn change(
-    ui: Ui,
+    State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
     body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let state = ui.0;
-    let s = match acting_session(&state, &headers, &raw) {
-        Ok(s) => s,
-        Err(r) => return r.json(),
-    };
-    let Ok(Json(body)) = body else {
-        return ApiError(StatusCode::BAD_REQUEST, "the request is malformed".into())
-            .into_response();
-    };
-    match state
+) -> Result<Json<IntegrationView>, ApiError> {
+    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let Json(body) =
+        body.map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the request is malformed".into()))?;
+    let view = state
         .integrations
         .change_settings(
             s.spot_id,
@@ -174,27 +167,21 @@ async fn change(
             body.activities,
             ChangeSource::SettingsPage,
         )
-        .await
-    {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+        .await?;
+    Ok(Json(view))
 }
 
-async fn disconnect(ui: Ui, headers: HeaderMap, Path(raw): Path<String>) -> Response {
-    let state = ui.0;
-    let s = match acting_session(&state, &headers, &raw) {
-        Ok(s) => s,
-        Err(r) => return r.json(),
-    };
-    match state
+async fn disconnect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Json<IntegrationView>, ApiError> {
+    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let view = state
         .integrations
         .disconnect(s.spot_id, ChangeSource::SettingsPage)
-        .await
-    {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
+        .await?;
+    Ok(Json(view))
 }
 
 /// The seed's categories: the switch's label and the activities it sends.
