@@ -132,7 +132,10 @@ impl Metrics {
             backlog_items: reg!(
                 r,
                 IntGaugeVec::new(
-                    Opts::new(p("backlog_items"), "Work handed off but not yet delivered"),
+                    Opts::new(
+                        p("backlog_items"),
+                        "Work handed off but not yet delivered (exact up to 10,000, then the table statistics' estimate)"
+                    ),
                     &["kind"]
                 )
             ),

@@ -438,3 +438,74 @@ async fn a_rejected_write_is_dead_lettered_and_nothing_else_stops() {
     sidecar.wait_backlog_empty(spot, "properties").await;
     sidecar.stop().await;
 }
+
+/// The race the outbox's version exists for: a change committed while a
+/// round is already sending the member's previous values. The round's
+/// completion must leave the member queued, so the newer value follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_while_its_round_is_in_flight_follows_it() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spot = seed_spot(&db, "Racing").await;
+    let ada = seed_member(&db, spot, "ada@example.com", "accepted").await;
+    let portal = connect(&sidecar, &emu, spot).await;
+    emu.add_contact(portal, "ada@example.com", &[]);
+    db.execute(
+        "UPDATE members SET headline = 'zero' WHERE id = $1",
+        &[&ada],
+    )
+    .await
+    .unwrap();
+    wait_for("'zero' on the contact", 30 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref() == Some("zero")
+    })
+    .await;
+
+    // HubSpot holds every call; the round for 'first' is sent and held.
+    emu.set_faults(
+        Some(portal),
+        Faults {
+            hang: true,
+            ..Default::default()
+        },
+    );
+    db.execute(
+        "UPDATE members SET headline = 'first' WHERE id = $1",
+        &[&ada],
+    )
+    .await
+    .unwrap();
+    // The only call on this portal now is the round woken by 'first' (a
+    // static token: no activities, no refresh), built before 'second' exists.
+    wait_for("the round for 'first' in flight", 30 * SECOND, || async {
+        emu.hung_requests() >= 1
+    })
+    .await;
+    // 'second' is committed and handed off while that call is in flight.
+    db.execute(
+        "UPDATE members SET headline = 'second' WHERE id = $1",
+        &[&ada],
+    )
+    .await
+    .unwrap();
+    wait_handed_off(&db, &name, 30 * SECOND).await;
+    emu.set_faults(Some(portal), Faults::default());
+
+    wait_for(
+        "the newer value after the older one",
+        30 * SECOND,
+        || async {
+            prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref()
+                == Some("second")
+        },
+    )
+    .await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
+    assert_eq!(
+        prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref(),
+        Some("second")
+    );
+    sidecar.stop().await;
+}

@@ -312,6 +312,23 @@ fn finish(
     resp
 }
 
+/// Counts a request held by a `hang` fault, until it goes on or is dropped
+/// (its client gave up).
+struct Hung<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl<'a> Hung<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicUsize) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Hung(count)
+    }
+}
+
+impl Drop for Hung<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Applies the faults in force for `portal`: hang (until changed), latency, then 5xx at the
 /// configured rate. Never holds the state lock while waiting.
 async fn apply_faults(shared: &Shared, portal: Option<u64>) -> Option<ApiError> {
@@ -326,6 +343,7 @@ async fn apply_faults(shared: &Shared, portal: Option<u64>) -> Option<ApiError> 
         if !f.hang {
             break f;
         }
+        let _held = Hung::new(&shared.hung);
         notified.await;
     };
     if let Some(d) = faults.latency {

@@ -212,6 +212,11 @@ impl Emulator {
         self.shared.set_faults(portal, faults);
     }
 
+    /// How many requests a `hang` fault holds right now, over all portals.
+    pub fn hung_requests(&self) -> usize {
+        self.shared.hung.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Every token the portal has (access, refresh, service key) stops working: 401
     /// INVALID_AUTHENTICATION / `invalid_grant` BAD_REFRESH_TOKEN. A later OAuth grant to the
     /// portal (reinstall) gets fresh working tokens.

@@ -2,7 +2,7 @@
 //! concurrency (a test emulator never needs more). The lock is never held across an await.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -24,6 +24,9 @@ pub(crate) struct Shared {
     /// Woken whenever faults change, so hung requests re-check whether to go on.
     pub faults_changed: Notify,
     pub shutting_down: AtomicBool,
+    /// Requests held by a `hang` fault right now (a test waits for a call
+    /// to be in flight before it changes what the call was built from).
+    pub hung: AtomicUsize,
 }
 
 impl Shared {
@@ -32,6 +35,7 @@ impl Shared {
             state: Mutex::new(State::new(cfg)),
             faults_changed: Notify::new(),
             shutting_down: AtomicBool::new(false),
+            hung: AtomicUsize::new(0),
         }
     }
 

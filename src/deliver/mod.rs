@@ -190,7 +190,7 @@ pub async fn supervise(
                 }
             }
         }
-        if let Ok(n) = store::backlog_size(&db).await {
+        if let Ok(n) = store::backlog_estimate(&db).await {
             ctx.metrics
                 .backlog_items
                 .with_label_values(&["properties"])

@@ -209,19 +209,20 @@ pub struct QueuedActivity {
     pub url: Option<String>,
 }
 
-/// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of these Spots, oldest first.
+/// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of a Spot, in the order they are sent
+/// (read along `*_due_order_idx`, so it costs the batch, not the backlog).
 pub async fn due_activities(
     db: &Client,
-    spot_ids: &[i64],
+    spot_id: i64,
     limit: i64,
 ) -> Result<Vec<QueuedActivity>, DbError> {
     let rows = db
         .query(
             "SELECT event_id, spot_id, member_id, activity, occurred_at, spot_name, title, url
                FROM hubspot_sync.activity_outbox
-              WHERE spot_id = ANY($1) AND next_attempt_at <= now()
+              WHERE spot_id = $1 AND next_attempt_at <= now()
               ORDER BY next_attempt_at, occurred_at LIMIT $2",
-            &[&spot_ids, &limit],
+            &[&spot_id, &limit],
         )
         .await?;
     Ok(rows

@@ -51,6 +51,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         9,
         include_str!("../../sql/migrations/0009_outbox_rewrite.sql"),
     ),
+    (
+        10,
+        include_str!("../../sql/migrations/0010_due_order_taken.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so
@@ -289,34 +293,44 @@ async fn queue_work(
     let queued = queue_activities(tx, &work.activities).await?;
     let mut touched = 0;
     if work.touches_members() {
-        let members: Vec<i64> = work.members.iter().copied().collect();
+        let members: Vec<i64> = work.members.keys().copied().collect();
+        let member_spots: Vec<Option<i64>> = work.members.values().copied().collect();
         let groups: Vec<i64> = work.groups.iter().copied().collect();
         let tags: Vec<i64> = work.tags.iter().copied().collect();
         let roles: Vec<i64> = work.custom_roles.iter().copied().collect();
         let create: Vec<i64> = work.create_contacts.iter().copied().collect();
         // Fan-outs are expanded here, against the same snapshot that stores the
         // checkpoint. Spots without a live integration produce no work (G5); a
-        // failed one keeps collecting it for its reconnect (SPEC §4.7). Each
-        // member is looked up by its key (LATERAL; OFFSET 0 keeps the planner
+        // failed one keeps collecting it for its reconnect (SPEC §4.7). A
+        // member whose own row the stream carried comes with its Spot; the
+        // others are looked up by key (LATERAL; OFFSET 0 keeps the planner
         // from turning it into a scan of every member of the live Spots, which
         // it chose on fresh statistics), so a hand-off costs what it carries,
-        // not the size of the Spots it touches.
+        // not the size of the Spots it touches. (Carrying the Spot halves the
+        // cost of a hand-off of 10,000 members. A member deleted or moved
+        // since is queued under the Spot its row had; delivery reads the row
+        // again, writes nothing there and forgets its contact in that Spot,
+        // G4, as for a member deleted after its hand-off.)
         touched = tx
             .execute(
                 "WITH ids AS (
-                     SELECT id, bool_or(create_contact) AS create_contact FROM (
-                         SELECT unnest($1::bigint[]) AS id, false AS create_contact
-                         UNION ALL SELECT unnest($7::bigint[]), true
-                         UNION ALL SELECT member_id, false FROM public.group_members WHERE group_id = ANY($2)
-                         UNION ALL SELECT member_id, false FROM public.member_tags WHERE tag_id = ANY($3)
-                         UNION ALL SELECT id, false FROM public.members WHERE custom_role_id = ANY($4)
-                         UNION ALL SELECT id, false FROM public.members WHERE $5
+                     SELECT id, max(spot_id) AS spot_id, bool_or(create_contact) AS create_contact FROM (
+                         SELECT unnest($1::bigint[]) AS id, unnest($8::bigint[]) AS spot_id, false AS create_contact
+                         UNION ALL SELECT unnest($7::bigint[]), NULL, true
+                         UNION ALL SELECT member_id, NULL, false FROM public.group_members WHERE group_id = ANY($2)
+                         UNION ALL SELECT member_id, NULL, false FROM public.member_tags WHERE tag_id = ANY($3)
+                         UNION ALL SELECT id, NULL, false FROM public.members WHERE custom_role_id = ANY($4)
+                         UNION ALL SELECT id, NULL, false FROM public.members WHERE $5
                      ) changed GROUP BY id
                  )
-                 INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact)
-                 SELECT m.spot_id, m.id, $6, ids.create_contact
+                 INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact, taken)
+                 SELECT m.spot_id, m.id, $6, ids.create_contact, false
                    FROM ids
-                  CROSS JOIN LATERAL (SELECT spot_id, id FROM public.members WHERE id = ids.id OFFSET 0) m
+                  CROSS JOIN LATERAL (
+                        SELECT ids.spot_id, ids.id WHERE ids.spot_id IS NOT NULL
+                        UNION ALL
+                        SELECT spot_id, id FROM public.members
+                         WHERE id = ids.id AND ids.spot_id IS NULL OFFSET 0) m
                    JOIN hubspot_sync.integrations i
                      ON i.spot_id = m.spot_id AND i.status IN ('active', 'failed')
                   -- One lock order for every writer of the outbox: no deadlocks.
@@ -324,11 +338,17 @@ async fn queue_work(
                   -- A disconnect committing meanwhile waits for this hand-off and
                   -- then drops what it queued, or this one sees it and queues nothing.
                     FOR SHARE OF i
+                 -- A row no round has taken yet stays as it is: the round
+                 -- that takes it reads the member's values after this commit
+                 -- (the conflict locks the row until then). A taken row gets
+                 -- a new version, so its round's completion leaves it queued.
                  ON CONFLICT (spot_id, member_id) DO UPDATE
                     SET version = nextval('hubspot_sync.outbox_version'),
                         lsn = GREATEST(o.lsn, excluded.lsn),
-                        create_contact = o.create_contact OR excluded.create_contact",
-                &[&members, &groups, &tags, &roles, &work.all_members, &lsn, &create],
+                        create_contact = o.create_contact OR excluded.create_contact,
+                        taken = false
+                  WHERE o.taken OR (excluded.create_contact AND NOT o.create_contact)",
+                &[&members, &groups, &tags, &roles, &work.all_members, &lsn, &create, &member_spots],
             )
             .await?;
     }

@@ -27,20 +27,41 @@ pub struct Marker {
     pub queued_for: std::time::Duration,
 }
 
-/// Reads up to `limit` due `hubspot_sync.property_outbox` rows of these Spots, oldest first.
-pub async fn due_markers(
-    db: &Client,
-    spot_ids: &[i64],
-    limit: i64,
-) -> Result<Vec<Marker>, DbError> {
+/// Takes up to `limit` due `hubspot_sync.property_outbox` rows of a Spot, in
+/// the order they are sent (read along `property_outbox_due_order_idx`, so it
+/// costs the batch, not the backlog).
+///
+/// Taking marks the rows `taken`, committed before the round reads the
+/// members' values: a hand-off that finds a row not taken knows no round has
+/// read those values yet, so it leaves the row as it is (`store::hand_off`,
+/// three times cheaper than a new version when a backlog changes the same
+/// members again and again). A hand-off that finds it taken gives it a new
+/// version, so the round's completion leaves it for the next round.
+pub async fn due_markers(db: &Client, spot_id: i64, limit: i64) -> Result<Vec<Marker>, DbError> {
     let rows = db
         .query(
-            "SELECT spot_id, member_id, version, create_contact, enqueued_at,
+            "WITH due AS (
+                 SELECT member_id FROM hubspot_sync.property_outbox
+                  WHERE spot_id = $1 AND next_attempt_at <= now()
+                  ORDER BY next_attempt_at, version LIMIT $2
+             ), k AS (
+                 -- A row locked by a hand-off (or a disconnect) is left for
+                 -- the next round: taking never waits, so it can deadlock
+                 -- with no writer whatever order that one locks in.
+                 SELECT o.member_id FROM hubspot_sync.property_outbox o JOIN due USING (member_id)
+                  WHERE o.spot_id = $1
+                  ORDER BY o.member_id
+                    FOR UPDATE OF o SKIP LOCKED
+             ), taken AS (
+                 UPDATE hubspot_sync.property_outbox o SET taken = true
+                   FROM k WHERE o.spot_id = $1 AND o.member_id = k.member_id
+                 RETURNING o.*
+             )
+             SELECT spot_id, member_id, version, create_contact, enqueued_at,
                     greatest(extract(epoch FROM now() - enqueued_at), 0)::float8, rewrite
-               FROM hubspot_sync.property_outbox
-              WHERE spot_id = ANY($1) AND next_attempt_at <= now()
-              ORDER BY next_attempt_at, version LIMIT $2",
-            &[&spot_ids, &limit],
+               FROM taken
+              ORDER BY next_attempt_at, version",
+            &[&spot_id, &limit],
         )
         .await?;
     Ok(rows
@@ -57,21 +78,65 @@ pub async fn due_markers(
         .collect())
 }
 
-/// Counts a Spot's `hubspot_sync.property_outbox` rows (paces its backfill).
-pub async fn spot_backlog(db: &Client, spot_id: i64) -> Result<i64, DbError> {
-    Ok(db
-        .query_one(
-            "SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = $1",
+/// How long the first due row of a Spot (in the order rows are sent) has
+/// been queued, by the database's clock; None when nothing is due. Reads
+/// only: a round held for a backlog looks here instead of taking rows.
+pub async fn first_due_wait(
+    db: &Client,
+    spot_id: i64,
+) -> Result<Option<std::time::Duration>, DbError> {
+    let row = db
+        .query_opt(
+            "SELECT greatest(extract(epoch FROM now() - enqueued_at), 0)::float8
+               FROM hubspot_sync.property_outbox
+              WHERE spot_id = $1 AND next_attempt_at <= now()
+              ORDER BY next_attempt_at, version LIMIT 1",
             &[&spot_id],
         )
+        .await?;
+    Ok(row.map(|r| std::time::Duration::try_from_secs_f64(r.get(0)).unwrap_or_default()))
+}
+
+/// Whether a Spot has fewer than `below` `hubspot_sync.property_outbox` rows
+/// (paces its backfill). Counts no further than `below`: behind a large
+/// transaction a Spot may have millions queued, and this runs every round.
+pub async fn spot_backlog_below(db: &Client, spot_id: i64, below: i64) -> Result<bool, DbError> {
+    let n: i64 = db
+        .query_one(
+            "SELECT count(*) FROM (SELECT 1 FROM hubspot_sync.property_outbox
+                                    WHERE spot_id = $1 LIMIT $2) queued",
+            &[&spot_id, &below],
+        )
+        .await?
+        .get(0);
+    Ok(n < below)
+}
+
+/// Counts all `hubspot_sync.property_outbox` rows exactly (tests, the demo).
+pub async fn backlog_size(db: &Client) -> Result<i64, DbError> {
+    Ok(db
+        .query_one("SELECT count(*) FROM hubspot_sync.property_outbox", &[])
         .await?
         .get(0))
 }
 
-/// Counts all `hubspot_sync.property_outbox` rows (the `properties` backlog gauge).
-pub async fn backlog_size(db: &Client) -> Result<i64, DbError> {
+/// Exact up to this many rows; the `properties` backlog gauge estimates above it.
+const GAUGE_EXACT_UP_TO: i64 = 10_000;
+
+/// The `properties` backlog gauge: exact up to `GAUGE_EXACT_UP_TO` rows,
+/// above that the table's live-row statistic (updated as transactions end).
+/// An exact count of millions of rows, twice a second, would compete with
+/// the hand-offs that fill the outbox.
+pub async fn backlog_estimate(db: &Client) -> Result<i64, DbError> {
     Ok(db
-        .query_one("SELECT count(*) FROM hubspot_sync.property_outbox", &[])
+        .query_one(
+            "SELECT CASE WHEN exact < $1 THEN exact ELSE GREATEST(exact,
+                        (SELECT n_live_tup FROM pg_stat_all_tables
+                          WHERE relid = 'hubspot_sync.property_outbox'::regclass)) END
+               FROM (SELECT count(*) AS exact FROM (SELECT 1 FROM hubspot_sync.property_outbox
+                                                      LIMIT $1) l) c",
+            &[&GAUGE_EXACT_UP_TO],
+        )
         .await?
         .get(0))
 }

@@ -110,8 +110,10 @@ pub const FULL_IDENTITY_TABLES: [&str; 3] = ["members", "live_registrations", "c
 /// Members whose derived properties may have changed.
 #[derive(Debug, Default, Clone)]
 pub struct Work {
-    /// Member ids whose own row or group/tag membership changed.
-    pub members: BTreeSet<i64>,
+    /// Member ids whose own row or group/tag membership changed, each with
+    /// its Spot when the stream carried it (the member's own row), so that
+    /// the hand-off need not look it up (a membership row lacks it: None).
+    pub members: BTreeMap<i64, Option<i64>>,
     /// Groups whose row changed (a rename changes every member's `groups`).
     pub groups: BTreeSet<i64>,
     pub tags: BTreeSet<i64>,
@@ -238,9 +240,21 @@ impl Work {
         }
     }
 
+    /// Notes a member whose properties may have changed; `spot_id` when
+    /// the stream carried it. The latest known Spot wins (a member moved to
+    /// another Spot is delivered there; delivery checks it again, G4).
+    pub fn note_member(&mut self, member_id: i64, spot_id: Option<i64>) {
+        let known = self.members.entry(member_id).or_insert(spot_id);
+        if spot_id.is_some() {
+            *known = spot_id;
+        }
+    }
+
     /// Coalesces another transaction's work into this one.
     pub fn merge(&mut self, other: Work) {
-        self.members.extend(other.members);
+        for (member_id, spot_id) in other.members {
+            self.note_member(member_id, spot_id);
+        }
         self.groups.extend(other.groups);
         self.tags.extend(other.tags);
         self.custom_roles.extend(other.custom_roles);
@@ -480,18 +494,18 @@ fn property_change(c: &RowChange, work: &mut Work) {
         "members" => {
             if let Some(id) = row.i64("id") {
                 if c.op != Op::Delete {
-                    work.members.insert(id);
+                    work.note_member(id, row.i64("spot_id"));
                 }
             }
         }
         "group_members" | "member_tags" => {
             // Both keys are the primary key, so a delete's old key carries member_id.
             if let Some(id) = row.i64("member_id") {
-                work.members.insert(id);
+                work.note_member(id, None);
             }
             // A membership moved from one member to another: the old one changes too.
             if let Some(old) = c.old.as_ref().and_then(|o| o.i64("member_id")) {
-                work.members.insert(old);
+                work.note_member(old, None);
             }
         }
         // Only updates matter: a new group has no members yet, and deleting one
@@ -662,8 +676,12 @@ mod tests {
             ]),
         );
         assert_eq!(
-            work.members.iter().copied().collect::<Vec<_>>(),
-            vec![10, 11, 12]
+            // A member's own row carries its Spot; a membership row does not.
+            work.members
+                .iter()
+                .map(|(m, s)| (*m, *s))
+                .collect::<Vec<_>>(),
+            vec![(10, Some(1)), (11, Some(1)), (12, None)]
         );
         assert_eq!(work.groups.iter().copied().collect::<Vec<_>>(), vec![7]);
         assert_eq!(
