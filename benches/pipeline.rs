@@ -594,6 +594,7 @@ async fn stream(b: &mut Bench, a: &Args, rate: usize, seconds: usize) -> anyhow:
     }
     let behind = t0.elapsed().as_secs_f64() - seconds as f64;
     wait_backlog_empty(&db.client, Duration::from_secs(600)).await?;
+    let handoffs = running.metrics.handoffs.get();
     let _ = stop.send(true);
     let _ = task.await;
     drop(running);
@@ -625,9 +626,20 @@ async fn stream(b: &mut Bench, a: &Args, rate: usize, seconds: usize) -> anyhow:
         latencies.last().copied().unwrap_or(f64::NAN)
     );
     println!(
-        "  HubSpot calls {calls} for {total} changes: {:.3} calls per change (the load generator ended {behind:.2} s behind its schedule)",
+        "  HubSpot calls {calls} for {total} changes: {:.3} calls per change; {handoffs} hand-offs (the load generator ended {behind:.2} s behind its schedule)",
         calls as f64 / total as f64
     );
+    // One round at a time per portal: a change waits for the batch being
+    // gathered, then for its call. With b changes per call at λ changes/s
+    // per portal, p99 ≈ 0.99·b/λ + latency, so a p99 goal bounds b.
+    let per_portal = rate as f64 / spots as f64;
+    let call = a.latency_ms as f64 / 1e3;
+    if 0.4 > call {
+        println!(
+            "  fewest calls per change any one-round-at-a-time batching allows with p99 < 0.4 s here: {:.3}",
+            0.99 / ((0.4 - call) * per_portal)
+        );
+    }
     Ok(())
 }
 

@@ -34,8 +34,12 @@ use crate::store::{self, secrets::Sealer, Db};
 use crate::translate::{self, MarkerKey, Work};
 use crate::{integrations::Status, internal_events as events};
 
-/// Hand off at the latest this long after the first buffered transaction…
-const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// Hand off at the latest this long after the first buffered transaction
+/// (once no hand-off is in flight; while one is, the next batch grows, so a
+/// backlog still goes in large hand-offs). Short, because every commit waits
+/// for it on its way to HubSpot: 50 ms here gave a stream p99 of 0.427 s,
+/// 5 ms 0.384 s, with the same calls per change (`--shape stream`)…
+const FLUSH_AFTER: Duration = Duration::from_millis(5);
 /// …or once this many transactions are buffered…
 const FLUSH_TXS: usize = 2000;
 /// …or once the buffered work holds this many member ids and events. An open
