@@ -41,7 +41,8 @@ enum Round {
     Full,
     /// A partial batch went out.
     Partial,
-    /// Nothing was due.
+    /// Nothing was due, or all of it was locked by a hand-off that wakes
+    /// delivery when it commits.
     Idle,
     /// The stream is reading a backlog: the batch waits this long for the
     /// rest of it.
@@ -407,8 +408,13 @@ impl SpotWorker {
         // A held round only looks: taking rows it does not send would make
         // the backlog's hand-offs give them new versions.
         if *self.ctx.catching_up.borrow() {
-            let first = store::first_due_wait(&*self.ctx.db.client().await?, fence.spot_id).await?;
-            match first {
+            let waited = store::next_batch_wait(
+                &*self.ctx.db.client().await?,
+                fence.spot_id,
+                BATCH_LIMIT as i64,
+            )
+            .await?;
+            match waited {
                 None => return Ok(Round::Idle),
                 Some(waited) if waited < HOLD_WHILE_CATCHING_UP => {
                     return Ok(Round::Held(HOLD_WHILE_CATCHING_UP - waited))
@@ -416,7 +422,7 @@ impl SpotWorker {
                 Some(_) => {}
             }
         }
-        let markers = store::due_markers(
+        let markers = store::take_due_markers(
             &*self.ctx.db.client().await?,
             fence.spot_id,
             BATCH_LIMIT as i64,

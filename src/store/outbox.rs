@@ -37,7 +37,11 @@ pub struct Marker {
 /// three times cheaper than a new version when a backlog changes the same
 /// members again and again). A hand-off that finds it taken gives it a new
 /// version, so the round's completion leaves it for the next round.
-pub async fn due_markers(db: &Client, spot_id: i64, limit: i64) -> Result<Vec<Marker>, DbError> {
+pub async fn take_due_markers(
+    db: &Client,
+    spot_id: i64,
+    limit: i64,
+) -> Result<Vec<Marker>, DbError> {
     let rows = db
         .query(
             "WITH due AS (
@@ -46,20 +50,21 @@ pub async fn due_markers(db: &Client, spot_id: i64, limit: i64) -> Result<Vec<Ma
                   ORDER BY next_attempt_at, version LIMIT $2
              ), k AS (
                  -- A row locked by a hand-off (or a disconnect) is left for
-                 -- the next round: taking never waits, so it can deadlock
-                 -- with no writer whatever order that one locks in.
+                 -- the next round (a hand-off wakes delivery when it
+                 -- commits): taking never waits, so it cannot deadlock
+                 -- with any writer, whatever order that one locks in.
                  SELECT o.member_id FROM hubspot_sync.property_outbox o JOIN due USING (member_id)
                   WHERE o.spot_id = $1
                   ORDER BY o.member_id
                     FOR UPDATE OF o SKIP LOCKED
-             ), taken AS (
+             ), took AS (
                  UPDATE hubspot_sync.property_outbox o SET taken = true
                    FROM k WHERE o.spot_id = $1 AND o.member_id = k.member_id
                  RETURNING o.*
              )
              SELECT spot_id, member_id, version, create_contact, enqueued_at,
                     greatest(extract(epoch FROM now() - enqueued_at), 0)::float8, rewrite
-               FROM taken
+               FROM took
               ORDER BY next_attempt_at, version",
             &[&spot_id, &limit],
         )
@@ -78,28 +83,32 @@ pub async fn due_markers(db: &Client, spot_id: i64, limit: i64) -> Result<Vec<Ma
         .collect())
 }
 
-/// How long the first due row of a Spot (in the order rows are sent) has
-/// been queued, by the database's clock; None when nothing is due. Reads
-/// only: a round held for a backlog looks here instead of taking rows.
-pub async fn first_due_wait(
+/// The longest a row of the next batch of a Spot (the first `limit` due
+/// rows, in the order they are sent) has been queued, by the database's
+/// clock; None when nothing is due. Reads only: a round held for a backlog
+/// looks here instead of taking rows.
+pub async fn next_batch_wait(
     db: &Client,
     spot_id: i64,
+    limit: i64,
 ) -> Result<Option<std::time::Duration>, DbError> {
-    let row = db
-        .query_opt(
-            "SELECT greatest(extract(epoch FROM now() - enqueued_at), 0)::float8
-               FROM hubspot_sync.property_outbox
-              WHERE spot_id = $1 AND next_attempt_at <= now()
-              ORDER BY next_attempt_at, version LIMIT 1",
-            &[&spot_id],
+    let waited: Option<f64> = db
+        .query_one(
+            "SELECT max(greatest(extract(epoch FROM now() - enqueued_at), 0))::float8
+               FROM (SELECT enqueued_at FROM hubspot_sync.property_outbox
+                      WHERE spot_id = $1 AND next_attempt_at <= now()
+                      ORDER BY next_attempt_at, version LIMIT $2) batch",
+            &[&spot_id, &limit],
         )
-        .await?;
-    Ok(row.map(|r| std::time::Duration::try_from_secs_f64(r.get(0)).unwrap_or_default()))
+        .await?
+        .get(0);
+    Ok(waited.map(|w| std::time::Duration::try_from_secs_f64(w).unwrap_or_default()))
 }
 
 /// Whether a Spot has fewer than `below` `hubspot_sync.property_outbox` rows
 /// (paces its backfill). Counts no further than `below`: behind a large
-/// transaction a Spot may have millions queued, and this runs every round.
+/// transaction a Spot may have millions queued, and this runs every round
+/// of a backfill.
 pub async fn spot_backlog_below(db: &Client, spot_id: i64, below: i64) -> Result<bool, DbError> {
     let n: i64 = db
         .query_one(
