@@ -810,7 +810,8 @@ impl Capture<'_> {
     async fn hand_off(&self, db: &Db, batch: Batch) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let mut client = db.client().await?;
-        let touched = match &batch {
+        // What it carried, for the wake below.
+        let work = match &batch {
             Batch::Complete(p) => {
                 let span = tracing::debug_span!("hand_off", txs = p.txs, end_lsn = %replication::lsn_to_string(p.end_lsn));
                 let touched = store::hand_off(
@@ -827,7 +828,7 @@ impl Capture<'_> {
                 // The window the crash tests aim at: committed, not yet acknowledged.
                 crate::failpoints::crash_point(crate::failpoints::HANDOFF_COMMITTED);
                 debug!(slot = %self.cfg.slot, txs = p.txs, members = p.work.members.len(), touched, "handed off");
-                touched
+                &p.work
             }
             Batch::Ahead { work, tx } => {
                 let touched =
@@ -842,20 +843,17 @@ impl Capture<'_> {
                     touched,
                     "handed off ahead of the commit"
                 );
-                touched
+                work
             }
         };
         self.metrics
             .handoff_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.handoffs.inc();
-        // Also when it touched nothing new: rows it left as they were may
-        // have been skipped by a round that took while this held their locks.
-        let queued_work = match &batch {
-            Batch::Complete(p) => p.work.touches_members() || !p.work.activities.is_empty(),
-            Batch::Ahead { work, .. } => work.touches_members() || !work.activities.is_empty(),
-        };
-        if touched > 0 || queued_work {
+        // Whenever it carried rows, also when it touched none: rows it left
+        // as they were may have been skipped by a round that took while this
+        // held their locks.
+        if work.queues_rows() {
             self.wake.notify_waiters();
         }
         Ok(())

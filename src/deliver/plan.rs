@@ -493,7 +493,6 @@ mod tests {
             create_contact,
             rewrite: false,
             enqueued_at: Utc::now(),
-            queued_for: std::time::Duration::ZERO,
         }
     }
 

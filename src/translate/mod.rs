@@ -206,6 +206,11 @@ impl Work {
             && !self.all_members)
     }
 
+    /// Whether handing it off queues outbox rows for delivery.
+    pub fn queues_rows(&self) -> bool {
+        self.touches_members() || !self.activities.is_empty()
+    }
+
     pub fn is_empty(&self) -> bool {
         !self.touches_members()
             && self.settings.is_empty()
