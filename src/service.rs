@@ -101,7 +101,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
-    let wake = Arc::new(Notify::new());
+    let wake = crate::deliver::Wake::default();
     let limiters = Limiters::new(cfg.hubspot.rate_limit);
     let fences = Fences::default();
     let markers = MarkerKey::new(&cfg.secret_key);
@@ -217,7 +217,7 @@ struct Shared<'a> {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     sealer: Sealer,
-    wake: Arc<Notify>,
+    wake: crate::deliver::Wake,
     limiters: Limiters,
     fences: Fences,
     markers: MarkerKey,
@@ -394,7 +394,7 @@ struct Capture<'a> {
     params: ConnParams,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    wake: Arc<Notify>,
+    wake: crate::deliver::Wake,
     /// Set while the commits read are older than CATCHING_UP_AFTER: a backlog
     /// is being read, and delivery holds its batches for the rest of it.
     catching_up: watch::Sender<bool>,
@@ -514,7 +514,7 @@ impl Capture<'_> {
                     spots: spots.len(),
                 }
                 .emit(&self.metrics);
-                self.wake.notify_waiters();
+                self.wake.all();
             }
         }
         Ok(())
@@ -810,11 +810,11 @@ impl Capture<'_> {
     async fn hand_off(&self, db: &Db, batch: Batch) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let mut client = db.client().await?;
-        // What it carried, for the wake below.
-        let work = match &batch {
+        // The Spots it queued for, for the wake below.
+        let queued = match &batch {
             Batch::Complete(p) => {
                 let span = tracing::debug_span!("hand_off", txs = p.txs, end_lsn = %replication::lsn_to_string(p.end_lsn));
-                let touched = store::hand_off(
+                let queued = store::hand_off(
                     &mut client,
                     &self.cfg.slot,
                     &p.work,
@@ -827,11 +827,11 @@ impl Capture<'_> {
                 .context("hand-off to hubspot_sync")?;
                 // The window the crash tests aim at: committed, not yet acknowledged.
                 crate::failpoints::crash_point(crate::failpoints::HANDOFF_COMMITTED);
-                debug!(slot = %self.cfg.slot, txs = p.txs, members = p.work.members.len(), touched, "handed off");
-                &p.work
+                debug!(slot = %self.cfg.slot, txs = p.txs, members = p.work.members.len(), touched = queued.touched, "handed off");
+                queued
             }
             Batch::Ahead { work, tx } => {
-                let touched =
+                let queued =
                     store::hand_off_ahead(&mut client, work, tx.xid, tx.commit_lsn, &self.metrics)
                         .await
                         .context("hand-off ahead of a large transaction's commit")?;
@@ -840,22 +840,18 @@ impl Capture<'_> {
                     xid = tx.xid,
                     members = work.members.len(),
                     activities = work.activities.len(),
-                    touched,
+                    touched = queued.touched,
                     "handed off ahead of the commit"
                 );
-                work
+                queued
             }
         };
         self.metrics
             .handoff_seconds
             .observe(started.elapsed().as_secs_f64());
         self.metrics.handoffs.inc();
-        // Whenever it carried rows, also when it touched none: rows it left
-        // as they were may have been skipped by a round that took while this
-        // held their locks.
-        if work.queues_rows() {
-            self.wake.notify_waiters();
-        }
+        // The workers of the Spots it wrote rows for.
+        self.wake.spots(queued.spots);
         Ok(())
     }
 }

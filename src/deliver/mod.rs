@@ -15,6 +15,7 @@ pub(crate) use plan::derive;
 pub mod policy;
 mod round;
 mod tokens;
+mod wake;
 mod worker;
 
 use std::collections::HashMap;
@@ -36,6 +37,7 @@ use crate::translate::MarkerKey;
 use worker::SpotWorker;
 
 pub use fence::Fences;
+pub use wake::Wake;
 
 /// What every worker shares.
 #[derive(Clone)]
@@ -56,8 +58,8 @@ pub struct DeliverContext {
     pub leader: Option<crate::leader::LeaderLock>,
     pub fail_after: Duration,
     pub failed_retention: Duration,
-    /// Signalled by the hand-off when new work was stored.
-    pub wake: Arc<Notify>,
+    /// Signalled by the hand-off when new work was stored for a Spot.
+    pub wake: Wake,
     /// The stream is reading a backlog: more work for every Spot is coming,
     /// so delivery waits for it (calls stay at the minimum).
     pub catching_up: tokio::sync::watch::Receiver<bool>,

@@ -3,12 +3,9 @@
 //! the lifecycle is written here once; the HTTP handlers only parse the
 //! request and turn the outcome into an answer.
 
-use std::sync::Arc;
-
-use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use crate::deliver::Fences;
+use crate::deliver::{Fences, Wake};
 use crate::hubspot::oauth::{OAuthApp, Tokens};
 use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::{HubSpotClient, HubSpotError};
@@ -76,7 +73,7 @@ pub struct Integrations {
     /// Signs the settings markers every change writes into the stream.
     pub markers: MarkerKey,
     /// Wakes delivery when an integration changed.
-    pub wake: Arc<Notify>,
+    pub wake: Wake,
 }
 
 impl Integrations {
@@ -117,7 +114,7 @@ impl Integrations {
         let mut client = self.db.client().await?;
         let n = store::retry_dead_letters(&mut client, spot_id, only).await?;
         drop(client);
-        self.wake.notify_waiters();
+        self.wake.spots([spot_id]);
         info!(spot_id, retried = n, "dead letters queued again");
         Ok(n)
     }
@@ -134,7 +131,7 @@ impl Integrations {
                 "the integration is no longer active".into(),
             ));
         }
-        self.wake.notify_waiters();
+        self.wake.spots([spot_id]);
         info!(spot_id, "resync requested: the backfill starts again");
         self.view(spot_id).await
     }
@@ -189,7 +186,7 @@ impl Integrations {
                     }
                 })?;
         if report.queued.unwrap_or(0) > 0 {
-            self.wake.notify_waiters();
+            self.wake.spots([spot_id]);
             info!(
                 spot_id,
                 queued = report.queued,
@@ -426,7 +423,7 @@ impl Integrations {
             )
             .await?
         };
-        self.wake.notify_waiters();
+        self.wake.spots([spot_id]);
         if let Some(old) = replaced.refresh_token_enc {
             match self.sealer.open(&old) {
                 Ok(old) if Some(old.as_str()) != new_refresh_token => self.revoke_later(old),

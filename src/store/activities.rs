@@ -45,13 +45,13 @@ async fn objects(
 }
 
 /// Resolves the candidates of a hand-off and queues those their Spot's
-/// settings let through, in the hand-off's transaction. Returns how many it queued.
+/// settings let through, in the hand-off's transaction. Returns what it queued.
 pub(super) async fn queue_activities(
     db: &impl GenericClient,
     cands: &[ActivityCandidate],
-) -> Result<u64, DbError> {
+) -> Result<super::Queued, DbError> {
     if cands.is_empty() {
-        return Ok(0);
+        return Ok(Default::default());
     }
     let ids = |f: fn(&ObjectRef) -> Option<i64>| -> Vec<i64> {
         let mut v: Vec<i64> = cands.iter().filter_map(|c| f(&c.object)).collect();
@@ -160,7 +160,7 @@ pub(super) async fn queue_activities(
         });
     }
     if rows.is_empty() {
-        return Ok(0);
+        return Ok(Default::default());
     }
     let event_ids: Vec<&str> = rows.iter().map(|r| r.event_id.as_str()).collect();
     let spots: Vec<i64> = rows.iter().map(|r| r.spot_id).collect();
@@ -171,7 +171,7 @@ pub(super) async fn queue_activities(
     let urls: Vec<Option<&str>> = rows.iter().map(|r| r.url.as_deref()).collect();
     // The integration row is locked like the property hand-off does, so that a
     // disconnect drops these too; the Spot's name is the one of this moment.
-    Ok(db.execute(
+    let touched = db.execute(
         "INSERT INTO hubspot_sync.activity_outbox
              (event_id, spot_id, member_id, activity, occurred_at, spot_name, title, url)
          SELECT e.event_id, e.spot_id, e.member_id, e.activity, e.occurred_at, s.name,
@@ -185,7 +185,11 @@ pub(super) async fn queue_activities(
          ON CONFLICT (event_id) DO NOTHING",
         &[&event_ids, &spots, &members, &activities, &times, &titles, &urls],
     )
-    .await?)
+    .await?;
+    Ok(super::Queued {
+        touched,
+        spots: spots.into_iter().collect(),
+    })
 }
 
 /// A queued timeline event.

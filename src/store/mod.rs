@@ -20,6 +20,8 @@ pub use reconcile::*;
 pub use crate::translate::MarkerKey;
 pub use db::{Db, DbClient, DbError};
 
+use std::collections::BTreeSet;
+
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, GenericClient};
 
@@ -228,7 +230,7 @@ pub async fn resync_all(
 
 /// Writes the work of a batch of transactions and the checkpoint at their end
 /// LSN in ONE database transaction. Only after it commits may the slot be
-/// acknowledged up to `end_lsn`. Returns how many outbox rows it touched.
+/// acknowledged up to `end_lsn`. Returns what it queued.
 pub async fn hand_off(
     db: &mut Client,
     slot: &str,
@@ -236,13 +238,13 @@ pub async fn hand_off(
     xids: &[u32],
     end_lsn: u64,
     metrics: &Metrics,
-) -> Result<u64, DbError> {
+) -> Result<Queued, DbError> {
     let lsn = PgLsn::from(end_lsn);
     if work.queues_rows() {
         wait_visible(db, xids, metrics).await?;
     }
     let tx = db.transaction().await?;
-    let touched = queue_work(&tx, work, lsn).await?;
+    let queued = queue_work(&tx, work, lsn).await?;
     for settings in work.settings.values() {
         let json = serde_json::to_value(settings.activities).unwrap_or_default();
         tx.execute(
@@ -261,7 +263,7 @@ pub async fn hand_off(
     )
     .await?;
     tx.commit().await?;
-    Ok(touched)
+    Ok(queued)
 }
 
 /// Writes part of a transaction that is still being read: its outbox rows,
@@ -276,12 +278,21 @@ pub async fn hand_off_ahead(
     xid: u32,
     commit_lsn: u64,
     metrics: &Metrics,
-) -> Result<u64, DbError> {
+) -> Result<Queued, DbError> {
     wait_visible(db, &[xid], metrics).await?;
     let tx = db.transaction().await?;
-    let touched = queue_work(&tx, work, PgLsn::from(commit_lsn)).await?;
+    let queued = queue_work(&tx, work, PgLsn::from(commit_lsn)).await?;
     tx.commit().await?;
-    Ok(touched)
+    Ok(queued)
+}
+
+/// What a hand-off queued.
+#[derive(Debug, Default)]
+pub struct Queued {
+    /// Outbox rows it wrote (rows it left as they were are not counted).
+    pub touched: u64,
+    /// The Spots it wrote rows for: their workers are woken.
+    pub spots: BTreeSet<i64>,
 }
 
 /// The outbox rows for `work`: a member's property row, every activity.
@@ -289,9 +300,8 @@ async fn queue_work(
     tx: &tokio_postgres::Transaction<'_>,
     work: &Work,
     lsn: PgLsn,
-) -> Result<u64, DbError> {
-    let queued = queue_activities(tx, &work.activities).await?;
-    let mut touched = 0;
+) -> Result<Queued, DbError> {
+    let mut queued = queue_activities(tx, &work.activities).await?;
     if work.touches_members() {
         let members: Vec<i64> = work.members.keys().copied().collect();
         let member_spots: Vec<Option<i64>> = work.members.values().copied().collect();
@@ -311,8 +321,11 @@ async fn queue_work(
         // since is queued under the Spot its row had; delivery reads the row
         // again, writes nothing there and forgets its contact in that Spot,
         // G4, as for a member deleted after its hand-off.)
-        touched = tx
-            .execute(
+        // Returns the Spots of the rows it wrote. A row it left as it was was
+        // due already; a round that took while this held its lock was told
+        // so and looks again (`take_due_markers`).
+        let row = tx
+            .query_one(
                 "WITH ids AS (
                      SELECT id, max(spot_id) AS spot_id, bool_or(create_contact) AS create_contact FROM (
                          SELECT unnest($1::bigint[]) AS id, unnest($8::bigint[]) AS spot_id, false AS create_contact
@@ -322,7 +335,7 @@ async fn queue_work(
                          UNION ALL SELECT id, NULL, false FROM public.members WHERE custom_role_id = ANY($4)
                          UNION ALL SELECT id, NULL, false FROM public.members WHERE $5
                      ) changed GROUP BY id
-                 )
+                 ), written AS (
                  INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact, taken)
                  SELECT m.spot_id, m.id, $6, ids.create_contact, false
                    FROM ids
@@ -347,12 +360,17 @@ async fn queue_work(
                         lsn = GREATEST(o.lsn, excluded.lsn),
                         create_contact = o.create_contact OR excluded.create_contact,
                         taken = false
-                  WHERE o.taken OR (excluded.create_contact AND NOT o.create_contact)",
+                  WHERE o.taken OR (excluded.create_contact AND NOT o.create_contact)
+                 RETURNING o.spot_id
+                 )
+                 SELECT count(*), coalesce(array_agg(DISTINCT spot_id), '{}') FROM written",
                 &[&members, &groups, &tags, &roles, &work.all_members, &lsn, &create, &member_spots],
             )
             .await?;
+        queued.touched += u64::try_from(row.get::<_, i64>(0)).unwrap_or(0);
+        queued.spots.extend(row.get::<_, Vec<i64>>(1));
     }
-    Ok(touched + queued)
+    Ok(queued)
 }
 
 /// Waits until these decoded transactions are visible to new snapshots.

@@ -35,11 +35,15 @@ pub struct Marker {
 /// in psql about three times cheaper per row than a new version, which is
 /// what a backlog changing the same members again and again costs). A hand-off that finds it taken gives it a new
 /// version, so the round's completion leaves it for the next round.
+///
+/// Also returns how many due rows of the batch it left because another
+/// transaction held them (a hand-off about to commit, a disconnect): the
+/// caller looks again shortly, as nothing else tells it when they are free.
 pub async fn take_due_markers(
     db: &Client,
     spot_id: i64,
     limit: i64,
-) -> Result<Vec<Marker>, DbError> {
+) -> Result<(Vec<Marker>, usize), DbError> {
     let rows = db
         .query(
             "WITH due AS (
@@ -48,9 +52,9 @@ pub async fn take_due_markers(
                   ORDER BY next_attempt_at, version LIMIT $2
              ), k AS (
                  -- A row locked by a hand-off (or a disconnect) is left for
-                 -- the next round (a hand-off wakes delivery when it
-                 -- commits): taking never waits, so it cannot deadlock
-                 -- with any writer, whatever order that one locks in.
+                 -- the next round, a moment later (the count below):
+                 -- taking never waits, so it cannot deadlock with any
+                 -- writer, whatever order that one locks in.
                  SELECT o.member_id FROM hubspot_sync.property_outbox o JOIN due USING (member_id)
                   WHERE o.spot_id = $1
                   ORDER BY o.member_id
@@ -60,14 +64,19 @@ pub async fn take_due_markers(
                    FROM k WHERE o.spot_id = $1 AND o.member_id = k.member_id
                  RETURNING o.*
              )
-             SELECT spot_id, member_id, version, create_contact, enqueued_at, rewrite
-               FROM took
-              ORDER BY next_attempt_at, version",
+             -- One row even when nothing was taken, for the count of due rows.
+             SELECT t.spot_id, t.member_id, t.version, t.create_contact, t.enqueued_at, t.rewrite,
+                    d.due
+               FROM (SELECT count(*) AS due FROM due) d
+               LEFT JOIN took t ON true
+              ORDER BY t.next_attempt_at, t.version",
             &[&spot_id, &limit],
         )
         .await?;
-    Ok(rows
+    let due = rows.first().map_or(0, |r| r.get::<_, i64>(6));
+    let markers: Vec<Marker> = rows
         .iter()
+        .filter(|r| r.get::<_, Option<i64>>(1).is_some())
         .map(|r| Marker {
             spot_id: r.get(0),
             member_id: r.get(1),
@@ -76,7 +85,11 @@ pub async fn take_due_markers(
             enqueued_at: r.get(4),
             rewrite: r.get(5),
         })
-        .collect())
+        .collect();
+    let locked = usize::try_from(due)
+        .unwrap_or(0)
+        .saturating_sub(markers.len());
+    Ok((markers, locked))
 }
 
 /// The longest a row of the next batch of a Spot (the first `limit` due
