@@ -37,8 +37,11 @@ const ROUND_CALLS: usize = 2;
 const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How long a round that found its due rows held by another transaction
 /// waits before it looks again (a hand-off holds them until it commits,
-/// milliseconds).
+/// usually milliseconds), doubling while they stay held (a hand-off of
+/// every member, a disconnect of a large backlog, an idle transaction) up
+/// to LOCKED_RETRY_MAX, so a long lock costs a few rounds a second.
 const LOCKED_RETRY: Duration = Duration::from_millis(20);
+const LOCKED_RETRY_MAX: Duration = Duration::from_millis(500);
 /// Members queued per backfill page, and the backlog under which the next
 /// page is queued (so that stream changes never wait behind a whole Spot).
 const BACKFILL_PAGE: i64 = 1000;
@@ -134,6 +137,8 @@ impl SpotWorker {
 
     pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         info!("spot worker started");
+        // Rounds in a row that found their rows held (see LOCKED_RETRY).
+        let mut held_rounds: u32 = 0;
         loop {
             if *shutdown.borrow() {
                 break;
@@ -152,6 +157,9 @@ impl SpotWorker {
             woken.as_mut().enable();
             // Every call of the round passes the fence (see `fence`).
             let result = self.step(&spot).await;
+            if !matches!(result, Ok(Round::Locked)) {
+                held_rounds = 0;
+            }
             match result {
                 Ok(Round::Full) => {}
                 // A partial batch: the next one gathers what arrives while
@@ -177,11 +185,18 @@ impl SpotWorker {
                     }
                 }
                 // Held by another transaction: a moment, or new work.
-                Ok(Round::Locked) => tokio::select! {
-                    _ = shutdown.changed() => {}
-                    _ = &mut woken => {}
-                    _ = tokio::time::sleep(LOCKED_RETRY) => {}
-                },
+                Ok(Round::Locked) => {
+                    let pause = LOCKED_RETRY
+                        .saturating_mul(1 << held_rounds.min(5))
+                        .min(LOCKED_RETRY_MAX);
+                    held_rounds += 1;
+                    tokio::select! {
+                        _ = shutdown.changed() => {}
+                        _ = self.spot.changed() => {}
+                        _ = &mut woken => {}
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
                 // Idle: new work or a settings change ends the wait early.
                 Ok(Round::Idle) => tokio::select! {
                     _ = shutdown.changed() => {}
