@@ -185,7 +185,7 @@ pub async fn supervise(
                     let (spot_id, activation) = key;
                     let portal = spot.as_ref().map_or(0, |s| s.portal_id);
                     let (tx, rx) = watch::channel(spot);
-                    let worker = SpotWorker::new(ctx.clone(), portal, rx);
+                    let worker = SpotWorker::new(ctx.clone(), spot_id, portal, rx);
                     let span = tracing::info_span!("spot_worker", spot_id, activation, portal);
                     let handle = tokio::spawn(worker.run(shutdown.clone()).instrument(span));
                     workers.insert(key, (tx, handle));

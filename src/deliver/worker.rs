@@ -30,10 +30,9 @@ const ROUND_CALLS: usize = 2;
 /// How long an idle worker waits before it looks again without being woken
 /// (a hand-off that wrote rows for its Spot and the admin API wake it; the
 /// supervisor's watch brings settings changes; this finds what another
-/// process queued, such as `reconcile --fix` from the command line). Every idle worker
-/// pays a round of queries each time: with 200 Spots, at 500 ms that was
-/// about a third of the database's work and the stream benchmark's p99 was
-/// 0.48 s; at 2 s it was 0.34 s.
+/// process queued, such as `reconcile --fix` from the command line). Every
+/// idle worker pays a round of queries each time: with 200 Spots the stream
+/// benchmark's p99 was 0.48 s at 500 ms and 0.34 s at 2 s.
 const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How long a round that found its due rows held by another transaction
 /// waits before it looks again (a hand-off holds them until it commits,
@@ -113,11 +112,11 @@ pub(super) struct SpotWorker {
 impl SpotWorker {
     pub(super) fn new(
         ctx: DeliverContext,
+        spot_id: i64,
         portal_id: i64,
         spot: watch::Receiver<Option<LiveIntegration>>,
     ) -> Self {
         let limiter = ctx.limiters.portal(portal_id);
-        let spot_id = spot.borrow().as_ref().map_or(0, |s| s.spot_id);
         let wake = ctx.wake.spot(spot_id);
         SpotWorker {
             ctx,
@@ -189,7 +188,7 @@ impl SpotWorker {
                     let pause = LOCKED_RETRY
                         .saturating_mul(1 << held_rounds.min(5))
                         .min(LOCKED_RETRY_MAX);
-                    held_rounds += 1;
+                    held_rounds = held_rounds.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.changed() => {}
                         _ = self.spot.changed() => {}

@@ -291,7 +291,9 @@ pub async fn hand_off_ahead(
 pub struct Queued {
     /// Outbox rows it wrote (rows it left as they were are not counted).
     pub touched: u64,
-    /// The Spots it wrote rows for: their workers are woken.
+    /// The Spots it wrote rows for (activities: the Spots of those it
+    /// offered, some of which a disconnect may have dropped): their workers
+    /// are woken.
     pub spots: BTreeSet<i64>,
 }
 
