@@ -501,7 +501,7 @@ fn progress(
 }
 
 async fn summary(
-    db: &tokio_postgres::Client,
+    db: &store::Conn,
     emu: &Emulator,
     portal: u64,
     spot: i64,

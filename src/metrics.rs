@@ -55,6 +55,10 @@ pub struct Metrics {
     pub backfill_queued: IntCounter,
     /// Spots whose backfill is still queueing members.
     pub backfills_running: IntGauge,
+    /// Connected Spots delivery serves (idle ones cost nothing).
+    pub delivery_spots: IntGauge,
+    /// Delivery rounds in flight across the fleet (at most 1,024).
+    pub delivery_rounds_in_flight: IntGauge,
     /// OAuth token refreshes, by `result`.
     pub token_refreshes: IntCounterVec,
     /// Integrations that entered `failed`, by `cause`.
@@ -377,6 +381,17 @@ impl Metrics {
                 IntGauge::new(
                     p("backfills_running"),
                     "Spots whose backfill is still queueing members"
+                )
+            ),
+            delivery_spots: reg!(
+                r,
+                IntGauge::new(p("delivery_spots"), "Connected Spots delivery serves")
+            ),
+            delivery_rounds_in_flight: reg!(
+                r,
+                IntGauge::new(
+                    p("delivery_rounds_in_flight"),
+                    "Delivery rounds in flight across all Spots"
                 )
             ),
             token_refreshes: reg!(

@@ -306,6 +306,7 @@ impl Shared<'_> {
                     wake: wake.clone(),
                     catching_up: catching_up_rx,
                     notify: notify.clone(),
+                    refreshes: Arc::new(tokio::sync::Semaphore::new(deliver::REFRESHES_IN_FLIGHT)),
                 },
                 term.clone(),
             )

@@ -37,6 +37,15 @@ impl Fences {
         map.entry(spot_id).or_default().clone()
     }
 
+    /// Drops the Spot's lock when nobody holds or waits on it (the Spot is
+    /// no longer served), so the map does not grow with every Spot ever seen.
+    pub(super) fn forget(&self, spot_id: i64) {
+        let mut map = self.by_spot.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(&spot_id).is_some_and(|l| Arc::strong_count(l) == 1) {
+            map.remove(&spot_id);
+        }
+    }
+
     /// Waits for the Spot's call in flight, and holds off new calls until the
     /// guard is dropped (after the reconnect or disconnect committed).
     pub async fn exclusive(&self, spot_id: i64) -> OwnedRwLockWriteGuard<()> {

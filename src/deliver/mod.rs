@@ -1,5 +1,6 @@
-//! Deliver stage: one worker per active Spot (per activation) drains the
-//! Spot's outbox with the Spot's own token, sharing the portal's rate limit
+//! Deliver stage: `scheduler` gives a connected Spot a round when it has
+//! work; the Spot's worker (one per activation) drains its outbox with the
+//! Spot's own token, sharing the portal's rate limit
 //! with the other Spots of the portal: it initializes and backfills the activation,
 //! resolves e-mails to record ids, creates contacts where contact creation
 //! asks for it, writes only the changed properties in batches of 100 within
@@ -14,17 +15,16 @@ mod plan;
 pub(crate) use plan::derive;
 pub mod policy;
 mod round;
+mod scheduler;
 mod tokens;
 mod wake;
 mod worker;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use crate::hubspot::oauth::OAuthApp;
 use crate::hubspot::ratelimit::Limiters;
@@ -32,9 +32,8 @@ use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::metrics::Metrics;
 use crate::store::secrets::Sealer;
-use crate::store::{self, Db, LiveIntegration};
+use crate::store::{self, Db};
 use crate::translate::MarkerKey;
-use worker::SpotWorker;
 
 pub use fence::Fences;
 pub use wake::Wake;
@@ -65,7 +64,12 @@ pub struct DeliverContext {
     pub catching_up: tokio::sync::watch::Receiver<bool>,
     /// Signalled when an integration failed and notifications wait.
     pub notify: Arc<Notify>,
+    /// OAuth refreshes in flight across all Spots (`REFRESHES_IN_FLIGHT`).
+    pub refreshes: Arc<tokio::sync::Semaphore>,
 }
+
+/// OAuth token refreshes in flight at most, across the fleet.
+pub const REFRESHES_IN_FLIGHT: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliverError {
@@ -81,14 +85,6 @@ pub enum DeliverError {
     #[error("the integration was reconnected or disconnected; this activation's round ends")]
     Superseded,
 }
-
-/// A running worker: what it is told of its integration (None: stop), and its task.
-type Worker = (watch::Sender<Option<LiveIntegration>>, JoinHandle<()>);
-
-/// How often the supervisor compares its workers with the integrations.
-const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
-/// How often work of long-failed integrations is purged (retention is in days).
-const PURGE_EVERY: Duration = Duration::from_secs(60);
 
 /// The limiter of a new process starts empty, while HubSpot still counts
 /// the calls the previous process (before a kill -9, a restart, a change of
@@ -117,108 +113,14 @@ async fn count_the_previous_process(ctx: &DeliverContext) {
     }
 }
 
-/// Starts and stops a worker per Spot activation as integrations come and
-/// go, until shutdown. A reconnect is a new activation, so a new worker with
-/// nothing cached; the old one is told to stop and is fenced meanwhile.
+/// Delivers for every connected Spot until shutdown (see `scheduler`): a
+/// round for a Spot when it has work, a new worker for each activation (a
+/// reconnect has nothing cached; the old activation is fenced meanwhile).
 pub async fn supervise(
     ctx: DeliverContext,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> Result<(), DeliverError> {
-    let mut last_purge: Option<std::time::Instant> = None;
-    let mut workers: HashMap<(i64, i64), Worker> = HashMap::new();
     count_the_previous_process(&ctx).await;
-    loop {
-        // Survive a database restart: keep the workers, reconnect, try again.
-        let db = match ctx.db.client().await {
-            Ok(db) => db,
-            Err(e) => {
-                warn!(error = %e, "delivery supervisor cannot reach the database; retrying");
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
-                }
-                continue;
-            }
-        };
-        let live = match store::active_integrations(&db).await {
-            Ok(live) => live,
-            Err(e) => {
-                warn!(error = %e, "delivery supervisor lost the database; retrying");
-                drop(db);
-                tokio::select! {
-                    _ = shutdown.changed() => break,
-                    _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
-                }
-                continue;
-            }
-        };
-        let by_activation: HashMap<(i64, i64), LiveIntegration> = live
-            .into_iter()
-            .map(|i| ((i.spot_id, i.activation), i))
-            .collect();
-        ctx.metrics.backfills_running.set(
-            by_activation
-                .values()
-                .filter(|i| i.backfill_after.is_some())
-                .count() as i64,
-        );
-        workers.retain(|key, (tx, handle)| {
-            let keep = by_activation.contains_key(key) && !handle.is_finished();
-            if !keep {
-                let _ = tx.send(None);
-            }
-            keep
-        });
-        for (key, spot) in by_activation {
-            let spot = Some(spot);
-            match workers.get(&key) {
-                Some((tx, _)) => {
-                    tx.send_if_modified(|cur| {
-                        let changed = *cur != spot;
-                        if changed {
-                            cur.clone_from(&spot);
-                        }
-                        changed
-                    });
-                }
-                None => {
-                    let (spot_id, activation) = key;
-                    let portal = spot.as_ref().map_or(0, |s| s.portal_id);
-                    let (tx, rx) = watch::channel(spot);
-                    let worker = SpotWorker::new(ctx.clone(), spot_id, portal, rx);
-                    let span = tracing::info_span!("spot_worker", spot_id, activation, portal);
-                    let handle = tokio::spawn(worker.run(shutdown.clone()).instrument(span));
-                    workers.insert(key, (tx, handle));
-                }
-            }
-        }
-        if let Ok(n) = store::backlog_estimate(&db).await {
-            ctx.metrics
-                .backlog_items
-                .with_label_values(&["properties"])
-                .set(n);
-        }
-        if last_purge.is_none_or(|t| t.elapsed() >= PURGE_EVERY) {
-            last_purge = Some(std::time::Instant::now());
-            match store::purge_expired_backlog(&db, ctx.failed_retention).await {
-                Ok(0) => {}
-                Ok(n) => warn!(
-                    rows = n,
-                    "dropped work of failed integrations older than SIDECAR_FAILED_RETENTION"
-                ),
-                Err(e) => warn!(error = %e, "could not purge expired backlog"),
-            }
-        }
-        drop(db);
-        tokio::select! {
-            _ = shutdown.changed() => break,
-            _ = tokio::time::sleep(SUPERVISE_EVERY) => {}
-        }
-    }
-    for (_, (tx, handle)) in workers {
-        let _ = tx.send(None);
-        let _ = handle.await;
-    }
-    info!("delivery stopped");
+    scheduler::Scheduler::new(ctx).run(shutdown).await;
     Ok(())
 }

@@ -286,6 +286,7 @@ fn named_ids(error: &ApiError) -> HashSet<String> {
 }
 
 /// Delivers up to 100 queued timeline events and stores how each ended.
+/// Returns the soonest an event it put off (waiting for its contact) comes due.
 pub(super) async fn deliver_activities(
     metrics: &Metrics,
     db: &Db,
@@ -293,7 +294,7 @@ pub(super) async fn deliver_activities(
     fence: Fence,
     sink: &ActivitySink,
     queued: Vec<QueuedActivity>,
-) -> Result<(), DeliverError> {
+) -> Result<Option<std::time::Duration>, DeliverError> {
     let mut member_ids: Vec<i64> = queued.iter().map(|q| q.member_id).collect();
     member_ids.sort_unstable();
     member_ids.dedup();
@@ -333,8 +334,15 @@ pub(super) async fn deliver_activities(
             done.push(d);
         }
     }
+    let put_off = done
+        .iter()
+        .filter_map(|d| match d {
+            store::ActivityDone::Later(_, delay) => Some(*delay),
+            _ => None,
+        })
+        .min();
     if !store::complete_activities(&mut *db.client().await?, fence, &done).await? {
         return Err(DeliverError::Superseded);
     }
-    Ok(())
+    Ok(put_off)
 }

@@ -1,6 +1,8 @@
 //! The access tokens of one portal worker's Spots: static tokens as stored,
-//! OAuth tokens refreshed shortly before they expire or once after a 401.
-//! Only the portal's worker refreshes, so one refresh is in flight at most.
+//! OAuth tokens refreshed shortly before they expire or once after a 401,
+//! when a round has something to send. Only the Spot's worker refreshes, so
+//! one refresh per Spot is in flight at most, and `REFRESHES_IN_FLIGHT` for
+//! the fleet.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -115,7 +117,12 @@ impl TokenCache {
             self.refreshed_after_401 = true;
         }
         let oauth = ctx.oauth.as_ref().ok_or(DeliverError::NoOAuthApp)?;
+        // Few refreshes at once across the fleet: after a restart with
+        // thousands of tokens due, they spread out instead of hitting
+        // HubSpot's OAuth endpoint together (the permit is never closed).
+        let permit = ctx.refreshes.acquire().await.ok();
         let result = oauth.refresh(&ctx.client, &current.refresh).await;
+        drop(permit);
         TokenRefreshed {
             spot_id: spot.spot_id,
             ok: result.is_ok(),

@@ -1,47 +1,100 @@
-//! Wakes the idle worker of a Spot when work is queued for it.
+//! What tells delivery that a Spot has work, or that its integration
+//! changed: the hand-off, the admin API and the integration use cases call
+//! these as things happen in this process, and the scheduler takes what
+//! gathered since it last looked.
 //!
-//! One waker per Spot rather than one for all: a busy stream hands off
-//! tens of times a second, and each hand-off used to wake every idle worker
-//! of every Spot, each of which then spent a round of queries finding
-//! nothing. With 200 Spots at one change a second each (`cargo bench
-//! --bench pipeline -- --shape stream --spots 200 --seconds 20`), the
-//! stream's p99 was 0.841 s with one waker and 0.476 s with one per Spot.
+//! Signals are coalesced into sets, not queued one by one: a busy stream
+//! hands off tens of times a second, often for the same Spots, and the
+//! scheduler needs to know only which Spots, once. Nothing here costs
+//! anything per Spot while nothing happens (there is no timer per Spot).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
-/// The wakers of the Spots, created on first use.
+/// What gathered since the scheduler last looked.
+#[derive(Debug, Default)]
+pub(super) struct Signals {
+    /// Spots work was queued for.
+    pub(super) work: HashSet<i64>,
+    /// Work was queued for Spots not known one by one (a slot resync).
+    pub(super) all_work: bool,
+    /// Spots whose integration changed (connected, reconnected, resynced,
+    /// disconnected): read again.
+    pub(super) changed: HashSet<i64>,
+    /// Every integration may have changed: read them all again.
+    pub(super) all_changed: bool,
+}
+
+impl Signals {
+    fn is_empty(&self) -> bool {
+        self.work.is_empty() && self.changed.is_empty() && !self.all_work && !self.all_changed
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    pending: Mutex<Signals>,
+    /// One stored permit at most: a signal sent while the scheduler is busy
+    /// is seen on its next look.
+    notify: Notify,
+}
+
+/// The handle every stage that queues work or changes an integration holds.
 #[derive(Clone, Default)]
 pub struct Wake {
-    by_spot: Arc<Mutex<HashMap<i64, Arc<Notify>>>>,
+    inner: Arc<Inner>,
 }
 
 impl Wake {
-    /// The Spot's waker: its worker waits on it while idle.
-    pub fn spot(&self, spot_id: i64) -> Arc<Notify> {
-        let mut map = self.by_spot.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(spot_id).or_default().clone()
+    fn record(&self, add: impl FnOnce(&mut Signals)) {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let was_empty = pending.is_empty();
+        add(&mut pending);
+        drop(pending);
+        if was_empty {
+            self.inner.notify.notify_one();
+        }
     }
 
-    /// Wakes the idle workers of these Spots (a Spot without a worker has
-    /// nobody waiting).
+    /// Work was queued for these Spots.
     pub fn spots(&self, spots: impl IntoIterator<Item = i64>) {
-        let map = self.by_spot.lock().unwrap_or_else(|e| e.into_inner());
-        for spot_id in spots {
-            if let Some(notify) = map.get(&spot_id) {
-                notify.notify_waiters();
-            }
+        let mut spots = spots.into_iter().peekable();
+        if spots.peek().is_none() {
+            return;
         }
+        self.record(|s| s.work.extend(spots));
     }
 
-    /// Wakes every idle worker: work queued for Spots not known one by one.
+    /// Work was queued for every Spot, and every activation moved on (a
+    /// resync of the stream).
     pub fn all(&self) {
-        let map = self.by_spot.lock().unwrap_or_else(|e| e.into_inner());
-        for notify in map.values() {
-            notify.notify_waiters();
-        }
+        self.record(|s| {
+            s.all_work = true;
+            s.all_changed = true;
+        });
+    }
+
+    /// The Spot's integration changed (a connect, a reconnect, a resync, a
+    /// disconnect): delivery reads it again at once, and has the Spot look
+    /// for work.
+    pub fn integration_changed(&self, spot_id: i64) {
+        self.record(|s| {
+            s.changed.insert(spot_id);
+            s.work.insert(spot_id);
+        });
+    }
+
+    /// Waits until something was signalled since the last `take`.
+    pub(super) async fn signalled(&self) {
+        self.inner.notify.notified().await;
+    }
+
+    /// What gathered since the last call.
+    pub(super) fn take(&self) -> Signals {
+        let mut pending = self.inner.pending.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::take(&mut *pending)
     }
 }
 
@@ -50,20 +103,27 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn only_the_spots_named_are_woken() {
+    async fn signals_gather_until_taken_and_none_is_lost() {
         let wake = Wake::default();
-        let (one, two) = (wake.spot(1), wake.spot(2));
-        let (woken_one, woken_two) = (one.notified(), two.notified());
-        tokio::pin!(woken_one, woken_two);
-        woken_one.as_mut().enable();
-        woken_two.as_mut().enable();
-        wake.spots([1, 3]);
+        wake.spots([1, 2]);
+        wake.spots([2, 3]);
+        wake.integration_changed(7);
+        // A signal sent before anybody waits is not lost.
         let waited = std::time::Duration::from_millis(50);
-        assert!(tokio::time::timeout(waited, woken_one).await.is_ok());
-        assert!(tokio::time::timeout(waited, woken_two.as_mut())
+        assert!(tokio::time::timeout(waited, wake.signalled()).await.is_ok());
+        let s = wake.take();
+        let mut work: Vec<i64> = s.work.into_iter().collect();
+        work.sort_unstable();
+        assert_eq!(work, vec![1, 2, 3, 7]);
+        assert!(s.changed.contains(&7) && !s.all_work && !s.all_changed);
+        // Nothing new: nothing to wake for.
+        assert!(tokio::time::timeout(waited, wake.signalled())
             .await
             .is_err());
+        assert!(wake.take().is_empty());
         wake.all();
-        assert!(tokio::time::timeout(waited, woken_two).await.is_ok());
+        assert!(tokio::time::timeout(waited, wake.signalled()).await.is_ok());
+        let s = wake.take();
+        assert!(s.all_work && s.all_changed);
     }
 }

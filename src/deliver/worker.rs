@@ -1,14 +1,14 @@
-//! The worker of one Spot's activation: one round at a time with the Spot's
-//! own token, within the portal's shared rate limit; initialization and
-//! backfill first, then property changes and activities. A failed round is
-//! classified by `policy` and carried out here, for this Spot only: another
-//! Spot on the same portal has its own worker, token and failures.
+//! What one round of one Spot's activation does: with the Spot's own token,
+//! within the portal's shared rate limit; initialization and backfill first,
+//! then property changes and activities. A failed round is classified by
+//! `policy` and carried out here, for this Spot only: another Spot on the
+//! same portal has its own state, token and failures. The worker is only
+//! state between rounds; `scheduler` decides when its next round runs.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::{watch, Notify};
 use tracing::{info, warn, Instrument};
 
 use super::policy::{self, Disposition};
@@ -27,13 +27,6 @@ const HOLD_WHILE_CATCHING_UP: Duration = Duration::from_secs(30);
 /// Calls a round usually makes (a batch update, and a batch read for
 /// contacts not yet mapped): what the linger paces for.
 const ROUND_CALLS: usize = 2;
-/// How long an idle worker waits before it looks again without being woken
-/// (a hand-off that wrote rows for its Spot and the admin API wake it; the
-/// supervisor's watch brings settings changes; this finds what another
-/// process queued, such as `reconcile --fix` from the command line). Every
-/// idle worker pays a round of queries each time: with 200 Spots the stream
-/// benchmark's p99 was 0.48 s at 500 ms and 0.34 s at 2 s.
-const IDLE_POLL: Duration = Duration::from_secs(2);
 /// How long a round that found its due rows held by another transaction
 /// waits before it looks again (a hand-off holds them until it commits,
 /// usually milliseconds), doubling while they stay held (a hand-off of
@@ -47,6 +40,30 @@ const BACKFILL_PAGE: i64 = 1000;
 /// How long a worker waits after a 401 before it refreshes and tries again.
 const REFRESH_PAUSE: Duration = Duration::from_millis(250);
 const BACKFILL_BACKLOG: i64 = 500;
+
+/// What the scheduler does with the Spot after a round.
+#[derive(Debug, PartialEq)]
+pub(super) enum Next {
+    /// More is due now: the Spot queues for another round.
+    Again,
+    /// Nothing more is due that this process knows of: the next round runs
+    /// when work is signalled for the Spot (or the fleet look finds some).
+    Idle,
+    /// The next round runs after `wait`; a signal for the Spot ends the
+    /// wait early only when `signal_ends_it` (new work must not end a
+    /// backoff, or an outage would be hammered once per change).
+    After {
+        /// How long.
+        wait: Duration,
+        /// Whether new work for the Spot ends the wait.
+        signal_ends_it: bool,
+    },
+    /// Held while the stream reads a backlog: after `wait`, or as soon as
+    /// the stream has read it.
+    Held(Duration),
+    /// This activation's work ends (reconnected, disconnected or failed).
+    Stop,
+}
 
 enum Round {
     /// Work was done; more may be due.
@@ -86,12 +103,16 @@ impl<E: Into<DeliverError>> From<E> for RoundError {
 }
 
 pub(super) struct SpotWorker {
-    ctx: DeliverContext,
-    spot: watch::Receiver<Option<LiveIntegration>>,
+    ctx: Arc<DeliverContext>,
+    /// The activation this worker serves.
+    pub(super) activation: i64,
+    portal_id: i64,
     limiter: Arc<RateLimiter>,
-    /// Woken when work is queued for the Spot.
-    wake: Arc<Notify>,
     backoff: Backoff,
+    /// Rounds in a row that found their rows held (see LOCKED_RETRY).
+    held_rounds: u32,
+    /// The soonest an event the last round put off comes due.
+    put_off: Option<Duration>,
     tokens: TokenCache,
     /// This worker initialized the activation, before the supervisor's view caught up.
     initialized: bool,
@@ -110,20 +131,16 @@ pub(super) struct SpotWorker {
 }
 
 impl SpotWorker {
-    pub(super) fn new(
-        ctx: DeliverContext,
-        spot_id: i64,
-        portal_id: i64,
-        spot: watch::Receiver<Option<LiveIntegration>>,
-    ) -> Self {
-        let limiter = ctx.limiters.portal(portal_id);
-        let wake = ctx.wake.spot(spot_id);
+    pub(super) fn new(ctx: Arc<DeliverContext>, spot: &LiveIntegration) -> Self {
+        let limiter = ctx.limiters.portal(spot.portal_id);
         SpotWorker {
             ctx,
-            spot,
+            activation: spot.activation,
+            portal_id: spot.portal_id,
             limiter,
-            wake,
             backoff: Backoff::delivery(),
+            held_rounds: 0,
+            put_off: None,
             tokens: TokenCache::default(),
             initialized: false,
             backfill: None,
@@ -134,90 +151,93 @@ impl SpotWorker {
         }
     }
 
-    pub(super) async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        info!("spot worker started");
-        // Rounds in a row that found their rows held (see LOCKED_RETRY).
-        let mut held_rounds: u32 = 0;
-        loop {
-            if *shutdown.borrow() {
-                break;
-            }
-            let spot = self.spot.borrow_and_update().clone();
-            let Some(spot) = spot.filter(|_| self.spot.has_changed().is_ok()) else {
-                // Disconnected, failed, reconnected, or the supervisor is gone.
-                break;
-            };
-            // Registered before the round looks for work, so that work handed
-            // off while it runs wakes the idle wait below (a notification
-            // reaches only waiters already registered).
-            let wake = self.wake.clone();
-            let woken = wake.notified();
-            tokio::pin!(woken);
-            woken.as_mut().enable();
-            // Every call of the round passes the fence (see `fence`).
-            let result = self.step(&spot).await;
-            if !matches!(result, Ok(Round::Locked)) {
-                held_rounds = 0;
-            }
-            match result {
-                Ok(Round::Full) => {}
-                // A partial batch: the next one gathers what arrives while
-                // the portal's budget says to wait (nothing while it is ample).
-                Ok(Round::Partial) => {
-                    let linger = self.limiter.linger(ROUND_CALLS);
-                    if !linger.is_zero() {
-                        tokio::select! {
-                            _ = shutdown.changed() => {}
-                            _ = tokio::time::sleep(linger) => {}
-                        }
-                    }
-                }
-                // Held for the backlog: until the stream has read it (or a
-                // settings change), at most HOLD_WHILE_CATCHING_UP.
-                Ok(Round::Held(wait)) => {
-                    let mut catching_up = self.ctx.catching_up.clone();
-                    tokio::select! {
-                        _ = shutdown.changed() => {}
-                        _ = self.spot.changed() => {}
-                        _ = catching_up.wait_for(|on| !on) => {}
-                        _ = tokio::time::sleep(wait) => {}
-                    }
-                }
-                // Held by another transaction: a moment, or new work.
-                Ok(Round::Locked) => {
-                    let pause = LOCKED_RETRY
-                        .saturating_mul(1 << held_rounds.min(5))
-                        .min(LOCKED_RETRY_MAX);
-                    held_rounds = held_rounds.saturating_add(1);
-                    tokio::select! {
-                        _ = shutdown.changed() => {}
-                        _ = self.spot.changed() => {}
-                        _ = &mut woken => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-                // Idle: new work or a settings change ends the wait early.
-                Ok(Round::Idle) => tokio::select! {
-                    _ = shutdown.changed() => {}
-                    _ = self.spot.changed() => {}
-                    _ = &mut woken => {}
-                    _ = tokio::time::sleep(IDLE_POLL) => {}
-                },
-                // Backing off: new work must not end the wait, or an outage would
-                // be hammered once per change.
-                Err(e) => {
-                    let Some(pause) = self.on_error(&spot, e).await else {
-                        break;
-                    };
-                    tokio::select! {
-                        _ = shutdown.changed() => {}
-                        _ = self.spot.changed() => {}
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-            }
+    /// The portal this activation delivers to.
+    pub(super) fn portal_id(&self) -> i64 {
+        self.portal_id
+    }
+
+    /// Whether the backfill is still queueing members, once a round read it.
+    pub(super) fn backfill_known(&self) -> Option<bool> {
+        self.backfill.map(|after| after.is_some())
+    }
+
+    /// One round for `spot` (this worker's activation), and when the next
+    /// one should run.
+    pub(super) async fn round(&mut self, spot: &LiveIntegration) -> Next {
+        // Every call of the round passes the fence (see `fence`).
+        let result = self.step(spot).await;
+        if !matches!(result, Ok(Round::Locked)) {
+            self.held_rounds = 0;
         }
-        info!("spot worker stopped");
+        match result {
+            Ok(Round::Full) => Next::Again,
+            // A partial batch: what arrives while it was out signals the
+            // Spot; the next one gathers what arrives while the portal's
+            // budget says to wait (nothing while it is ample).
+            Ok(Round::Partial) => {
+                let linger = self.limiter.linger(ROUND_CALLS);
+                if linger.is_zero() {
+                    self.idle()
+                } else {
+                    Next::After {
+                        wait: linger,
+                        signal_ends_it: false,
+                    }
+                }
+            }
+            // Held for the backlog: until the stream has read it, at most
+            // HOLD_WHILE_CATCHING_UP.
+            Ok(Round::Held(wait)) => Next::Held(wait),
+            // Held by another transaction: a moment, or new work.
+            Ok(Round::Locked) => {
+                let pause = LOCKED_RETRY
+                    .saturating_mul(1 << self.held_rounds.min(5))
+                    .min(LOCKED_RETRY_MAX);
+                self.held_rounds = self.held_rounds.saturating_add(1);
+                Next::After {
+                    wait: pause,
+                    signal_ends_it: true,
+                }
+            }
+            Ok(Round::Idle) => self.idle(),
+            Err(e) => match self.on_error(spot, e).await {
+                Some(pause) => Next::After {
+                    wait: pause,
+                    signal_ends_it: false,
+                },
+                None => Next::Stop,
+            },
+        }
+    }
+
+    /// Nothing more is due now; rows this worker put off (an event waiting
+    /// for its contact's creation) come due later, and nobody else would
+    /// signal them.
+    fn idle(&mut self) -> Next {
+        match self.put_off.take() {
+            Some(wait) => Next::After {
+                wait,
+                signal_ends_it: true,
+            },
+            None => Next::Idle,
+        }
+    }
+
+    /// The portal handle for this round's calls, with the Spot's token:
+    /// made only once a round has something to send, so that a Spot with
+    /// nothing due never refreshes its token.
+    async fn portal(&mut self, spot: &LiveIntegration) -> Result<Portal, DeliverError> {
+        let token = self.tokens.access_token(&self.ctx, spot).await?;
+        Ok(Portal {
+            client: self.ctx.client.clone(),
+            token,
+            limiter: self.limiter.clone(),
+            fence: Some(
+                self.ctx
+                    .fences
+                    .gate(&self.ctx.db, spot.fence(), self.ctx.leader),
+            ),
+        })
     }
 
     /// Carries out what `policy` says about a failed round; returns how long
@@ -366,26 +386,19 @@ impl SpotWorker {
 
     /// One unit of work for the Spot.
     async fn step(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
-        let fence = spot.fence();
-        // The supervisor's view may be up to 0.5 s old: a Spot disconnected,
-        // failed or reconnected meanwhile gets nothing.
+        // The scheduler's view may be a moment old (a change made by another
+        // process reaches it later): a Spot disconnected, failed or
+        // reconnected meanwhile gets nothing.
         let client = self.ctx.db.client().await?;
         if !store::is_current(&client, spot.spot_id, spot.portal_id, spot.activation).await? {
             return Err(DeliverError::Superseded.into());
         }
         drop(client);
-        let token = self.tokens.access_token(&self.ctx, spot).await?;
-        let portal = Portal {
-            client: self.ctx.client.clone(),
-            token,
-            limiter: self.limiter.clone(),
-            fence: Some(self.ctx.fences.gate(&self.ctx.db, fence, self.ctx.leader)),
-        };
 
         // Initialization, once per activation (SPEC §4.2).
         let uninitialized = !spot.initialized && !self.initialized;
         if uninitialized || self.schema_stale {
-            portal.ensure_schema().await?;
+            self.portal(spot).await?.ensure_schema().await?;
             self.schema_stale = false;
             if uninitialized {
                 let client = self.ctx.db.client().await?;
@@ -420,23 +433,26 @@ impl SpotWorker {
         // first, so that while the portal is throttled the batch grows instead
         // of the number of calls.
         self.limiter.wait_available(3).await;
-        let properties = self.property_round(&portal, fence).await?;
+        let properties = self.property_round(spot).await?;
         // Static tokens cannot send timeline events (SPEC §9).
         let activities = if spot.credentials_kind == AuthKind::OAuth {
-            self.activity_round(&portal, fence).await?
+            self.activity_round(spot).await?
         } else {
             Round::Idle
         };
+        // What is due now first, then rows held by a hand-off, then the
+        // backlog's hold; a partial batch waits for a signal.
         Ok(match (properties, activities) {
             (Round::Full, _) | (_, Round::Full) => Round::Full,
-            (Round::Partial, _) | (_, Round::Partial) => Round::Partial,
             (Round::Locked, _) | (_, Round::Locked) => Round::Locked,
             (Round::Held(wait), _) | (_, Round::Held(wait)) => Round::Held(wait),
+            (Round::Partial, _) | (_, Round::Partial) => Round::Partial,
             _ => Round::Idle,
         })
     }
 
-    async fn property_round(&mut self, portal: &Portal, fence: Fence) -> Result<Round, RoundError> {
+    async fn property_round(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
+        let fence = spot.fence();
         // While the stream reads a backlog, delivery lags it by up to
         // HOLD_WHILE_CATCHING_UP, full batches too: a member changed again
         // later in the backlog is written once, batches are full, and the
@@ -475,11 +491,15 @@ impl SpotWorker {
         }
         let full = markers.len() == BATCH_LIMIT;
         let span = tracing::debug_span!("delivery_batch", items = markers.len());
-        if let Err(error) =
-            round::deliver_properties(&self.ctx.metrics, &self.ctx.db, portal, fence, &markers)
-                .instrument(span)
-                .await
-        {
+        let delivered = match self.portal(spot).await {
+            Ok(portal) => {
+                round::deliver_properties(&self.ctx.metrics, &self.ctx.db, &portal, fence, &markers)
+                    .instrument(span)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(error) = delivered {
             return Err(RoundError {
                 error,
                 taken: Taken::Markers(markers),
@@ -491,10 +511,18 @@ impl SpotWorker {
             self.ctx.metrics.delivery_seconds.observe(age.as_secs_f64());
         }
         self.succeeded(fence).await?;
-        Ok(if full { Round::Full } else { Round::Partial })
+        Ok(if full {
+            Round::Full
+        } else if locked > 0 {
+            // Rows left because a hand-off held them: a moment, then them.
+            Round::Locked
+        } else {
+            Round::Partial
+        })
     }
 
-    async fn activity_round(&mut self, portal: &Portal, fence: Fence) -> Result<Round, RoundError> {
+    async fn activity_round(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
+        let fence = spot.fence();
         let due = store::due_activities(
             &*self.ctx.db.client().await?,
             fence.spot_id,
@@ -512,21 +540,29 @@ impl SpotWorker {
         let full = due.len() == BATCH_LIMIT;
         let ids: Vec<String> = due.iter().map(|q| q.event_id.clone()).collect();
         let span = tracing::debug_span!("activity_batch", items = due.len());
-        if let Err(error) = round::deliver_activities(
-            &self.ctx.metrics,
-            &self.ctx.db,
-            portal,
-            fence,
-            &self.ctx.sink,
-            due,
-        )
-        .instrument(span)
-        .await
-        {
-            return Err(RoundError {
-                error,
-                taken: Taken::Activities(ids),
-            });
+        let delivered = match self.portal(spot).await {
+            Ok(portal) => {
+                round::deliver_activities(
+                    &self.ctx.metrics,
+                    &self.ctx.db,
+                    &portal,
+                    fence,
+                    &self.ctx.sink,
+                    due,
+                )
+                .instrument(span)
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        match delivered {
+            Ok(put_off) => self.put_off = put_off,
+            Err(error) => {
+                return Err(RoundError {
+                    error,
+                    taken: Taken::Activities(ids),
+                })
+            }
         }
         self.succeeded(fence).await?;
         Ok(if full { Round::Full } else { Round::Partial })

@@ -170,6 +170,24 @@ impl Limiters {
         }
     }
 
+    /// Drops the portal's limiter when nothing holds it and its window is
+    /// empty (no Spot is served on it any more), so the map does not grow
+    /// with every portal ever seen; a later call starts from an empty
+    /// window, which is what HubSpot counts by then too.
+    pub fn forget_if_unused(&self, portal_id: i64) {
+        let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());
+        let unused = map.get(&portal_id).is_some_and(|l| {
+            Arc::strong_count(l) == 1
+                && l.sent.try_lock().is_ok_and(|mut sent| {
+                    l.forget_old(&mut sent, Instant::now());
+                    sent.is_empty()
+                })
+        });
+        if unused {
+            map.remove(&portal_id);
+        }
+    }
+
     /// The portal's limiter.
     pub fn portal(&self, portal_id: i64) -> Arc<RateLimiter> {
         let mut map = self.by_portal.lock().unwrap_or_else(|e| e.into_inner());

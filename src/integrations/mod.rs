@@ -72,7 +72,7 @@ pub struct Integrations {
     pub fences: Fences,
     /// Signs the settings markers every change writes into the stream.
     pub markers: MarkerKey,
-    /// Wakes delivery when an integration changed.
+    /// Tells delivery when an integration changed or work was queued.
     pub wake: Wake,
 }
 
@@ -131,7 +131,7 @@ impl Integrations {
                 "the integration is no longer active".into(),
             ));
         }
-        self.wake.spots([spot_id]);
+        self.wake.integration_changed(spot_id);
         info!(spot_id, "resync requested: the backfill starts again");
         self.view(spot_id).await
     }
@@ -423,7 +423,7 @@ impl Integrations {
             )
             .await?
         };
-        self.wake.spots([spot_id]);
+        self.wake.integration_changed(spot_id);
         if let Some(old) = replaced.refresh_token_enc {
             match self.sealer.open(&old) {
                 Ok(old) if Some(old.as_str()) != new_refresh_token => self.revoke_later(old),
@@ -490,6 +490,7 @@ impl Integrations {
             let mut client = self.db.client().await?;
             store::deactivate(&mut client, &self.markers, spot_id, source).await?
         };
+        self.wake.integration_changed(spot_id);
         info!(spot_id, "integration disconnected");
         if let Some(token) = erased.and_then(|sealed| self.sealer.open(&sealed).ok()) {
             self.revoke_later(token);

@@ -216,19 +216,19 @@ pub struct QueuedActivity {
 /// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of a Spot, in the order they are sent
 /// (read along `*_due_order_idx`, so it costs the batch, not the backlog).
 pub async fn due_activities(
-    db: &Client,
+    db: &super::Conn,
     spot_id: i64,
     limit: i64,
 ) -> Result<Vec<QueuedActivity>, DbError> {
-    let rows = db
-        .query(
+    let statement = db
+        .prepare_cached(
             "SELECT event_id, spot_id, member_id, activity, occurred_at, spot_name, title, url
                FROM hubspot_sync.activity_outbox
               WHERE spot_id = $1 AND next_attempt_at <= now()
               ORDER BY next_attempt_at, occurred_at LIMIT $2",
-            &[&spot_id, &limit],
         )
         .await?;
+    let rows = db.query(&statement, &[&spot_id, &limit]).await?;
     Ok(rows
         .iter()
         .filter_map(|r| {
@@ -336,19 +336,21 @@ pub async fn postpone_activities(
 
 /// Members whose contact creation is still pending (their events wait for it).
 pub async fn pending_creations(
-    db: &Client,
+    db: &super::Conn,
     keys: &[(i64, i64)],
 ) -> Result<Vec<(i64, i64)>, DbError> {
     let spots: Vec<i64> = keys.iter().map(|k| k.0).collect();
     let members: Vec<i64> = keys.iter().map(|k| k.1).collect();
-    Ok(db
-        .query(
+    let statement = db
+        .prepare_cached(
             "SELECT o.spot_id, o.member_id FROM hubspot_sync.property_outbox o
                JOIN unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
                  ON k.spot_id = o.spot_id AND k.member_id = o.member_id
               WHERE o.create_contact",
-            &[&spots, &members],
         )
+        .await?;
+    Ok(db
+        .query(&statement, &[&spots, &members])
         .await?
         .iter()
         .map(|r| (r.get(0), r.get(1)))

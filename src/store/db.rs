@@ -43,9 +43,15 @@ impl From<PoolError> for DbError {
     }
 }
 
-/// A pooled connection: derefs to `tokio_postgres::Client`, and
-/// `transaction()` opens a transaction on it.
+/// A pooled connection: derefs to [`Conn`], and `transaction()` opens a
+/// transaction on it.
 pub type DbClient = deadpool_postgres::Object;
+
+/// The client of a pooled connection: a `tokio_postgres::Client` with a
+/// statement cache of its own. Statements run on every delivery round
+/// take it and use `prepare_cached`, so each is parsed and planned once per
+/// connection and then costs one round trip, not two.
+pub type Conn = deadpool_postgres::ClientWrapper;
 
 /// The handle to Postgres every stage shares; cheap to clone.
 #[derive(Clone)]

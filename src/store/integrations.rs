@@ -125,39 +125,59 @@ pub struct LiveIntegration {
     pub issued_at: Option<DateTime<Utc>>,
 }
 
-/// Reads the `active` integrations that have a portal and a token from `hubspot_sync.integrations`.
-pub async fn active_integrations(db: &Client) -> Result<Vec<LiveIntegration>, DbError> {
-    let rows = db
-        .query(
-            "SELECT spot_id, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
-                    initialized_at IS NOT NULL,
-                    CASE WHEN backfill_done_at IS NULL THEN COALESCE(backfill_after, 0) END,
-                    activation, token_issued_at
-               FROM hubspot_sync.integrations
-              WHERE status = 'active' AND portal_id IS NOT NULL AND access_token_enc IS NOT NULL
-              ORDER BY spot_id",
-            &[],
-        )
+/// The columns `LiveIntegration` is read from, in `live_integration`'s order.
+const LIVE_COLUMNS: &str =
+    "spot_id, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
+     initialized_at IS NOT NULL,
+     CASE WHEN backfill_done_at IS NULL THEN COALESCE(backfill_after, 0) END,
+     activation, token_issued_at";
+
+/// An integration delivery serves: `active`, with a portal and a token.
+const LIVE_WHERE: &str =
+    "status = 'active' AND portal_id IS NOT NULL AND access_token_enc IS NOT NULL";
+
+fn live_integration(r: &tokio_postgres::Row) -> LiveIntegration {
+    LiveIntegration {
+        spot_id: r.get(0),
+        portal_id: r.get(1),
+        credentials_kind: if r.get::<_, Option<String>>(2).as_deref() == Some("oauth") {
+            AuthKind::OAuth
+        } else {
+            AuthKind::Token
+        },
+        access_token_enc: r.get(3),
+        refresh_token_enc: r.get(4),
+        expires_at: r.get(5),
+        initialized: r.get(6),
+        backfill_after: r.get(7),
+        activation: r.get(8),
+        issued_at: r.get(9),
+    }
+}
+
+/// Reads the `active` integrations that have a portal and a token from
+/// `hubspot_sync.integrations` (delivery reads them all at start and,
+/// as a safety net, at a slow pace; changes made here reach it at once).
+pub async fn active_integrations(db: &super::Conn) -> Result<Vec<LiveIntegration>, DbError> {
+    let sql = format!(
+        "SELECT {LIVE_COLUMNS} FROM hubspot_sync.integrations WHERE {LIVE_WHERE} ORDER BY spot_id"
+    );
+    let rows = db.query(&db.prepare_cached(&sql).await?, &[]).await?;
+    Ok(rows.iter().map(live_integration).collect())
+}
+
+/// One Spot's integration if delivery serves it (after a change made here).
+pub async fn active_integration(
+    db: &super::Conn,
+    spot_id: i64,
+) -> Result<Option<LiveIntegration>, DbError> {
+    let sql = format!(
+        "SELECT {LIVE_COLUMNS} FROM hubspot_sync.integrations WHERE spot_id = $1 AND {LIVE_WHERE}"
+    );
+    let row = db
+        .query_opt(&db.prepare_cached(&sql).await?, &[&spot_id])
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| LiveIntegration {
-            spot_id: r.get(0),
-            portal_id: r.get(1),
-            credentials_kind: if r.get::<_, Option<String>>(2).as_deref() == Some("oauth") {
-                AuthKind::OAuth
-            } else {
-                AuthKind::Token
-            },
-            access_token_enc: r.get(3),
-            refresh_token_enc: r.get(4),
-            expires_at: r.get(5),
-            initialized: r.get(6),
-            backfill_after: r.get(7),
-            activation: r.get(8),
-            issued_at: r.get(9),
-        })
-        .collect())
+    Ok(row.as_ref().map(live_integration))
 }
 
 /// The integration as the admin API shows it (SPEC §6).
@@ -699,7 +719,7 @@ pub async fn mark_failed(
 /// Whether this activation of the Spot is the active one (the fence of every
 /// HubSpot call and every write delivery makes).
 pub async fn is_current(
-    db: &Client,
+    db: &super::Conn,
     spot_id: i64,
     portal_id: i64,
     activation: i64,
@@ -710,7 +730,7 @@ pub async fn is_current(
 /// `is_current`, and (when given) the leadership lock `(pid, class, key)`
 /// is still held by this replica's lock session: the check before every call.
 pub async fn is_current_led(
-    db: &Client,
+    db: &super::Conn,
     spot_id: i64,
     portal_id: i64,
     activation: i64,
@@ -720,14 +740,19 @@ pub async fn is_current_led(
         Some((pid, class, key)) => (Some(pid), class, key),
         None => (None, 0, 0),
     };
-    Ok(db
-        .query_opt(
+    let statement = db
+        .prepare_cached(
             "SELECT 1 FROM hubspot_sync.integrations
               WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
                 AND ($4::int IS NULL OR EXISTS (
                      SELECT 1 FROM pg_locks
                       WHERE locktype = 'advisory' AND granted AND pid = $4
                         AND classid = $5::int::oid AND objid = $6::int::oid AND objsubid = 2))",
+        )
+        .await?;
+    Ok(db
+        .query_opt(
+            &statement,
             &[&spot_id, &portal_id, &activation, &pid, &class, &key],
         )
         .await?

@@ -18,7 +18,7 @@ pub use reconcile::*;
 
 /// The key the store signs settings markers with (see `translate::markers`).
 pub use crate::translate::MarkerKey;
-pub use db::{Db, DbClient, DbError};
+pub use db::{Conn, Db, DbClient, DbError};
 
 use std::collections::BTreeSet;
 

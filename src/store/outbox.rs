@@ -40,12 +40,12 @@ pub struct Marker {
 /// transaction held them (a hand-off about to commit, a disconnect): the
 /// caller looks again shortly, as nothing else tells it when they are free.
 pub async fn take_due_markers(
-    db: &Client,
+    db: &super::Conn,
     spot_id: i64,
     limit: i64,
 ) -> Result<(Vec<Marker>, usize), DbError> {
-    let rows = db
-        .query(
+    let statement = db
+        .prepare_cached(
             "WITH due AS (
                  SELECT member_id FROM hubspot_sync.property_outbox
                   WHERE spot_id = $1 AND next_attempt_at <= now()
@@ -70,9 +70,9 @@ pub async fn take_due_markers(
                FROM (SELECT count(*) AS due FROM due) d
                LEFT JOIN took t ON true
               ORDER BY t.next_attempt_at, t.version",
-            &[&spot_id, &limit],
         )
         .await?;
+    let rows = db.query(&statement, &[&spot_id, &limit]).await?;
     let due = rows.first().map_or(0, |r| r.get::<_, i64>(6));
     let markers: Vec<Marker> = rows
         .iter()
@@ -90,6 +90,47 @@ pub async fn take_due_markers(
         .unwrap_or(0)
         .saturating_sub(markers.len());
     Ok((markers, locked))
+}
+
+/// The Spots with a row due now in either outbox: delivery's one look for
+/// the whole fleet, at a slow pace, for work it was not told of (queued by
+/// another process, put off by the process before a restart, left by a
+/// round that failed before it could put its rows off). It skips along the
+/// due-order indexes from one Spot to the next, so it costs one index probe
+/// per Spot that has rows, and one in all when none has.
+pub async fn spots_with_due_work(db: &super::Conn) -> Result<Vec<i64>, DbError> {
+    let statement = db
+        .prepare_cached(
+            "WITH RECURSIVE p AS (
+                 SELECT min(spot_id) AS spot_id FROM hubspot_sync.property_outbox
+                 UNION ALL
+                 SELECT (SELECT min(o.spot_id) FROM hubspot_sync.property_outbox o
+                          WHERE o.spot_id > p.spot_id)
+                   FROM p WHERE p.spot_id IS NOT NULL
+             ), a AS (
+                 SELECT min(spot_id) AS spot_id FROM hubspot_sync.activity_outbox
+                 UNION ALL
+                 SELECT (SELECT min(o.spot_id) FROM hubspot_sync.activity_outbox o
+                          WHERE o.spot_id > a.spot_id)
+                   FROM a WHERE a.spot_id IS NOT NULL
+             )
+             SELECT p.spot_id FROM p
+              WHERE p.spot_id IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM hubspot_sync.property_outbox o
+                     WHERE o.spot_id = p.spot_id AND o.next_attempt_at <= now())
+             UNION
+             SELECT a.spot_id FROM a
+              WHERE a.spot_id IS NOT NULL AND EXISTS (
+                    SELECT 1 FROM hubspot_sync.activity_outbox o
+                     WHERE o.spot_id = a.spot_id AND o.next_attempt_at <= now())",
+        )
+        .await?;
+    Ok(db
+        .query(&statement, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 /// The longest a row of the next batch of a Spot (the first `limit` due
@@ -196,9 +237,12 @@ pub struct MemberRecord {
 }
 
 /// Reads these members' current values (with group, tag and custom role names) from `public`.
-pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<MemberRecord>, DbError> {
-    let rows = db
-        .query(
+pub async fn member_records(
+    db: &super::Conn,
+    member_ids: &[i64],
+) -> Result<Vec<MemberRecord>, DbError> {
+    let statement = db
+        .prepare_cached(
             "SELECT m.spot_id, m.id, m.email, m.first_name, m.last_name, m.status, m.role,
                     CASE WHEN cr.spot_id = m.spot_id THEN cr.name END,
                     m.invited_at, m.registered_at, m.headline, m.bio,
@@ -216,9 +260,9 @@ pub async fn member_records(db: &Client, member_ids: &[i64]) -> Result<Vec<Membe
                FROM public.members m
                LEFT JOIN public.custom_roles cr ON cr.id = m.custom_role_id
               WHERE m.id = ANY($1)",
-            &[&member_ids],
         )
         .await?;
+    let rows = db.query(&statement, &[&member_ids]).await?;
     Ok(rows
         .iter()
         .map(|r| MemberRecord {
@@ -281,21 +325,23 @@ pub(super) async fn hold_fence(tx: &impl GenericClient, fence: Fence) -> Result<
 
 /// Reads the `hubspot_sync.contact_map` entries of these (spot, member) keys on this portal.
 pub async fn contact_states(
-    db: &Client,
+    db: &super::Conn,
     portal_id: i64,
     keys: &[(i64, i64)],
 ) -> Result<HashMap<(i64, i64), ContactState>, DbError> {
     let spots: Vec<i64> = keys.iter().map(|k| k.0).collect();
     let members: Vec<i64> = keys.iter().map(|k| k.1).collect();
-    let rows = db
-        .query(
+    let statement = db
+        .prepare_cached(
             "SELECT c.spot_id, c.member_id, c.email, c.contact_id, c.written
                FROM hubspot_sync.contact_map c
                JOIN unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
                  ON k.spot_id = c.spot_id AND k.member_id = c.member_id
               WHERE c.portal_id = $3",
-            &[&spots, &members, &portal_id],
         )
+        .await?;
+    let rows = db
+        .query(&statement, &[&spots, &members, &portal_id])
         .await?;
     Ok(rows
         .iter()
