@@ -1,4 +1,4 @@
-//! `cargo bench --bench pipeline [-- --shape catchup|large|stream|all] [--quick] [options]`
+//! `cargo bench --bench pipeline [-- --shape catchup|large|stream|fleet|all] [--quick] [options]`
 //!
 //! Measures the pipeline against its limits, side by side in one run, each
 //! shape as a ratio against its limit:
@@ -16,10 +16,16 @@
 //!   portals answer after 150 ms; commit-to-HubSpot latency percentiles and
 //!   calls per change.
 //!
-//! `--quick` runs small versions of all three (CI).
+//! - **fleet**: 2,000 and 10,000 connected Spots on one sidecar process:
+//!   transactions/s on the primary, CPU and HubSpot calls while idle, RSS,
+//!   a burst of one change in each of 1,000 Spots (p99 commit-to-HubSpot,
+//!   calls per Spot), and a restart with every OAuth token due.
+//!
+//! `--quick` runs small versions of all four (CI).
 //! Options: `--transactions N --rows-per-tx R --spots S --members M`
 //! (catchup, M per Spot), `--rows N` (large), `--rate R --seconds T
-//! --latency-ms D` (stream), `--rate-limit L` (requests per 10 s).
+//! --latency-ms D` (stream), `--spots S --seconds T` (fleet: S Spots, T s
+//! idle), `--rate-limit L` (requests per 10 s).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -643,6 +649,348 @@ async fn stream(b: &mut Bench, a: &Args, rate: usize, seconds: usize) -> anyhow:
     Ok(())
 }
 
+/// Transactions committed in the database so far (every backend's, ours
+/// included: two per sample). Postgres flushes a backend's counts at most
+/// once a second and an idle one's within 10 s, so a short window is read
+/// up to that late at both ends.
+async fn commits(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
+    Ok(db
+        .query_one(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// CPU time the process has used (user + system), from /proc.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // SAFETY: sysconf reads a constant of the system and has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks / per_second
+}
+
+/// The process's resident memory now (VmRSS), in bytes.
+fn rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+/// The sum of a metric's series (every label) on the sidecar's /metrics.
+async fn metric_sum(http: &reqwest::Client, listen: &str, name: &str) -> f64 {
+    let Ok(resp) = http.get(format!("http://{listen}/metrics")).send().await else {
+        return 0.0;
+    };
+    let text = resp.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Starts the release binary on the fleet's database; returns it once
+/// /readyz answers 200, with the time that took.
+async fn start_fleet_sidecar(
+    db: &Db,
+    emu: &Emulator,
+    listen: &str,
+    rate_limit: u32,
+) -> anyhow::Result<(common::Process, f64)> {
+    let t = Instant::now();
+    let child = common::Process(
+        common::oauth_sidecar_command(&db.url, &db.slot, &emu.base_url(), listen)
+            .env("SIDECAR_SECRET_KEY", hex::encode(KEY))
+            .env("HUBSPOT_RATE_LIMIT", rate_limit.to_string())
+            .spawn()?,
+    );
+    let http = reqwest::Client::new();
+    loop {
+        let ready = http
+            .get(format!("http://{listen}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200);
+        if ready {
+            return Ok((child, t.elapsed().as_secs_f64()));
+        }
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(120),
+            "the sidecar was not ready within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Commits one change to each member, back to back, and waits until every
+/// one reached its contact: the commit-to-HubSpot latencies, sorted.
+async fn changes_reach_hubspot(
+    db: &tokio_postgres::Client,
+    emu: &Emulator,
+    targets: &[(u64, i64, String)],
+    tag: &str,
+) -> anyhow::Result<Vec<f64>> {
+    let stmt = db
+        .prepare("UPDATE members SET headline = $1 WHERE id = $2")
+        .await?;
+    let mut committed = Vec::with_capacity(targets.len());
+    for (portal, member, email) in targets {
+        db.execute(&stmt, &[&tag, member]).await?;
+        committed.push((*portal, email.clone(), chrono::Utc::now()));
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut latencies = Vec::with_capacity(committed.len());
+    for (portal, email, at) in &committed {
+        loop {
+            let contact = emu.contact_by_email(*portal, email);
+            let arrived = contact.filter(|c| {
+                c.properties.get("meltingspot_headline").map(String::as_str) == Some(tag)
+            });
+            if let Some(c) = arrived {
+                latencies.push((c.updated_at - *at).num_microseconds().unwrap_or(0) as f64 / 1e6);
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "a change did not reach HubSpot within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    Ok(latencies)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or(f64::NAN)
+}
+
+/// (d) Many small Spots on one sidecar process, each on a portal of its
+/// own, half through OAuth: what an idle fleet costs the primary and the
+/// process, a burst of one change in each of `burst` Spots whose portals
+/// answer after `latency_ms`, and a restart with every OAuth token due.
+async fn fleet(
+    b: &mut Bench,
+    a: &Args,
+    spots: usize,
+    burst: usize,
+    idle_secs: u64,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== fleet: {spots} connected Spots of 5 members, each on its own portal, every other one through OAuth; idle for {idle_secs} s, then one change in each of {burst} Spots (calls answered after {} ms), then a restart with every OAuth token due",
+        a.latency_ms
+    );
+    let mut db = b.database().await?;
+    let t = Instant::now();
+    let ids: Vec<i64> = db
+        .client
+        .query(
+            "INSERT INTO spots (name, slug) SELECT 'Fleet ' || g, 'fleet-' || g
+               FROM generate_series(1, $1::int) g RETURNING id",
+            &[&(spots as i32)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    db.client
+        .execute(
+            "INSERT INTO members (spot_id, email, status)
+             SELECT s, 'm' || g || '-' || s || '@example.com', 'accepted'
+               FROM unnest($1::bigint[]) s, generate_series(1, 5) g",
+            &[&ids],
+        )
+        .await?;
+    let sealer = Sealer::new(&KEY);
+    let markers = MarkerKey::new(&KEY);
+    let mut portals = Vec::with_capacity(spots);
+    for (i, &spot) in ids.iter().enumerate() {
+        let (portal, key) = b.emu.create_portal();
+        let credentials = if i % 2 == 1 {
+            let (access, refresh) = b.emu.grant_oauth_tokens(portal);
+            store::Credentials {
+                kind: store::AuthKind::OAuth,
+                access_token_enc: sealer.seal(&access),
+                refresh_token_enc: Some(sealer.seal(&refresh)),
+                expires_at: Some(chrono::Utc::now() + chrono::Duration::minutes(30)),
+            }
+        } else {
+            store::Credentials {
+                kind: store::AuthKind::Token,
+                access_token_enc: sealer.seal(&key),
+                refresh_token_enc: None,
+                expires_at: None,
+            }
+        };
+        store::activate(
+            &mut db.client,
+            &markers,
+            spot,
+            portal as i64,
+            &credentials,
+            ChangeSource::AdminApi,
+        )
+        .await?;
+        portals.push(portal);
+    }
+    // Connected long ago: initialized and backfilled.
+    db.client
+        .execute(
+            "UPDATE hubspot_sync.integrations SET initialized_at = now(), backfill_done_at = now()",
+            &[],
+        )
+        .await?;
+    // The first member of each burst Spot has a contact the map knows.
+    let mut targets = Vec::with_capacity(burst);
+    for (i, &spot) in ids.iter().take(burst).enumerate() {
+        let email = format!("m1-{spot}@example.com");
+        let contact = b.emu.add_contact(portals[i], &email, &[]);
+        let member: i64 = db
+            .client
+            .query_one("SELECT id FROM members WHERE lower(email) = $1", &[&email])
+            .await?
+            .get(0);
+        db.client
+            .execute(
+                "INSERT INTO hubspot_sync.contact_map (spot_id, portal_id, member_id, email, contact_id)
+                 VALUES ($1, $2, $3, $4, $5)",
+                &[&spot, &(portals[i] as i64), &member, &email, &contact],
+            )
+            .await?;
+        b.emu.set_faults(
+            Some(portals[i]),
+            Faults {
+                latency: Some(Duration::from_millis(a.latency_ms)),
+                ..Default::default()
+            },
+        );
+        targets.push((portals[i], member, email));
+    }
+    create_slots(&db, &[&db.slot]).await?;
+    println!("seeded in {:.1} s", t.elapsed().as_secs_f64());
+
+    let listen = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let http = reqwest::Client::new();
+    let (child, ready_secs) = start_fleet_sidecar(&db, &b.emu, &listen, a.rate_limit).await?;
+    let pid = child.id();
+    // Settle: the start's own reads are done once every Spot is served.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while metric_sum(&http, &listen, "hubspot_sidecar_delivery_spots").await < spots as f64 {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "delivery did not take up every Spot"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let calls =
+        |emu: &Emulator| -> u64 { portals.iter().map(|p| emu.request_stats(*p).total).sum() };
+    let (c0, cpu0, calls0) = (commits(&db.client).await?, cpu_seconds(pid), calls(&b.emu));
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let (c1, cpu1, calls1) = (commits(&db.client).await?, cpu_seconds(pid), calls(&b.emu));
+    let idle_rss = rss(pid);
+    let tps = (c1 - c0 - 1) as f64 / idle_secs as f64;
+    let cpu = (cpu1 - cpu0) / idle_secs as f64 * 100.0;
+    println!(
+        "  idle {idle_secs} s: {tps:.2} transactions/s on the primary (goal < 5), {cpu:.2}% of a core (goal < 2%), {} HubSpot calls (goal 0)",
+        calls1 - calls0
+    );
+    println!(
+        "  memory: RSS {:.1} MB with {spots} Spots (goal < 150 MB at 10,000), {:.0} bytes per Spot over the whole process; ready {ready_secs:.2} s after start",
+        idle_rss as f64 / 1e6,
+        idle_rss as f64 / spots as f64
+    );
+
+    let burst_calls0: u64 = targets
+        .iter()
+        .map(|(p, _, _)| b.emu.request_stats(*p).total)
+        .sum();
+    let latencies = changes_reach_hubspot(&db.client, &b.emu, &targets, "burst").await?;
+    let burst_calls: u64 = targets
+        .iter()
+        .map(|(p, _, _)| b.emu.request_stats(*p).total)
+        .sum::<u64>()
+        - burst_calls0;
+    println!(
+        "  burst, one change in each of {burst} Spots: commit-to-HubSpot p50 {:.3} s  p99 {:.3} s  max {:.3} s (goal p99 < 0.5 s; one call takes {:.3} s); {:.2} calls per Spot (goal 1)",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(f64::NAN),
+        a.latency_ms as f64 / 1e3,
+        burst_calls as f64 / burst.max(1) as f64
+    );
+
+    // A restart (kill -9, as a failover is) with every OAuth token due.
+    drop(child);
+    db.client
+        .execute(
+            "UPDATE hubspot_sync.integrations SET token_expires_at = now() - interval '1 minute'
+              WHERE auth_kind = 'oauth'",
+            &[],
+        )
+        .await?;
+    let c_start = commits(&db.client).await?;
+    let (child, ready_secs) = start_fleet_sidecar(&db, &b.emu, &listen, a.rate_limit).await?;
+    let pid = child.id();
+    // Statements in the start's first seconds, by the second.
+    let mut peak = 0i64;
+    let mut last = commits(&db.client).await?;
+    let first_second = last - c_start;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = commits(&db.client).await?;
+        peak = peak.max(now - last - 1);
+        last = now;
+    }
+    // The first change after the start, to an OAuth Spot whose token is due.
+    let oauth_target = targets
+        .iter()
+        .skip(1)
+        .step_by(2)
+        .take(1)
+        .cloned()
+        .collect::<Vec<_>>();
+    let first = changes_reach_hubspot(&db.client, &b.emu, &oauth_target, "after restart").await?;
+    let refreshes = metric_sum(&http, &listen, "hubspot_sidecar_token_refreshes_total").await;
+    let busiest = portals
+        .iter()
+        .map(|p| b.emu.request_stats(*p).peak_in_10s)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "  restart with {} OAuth tokens due: ready {ready_secs:.2} s (goal < 10 s); {first_second} transactions until ready, then at most {peak} in a second; first change reached HubSpot {:.3} s after its commit (goal < 1 s); {refreshes:.0} refreshes (only Spots with work refresh); busiest portal {busiest} calls in 10 s (limit {}); RSS {:.1} MB",
+        spots / 2,
+        first.first().copied().unwrap_or(f64::NAN),
+        a.rate_limit,
+        rss(pid) as f64 / 1e6
+    );
+    drop(child);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args();
@@ -709,6 +1057,18 @@ async fn main() -> anyhow::Result<()> {
         let rate = a.rate.unwrap_or(200);
         let seconds = a.seconds.unwrap_or(if a.quick { 10 } else { 60 });
         stream(&mut b, &a, rate, seconds).await?;
+    }
+    if all || a.shape == "fleet" {
+        let sizes: Vec<usize> = match a.spots {
+            Some(n) => vec![n],
+            None if a.quick => vec![2_000],
+            None => vec![2_000, 10_000],
+        };
+        let idle = a.seconds.unwrap_or(if a.quick { 20 } else { 60 }) as u64;
+        for spots in sizes {
+            let burst = spots.min(if a.quick { 200 } else { 1_000 });
+            fleet(&mut b, &a, spots, burst, idle).await?;
+        }
     }
     b.emu.shutdown().await;
     drop(b.cluster);

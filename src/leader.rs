@@ -24,7 +24,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::DatabaseConfig;
-use crate::http::Health;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::{Db, DbClient, DbError};
 

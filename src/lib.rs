@@ -14,6 +14,7 @@ pub(crate) mod deliver;
 pub mod demo;
 pub mod doctor;
 pub mod failpoints;
+pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod hubspot;
 pub(crate) mod integrations;

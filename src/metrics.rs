@@ -451,9 +451,6 @@ impl Metrics {
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
         }
-        for cause in crate::replication::slot::ResyncCause::ALL {
-            m.resyncs.with_label_values(&[cause.as_str()]).inc_by(0);
-        }
         for table in crate::translate::FULL_IDENTITY_TABLES {
             m.replica_identity_drift.with_label_values(&[table]).set(0);
         }

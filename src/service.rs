@@ -21,7 +21,8 @@ use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::deliver::mailer::Mailer;
 use crate::deliver::{self, DeliverContext, Fences};
-use crate::http::{self, AppState, Health};
+use crate::health::Health;
+use crate::http::{self, AppState};
 use crate::hubspot::oauth::OAuthApp;
 use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::timeline::ActivitySink;
@@ -99,6 +100,7 @@ pub async fn run(
     // The stream's hand-offs never queue behind delivery for a connection.
     let stream_db = Db::with_size(&cfg.database, 2)?;
     let metrics = Arc::new(Metrics::new());
+    crate::replication::slot::ResyncCause::zero_counters(&metrics);
     let health = Arc::new(Health::default());
     let sealer = Sealer::new(&cfg.secret_key);
     let wake = crate::deliver::Wake::default();

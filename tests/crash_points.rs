@@ -404,7 +404,26 @@ async fn token_refreshed_new_token_not_stored() {
     let mut child = spawn(&url, &slot, &emu, &listen, Some("token_refreshed"));
     wait_ready(&http, &listen).await;
     assert_eq!(oauth_connect_process(&http, &listen, spot).await, 200);
-    assert_killed(wait_exit(&mut child, 60 * SECOND).await);
+    // A token is refreshed only when a call needs it: members keep changing
+    // until the refresh, due a second after the connection, is made.
+    let until = std::time::Instant::now() + 60 * SECOND;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the sidecar did not reach its crash point within 60 s"
+        );
+        db.execute(
+            "UPDATE members SET headline = 'h' || clock_timestamp() WHERE spot_id = $1",
+            &[&spot],
+        )
+        .await
+        .expect("change the members");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_killed(status);
 
     let _running = spawn(&url, &slot, &emu, &listen, None);
     wait_ready(&http, &listen).await;

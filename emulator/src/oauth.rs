@@ -125,6 +125,23 @@ pub(crate) fn authorize(
     )))
 }
 
+/// An access and a refresh token for `portal`, as an install of the app
+/// with the default scopes would get them (fleets seeded in bulk).
+pub(crate) fn grant(st: &mut State, portal: u64, now: DateTime<Utc>) -> (String, String) {
+    let scopes = DEFAULT_SCOPES.iter().map(|s| s.to_string()).collect();
+    let reply = issue(st, portal, scopes, now, None);
+    let field = |k: &str| {
+        reply
+            .body
+            .as_ref()
+            .and_then(|b| b.get(k))
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    (field("access_token"), field("refresh_token"))
+}
+
 /// The portal an OAuth-endpoint request concerns, known before handling it (faults, stats).
 pub(crate) fn portal_hint(st: &State, ep: &Endpoint, body: &[u8]) -> Option<u64> {
     match ep {

@@ -2,7 +2,7 @@
 
 mod ui;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::{Path, Query, State};
@@ -18,14 +18,7 @@ use crate::metrics::Metrics;
 use crate::store::{Db, DbError};
 use crate::translate::ActivitiesPatch;
 
-/// Liveness and readiness flags that the loops set.
-#[derive(Default)]
-pub struct Health {
-    pub migrated: AtomicBool,
-    pub streaming: AtomicBool,
-    /// This replica holds the leadership (only the leader streams and delivers).
-    pub leader: AtomicBool,
-}
+use crate::health::Health;
 
 /// What the handlers share.
 #[derive(Clone)]

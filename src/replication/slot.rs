@@ -52,6 +52,17 @@ impl ResyncCause {
         }
     }
 
+    /// Shows every cause's resync counter at 0 from the start (the metrics
+    /// know nothing of the causes: they sit below every stage).
+    pub fn zero_counters(metrics: &crate::metrics::Metrics) {
+        for cause in Self::ALL {
+            metrics
+                .resyncs
+                .with_label_values(&[cause.as_str()])
+                .inc_by(0);
+        }
+    }
+
     /// Every cause, for metrics that report each.
     pub const ALL: [ResyncCause; 6] = [
         ResyncCause::SlotMissing,
