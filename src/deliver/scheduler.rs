@@ -117,6 +117,8 @@ impl Scheduler {
         }
         self.look_for_due_work().await;
         let mut catching_up = self.ctx.catching_up.clone();
+        // The stream's end drops the sender: nothing more to wait for then.
+        let mut stream_gone = false;
         let mut fleet_look = tokio::time::interval_at(Instant::now() + FLEET_LOOK, FLEET_LOOK);
         fleet_look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reread = tokio::time::interval_at(Instant::now() + REREAD_EVERY, REREAD_EVERY);
@@ -141,10 +143,10 @@ impl Scheduler {
                     }
                 }
                 _ = sleep_until(next_timer), if next_timer.is_some() => self.timers_due(),
-                changed = catching_up.changed() => {
+                changed = catching_up.changed(), if !stream_gone => {
                     if changed.is_err() {
-                        // The stream is gone (shutting down): nothing to wait for.
-                        catching_up = watch::channel(false).1;
+                        stream_gone = true;
+                        self.release_held();
                     } else if !*catching_up.borrow_and_update() {
                         self.release_held();
                     }
@@ -185,6 +187,9 @@ impl Scheduler {
                 continue;
             }
             let (Some(live), Some(mut worker)) = (entry.live.clone(), entry.worker.take()) else {
+                // Waiting for its integration to be read again: out of the
+                // queue, so a later signal or read queues it anew.
+                entry.state = State::Idle;
                 continue;
             };
             entry.state = State::Running;

@@ -559,13 +559,17 @@ pub async fn add_members(db: &Client, spot_id: i64, prefix: &str, count: i64) {
 
 /// Peak resident memory of a process, in bytes (`VmHWM` in /proc).
 pub fn peak_rss(pid: u32) -> u64 {
+    memory_field(pid, "VmHWM:").expect("VmHWM in /proc/<pid>/status")
+}
+
+/// A memory field of /proc/<pid>/status (`VmHWM:`, `VmRSS:`), in bytes.
+pub fn memory_field(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
-        .expect("VmHWM in /proc/<pid>/status")
-        * 1024
+        .map(|kb| kb * 1024)
 }
