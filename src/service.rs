@@ -935,7 +935,7 @@ async fn sample_lag(
     const COUNT_INTEGRATIONS_EVERY: u32 = 10;
     let mut samples: u32 = 0;
     loop {
-        let count_integrations = samples % COUNT_INTEGRATIONS_EVERY == 0;
+        let count_integrations = samples.is_multiple_of(COUNT_INTEGRATIONS_EVERY);
         samples = samples.wrapping_add(1);
         let oldest = oldest_pending.load(Ordering::Relaxed);
         let age = if oldest == 0 {
