@@ -46,6 +46,9 @@ const FLEET_LOOK: Duration = Duration::from_secs(5);
 /// made (this process's own changes arrive as signals), and work of
 /// long-failed integrations is purged.
 const REREAD_EVERY: Duration = Duration::from_secs(60);
+/// How long a Spot whose round was fenced, while its integration still
+/// reads as the same activation, waits before its next round.
+const AFTER_STOP: Duration = Duration::from_secs(1);
 /// How long a Spot whose round panicked waits before its next one.
 const AFTER_PANIC: Duration = Duration::from_secs(5);
 
@@ -321,10 +324,32 @@ impl Scheduler {
             // Failed or superseded: read the integration again (a new
             // activation gets a new worker; a failed one is no longer served).
             Next::Stop => {
-                if let Some(entry) = self.spots.get_mut(&spot_id) {
-                    entry.live = None;
-                }
+                let stopped = self
+                    .spots
+                    .get_mut(&spot_id)
+                    .and_then(|entry| entry.live.take())
+                    .map(|l| l.activation);
                 self.reread(spot_id).await;
+                // Still the same activation (the round was fenced while the
+                // row says active, as when leadership is being lost): a
+                // moment before it tries again, never a hot loop.
+                let same = self
+                    .spots
+                    .get(&spot_id)
+                    .and_then(|e| e.live.as_ref())
+                    .map(|l| l.activation);
+                if same.is_some() && same == stopped {
+                    if let Some(entry) = self.spots.get_mut(&spot_id) {
+                        entry.state = State::Idle;
+                    }
+                    self.wait(
+                        spot_id,
+                        State::Waiting {
+                            until: now + AFTER_STOP,
+                            signal_ends_it: false,
+                        },
+                    );
+                }
             }
         }
     }
