@@ -679,6 +679,21 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks / per_second
 }
 
+/// CPU time every `postgres` process on the machine has used.
+fn postgres_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .map(cpu_seconds)
+        .sum()
+}
+
 /// The process's resident memory now (VmRSS), in bytes.
 fn rss(pid: u32) -> u64 {
     common::memory_field(pid, "VmRSS:").unwrap_or(0)
@@ -939,7 +954,25 @@ async fn fleet(
         .iter()
         .map(|(p, _, _)| b.emu.request_stats(*p).total)
         .sum();
+    let cpu_before = (
+        cpu_seconds(pid),
+        postgres_cpu_seconds(),
+        cpu_seconds(std::process::id()),
+    );
+    let t = Instant::now();
     let latencies = changes_reach_hubspot(&db.client, &b.emu, &targets, "burst").await?;
+    let wall = t.elapsed().as_secs_f64();
+    let cpu_after = (
+        cpu_seconds(pid),
+        postgres_cpu_seconds(),
+        cpu_seconds(std::process::id()),
+    );
+    println!(
+        "  the burst's CPU over {wall:.2} s (2 cores): sidecar {:.2} s, Postgres {:.2} s, this benchmark (load, emulator) {:.2} s",
+        cpu_after.0 - cpu_before.0,
+        cpu_after.1 - cpu_before.1,
+        cpu_after.2 - cpu_before.2
+    );
     let burst_calls: u64 = targets
         .iter()
         .map(|(p, _, _)| b.emu.request_stats(*p).total)

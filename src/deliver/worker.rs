@@ -386,15 +386,11 @@ impl SpotWorker {
 
     /// One unit of work for the Spot.
     async fn step(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
-        // The scheduler's view may be a moment old (a change made by another
-        // process reaches it later): a Spot disconnected, failed or
-        // reconnected meanwhile gets nothing.
-        let client = self.ctx.db.client().await?;
-        if !store::is_current(&client, spot.spot_id, spot.portal_id, spot.activation).await? {
-            return Err(DeliverError::Superseded.into());
-        }
-        drop(client);
-
+        // No look at the integration first: the scheduler's view may be a
+        // moment old, but every call passes the fence (`fence`), every
+        // write checks the activation in its own transaction (completion,
+        // backfill page, initialization), and a round's take is harmless.
+        // A Spot disconnected, failed or reconnected meanwhile gets nothing.
         // Initialization, once per activation (SPEC §4.2).
         let uninitialized = !spot.initialized && !self.initialized;
         if uninitialized || self.schema_stale {

@@ -268,7 +268,7 @@ pub enum ActivityDone {
 
 /// In one transaction: deletes finished events (dead-lettering refused ones), reschedules the rest.
 pub async fn complete_activities(
-    db: &mut Client,
+    db: &mut super::Conn,
     fence: super::Fence,
     done: &[ActivityDone],
 ) -> Result<bool, DbError> {

@@ -882,19 +882,20 @@ pub async fn recently_called_portals(db: &Client) -> Result<Vec<(i64, f64)>, DbE
 /// the latest error (this activation only). Returns how long the Spot has
 /// been failing.
 pub async fn record_outcome(
-    db: &Client,
+    db: &super::Conn,
     spot_id: i64,
     activation: i64,
     error: Option<&str>,
 ) -> Result<std::time::Duration, DbError> {
     match error {
         None => {
-            db.execute(
-                "UPDATE hubspot_sync.integrations SET last_success_at = now(), failing_since = NULL
-                  WHERE spot_id = $1 AND activation = $2",
-                &[&spot_id, &activation],
-            )
-            .await?;
+            let statement = db
+                .prepare_cached(
+                    "UPDATE hubspot_sync.integrations SET last_success_at = now(), failing_since = NULL
+                      WHERE spot_id = $1 AND activation = $2",
+                )
+                .await?;
+            db.execute(&statement, &[&spot_id, &activation]).await?;
             Ok(std::time::Duration::ZERO)
         }
         Some(e) => {

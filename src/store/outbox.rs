@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use tokio_postgres::{Client, GenericClient};
+use tokio_postgres::Client;
 
 use super::DbError;
 
@@ -309,14 +309,23 @@ pub struct Fence {
     pub activation: i64,
 }
 
+/// A transaction on a pooled connection: its statements are prepared once
+/// per connection, like those of [`super::Conn`].
+pub(super) type ConnTransaction<'a> = deadpool_postgres::Transaction<'a>;
+
 /// Locks the integration row for share if `fence` is still current, in this
 /// transaction: a reconnect or disconnect then waits for the transaction.
-pub(super) async fn hold_fence(tx: &impl GenericClient, fence: Fence) -> Result<bool, DbError> {
-    Ok(tx
-        .query_opt(
+pub(super) async fn hold_fence(tx: &ConnTransaction<'_>, fence: Fence) -> Result<bool, DbError> {
+    let statement = tx
+        .prepare_cached(
             "SELECT 1 FROM hubspot_sync.integrations
               WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
                 FOR SHARE",
+        )
+        .await?;
+    Ok(tx
+        .query_opt(
+            &statement,
             &[&fence.spot_id, &fence.portal_id, &fence.activation],
         )
         .await?
@@ -422,7 +431,11 @@ impl Completion {
 /// arrived meanwhile (the version moved on), in one transaction. Returns
 /// false, and changes nothing, when `fence` is no longer current: record ids
 /// of another activation (maybe another portal) are never stored.
-pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Result<bool, DbError> {
+pub async fn complete(
+    db: &mut super::Conn,
+    fence: Fence,
+    done: &[Completion],
+) -> Result<bool, DbError> {
     let mut done: Vec<&Completion> = done.iter().collect();
     // Same lock order as the hand-off (integration, then outbox rows by
     // key), so the two never deadlock.
@@ -495,15 +508,27 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
     }
     let spot = fence.spot_id;
     if !map.members.is_empty() {
-        tx.execute(
-            "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
              SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2
                FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[]) AS m(member_id, email, contact_id, written)
               ORDER BY m.member_id
              ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
                 SET email = excluded.email, contact_id = excluded.contact_id,
                     written = excluded.written, updated_at = now()",
-            &[&spot, &portal, &map.members, &map.emails, &map.contact_ids, &map.written],
+            )
+            .await?;
+        tx.execute(
+            &statement,
+            &[
+                &spot,
+                &portal,
+                &map.members,
+                &map.emails,
+                &map.contact_ids,
+                &map.written,
+            ],
         )
         .await?;
     }
@@ -527,8 +552,9 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
     }
     if !delivered.0.is_empty() {
         // A row whose version moved on meanwhile (a newer change) stays.
-        tx.execute(
-            "WITH k AS (
+        let statement = tx
+            .prepare_cached(
+                "WITH k AS (
                  SELECT o.member_id
                    FROM hubspot_sync.property_outbox o
                    JOIN unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
@@ -539,9 +565,10 @@ pub async fn complete(db: &mut Client, fence: Fence, done: &[Completion]) -> Res
              )
              DELETE FROM hubspot_sync.property_outbox o
               USING k WHERE o.spot_id = $1 AND o.member_id = k.member_id",
-            &[&spot, &delivered.0, &delivered.1],
-        )
-        .await?;
+            )
+            .await?;
+        tx.execute(&statement, &[&spot, &delivered.0, &delivered.1])
+            .await?;
     }
     tx.commit().await?;
     Ok(true)
