@@ -245,3 +245,83 @@ async fn a_resync_rewrites_current_values_and_shows_its_progress() {
     assert_eq!(trail["events"][0]["source"], "admin_api");
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_spot_list_is_paged_filtered_and_shows_failed_spots_first() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    // 120 Spots with an integration, every tenth failed, the rest inactive;
+    // one named with characters a search must take literally.
+    db.batch_execute(
+        "INSERT INTO spots (id, name, slug)
+           SELECT 5000 + g, CASE WHEN g = 77 THEN 'Odd 100%_club' ELSE 'Club ' || g END, 'club-' || g
+             FROM generate_series(1, 120) g;
+         INSERT INTO hubspot_sync.integrations (spot_id, status, last_error)
+           SELECT 5000 + g, CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'inactive' END,
+                  CASE WHEN g % 10 = 0 THEN 'HubSpot refused the token' END
+             FROM generate_series(1, 120) g;",
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let list = |query: &'static str| {
+        let http = http.clone();
+        let url = sidecar.url(&format!("/api/spots{query}"));
+        async move {
+            let resp = http.get(url).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+            let status = resp.status().as_u16();
+            let total = resp
+                .headers()
+                .get("x-total-count")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i64>().ok());
+            let body: serde_json::Value = resp.json().await.unwrap();
+            (status, total, body)
+        }
+    };
+    let ids = |body: &serde_json::Value| -> Vec<i64> {
+        body.as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["spot_id"].as_i64().unwrap())
+            .collect()
+    };
+
+    // A page of 50 by default, the 12 failed first, then by id.
+    let (status, total, body) = list("").await;
+    assert_eq!((status, total), (200, Some(120)));
+    let first = ids(&body);
+    assert_eq!(first.len(), 50);
+    assert!(body.as_array().unwrap()[..12]
+        .iter()
+        .all(|v| v["status"] == "failed"));
+    assert_eq!(first[12], 5001);
+    // The pages cover every Spot once.
+    let (_, _, second) = list("?offset=50").await;
+    let (_, _, third) = list("?offset=100").await;
+    let mut all: Vec<i64> = first
+        .into_iter()
+        .chain(ids(&second))
+        .chain(ids(&third))
+        .collect();
+    assert_eq!(all.len(), 120);
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 120);
+
+    // Filters: a status, an id, a part of a name (taken literally).
+    let (_, total, body) = list("?status=failed&limit=5").await;
+    assert_eq!(total, Some(12));
+    assert_eq!(ids(&body), vec![5010, 5020, 5030, 5040, 5050]);
+    let (_, total, body) = list("?q=5042").await;
+    assert_eq!((total, ids(&body)), (Some(1), vec![5042]));
+    let (_, total, body) = list("?q=100%25_").await;
+    assert_eq!((total, ids(&body)), (Some(1), vec![5077]));
+    let (_, total, _) = list("?q=club%205").await;
+    assert_eq!(total, Some(11), "Club 5, Club 50-59");
+    let (status, _, _) = list("?status=broken").await;
+    assert_eq!(status, 400);
+    sidecar.stop().await;
+}

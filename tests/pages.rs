@@ -391,6 +391,31 @@ async fn the_operator_signs_in_and_sees_every_spot() {
     browser.wait_text("#slot-state", &name, 5 * SECOND).await;
     browser.shot("operator-overview").await;
 
+    // The filter: a part of a name, in any case, finds that Spot alone.
+    browser
+        .client
+        .find(Locator::Css("input[name=q]"))
+        .await
+        .expect("the search field")
+        .send_keys("design")
+        .await
+        .unwrap();
+    browser.click_button("Show").await;
+    browser
+        .wait_text(".pager", "1 to 1 of 1", 10 * SECOND)
+        .await;
+    let rows = browser
+        .client
+        .find_all(Locator::Css("#spots tbody tr"))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "only the Spot searched for");
+    assert!(rows[0].text().await.unwrap().contains("Design Guild"));
+    browser.client.goto(&sidecar.url("/ui")).await.unwrap();
+    browser
+        .wait_text(".pager", "1 to 2 of 2", 10 * SECOND)
+        .await;
+
     // A Spot's page: its facts, dead letters and audit trail.
     browser
         .client

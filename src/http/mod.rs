@@ -182,9 +182,59 @@ async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     )
 }
 
-async fn list_spots(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+/// `GET /api/spots`: a page of the Spots with an integration.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ListParams {
+    /// `inactive`, `active` or `failed`.
+    pub status: Option<String>,
+    /// A Spot id, or a part of its name.
+    pub q: Option<String>,
+    pub limit: Option<i64>,
+    pub offset: Option<i64>,
+}
+
+impl ListParams {
+    /// The store's query; a status that is not one is refused.
+    pub(crate) fn query(&self) -> Result<crate::store::ListQuery, String> {
+        let status = match self.status.as_deref().map(str::trim) {
+            None | Some("") | Some("all") => None,
+            Some(s) => Some(
+                crate::store::Status::ALL
+                    .into_iter()
+                    .find(|st| st.as_str() == s)
+                    .ok_or_else(|| {
+                        format!("status must be inactive, active or failed, not {s:?}")
+                    })?,
+            ),
+        };
+        Ok(crate::store::ListQuery {
+            status,
+            search: self.q.clone(),
+            limit: self.limit.unwrap_or(PAGE).clamp(1, PAGE_MAX),
+            offset: self.offset.unwrap_or(0).max(0),
+        })
+    }
+}
+
+/// A page of the Spots with an integration, failed first, then by id
+/// (`?status=&q=&limit=50&offset=0`); the number of all that match is in
+/// `X-Total-Count`.
+async fn list_spots(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
-    Ok(Json(s.integrations.list().await?).into_response())
+    let query = params
+        .query()
+        .map_err(|m| ApiError(StatusCode::BAD_REQUEST, m))?;
+    let page = s.integrations.list(&query).await?;
+    let mut response = Json(page.spots).into_response();
+    response
+        .headers_mut()
+        .insert("x-total-count", header::HeaderValue::from(page.total));
+    Ok(response)
 }
 
 async fn get_integration(

@@ -211,9 +211,12 @@ impl Integrations {
         Ok(store::spot_name(&*self.db.client().await?, spot_id).await?)
     }
 
-    /// Every Spot with an integration.
-    pub async fn list(&self) -> Result<Vec<IntegrationView>, IntegrationError> {
-        Ok(store::list_integrations(&*self.db.client().await?).await?)
+    /// A page of the Spots with an integration, failed first.
+    pub async fn list(
+        &self,
+        query: &store::ListQuery,
+    ) -> Result<store::ListPage, IntegrationError> {
+        Ok(store::list_integrations(&*self.db.client().await?, query).await?)
     }
 
     async fn require_spot(&self, spot_id: i64) -> Result<(), IntegrationError> {

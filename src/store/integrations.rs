@@ -230,48 +230,53 @@ pub struct Backlog {
     pub activities: i64,
 }
 
+/// The columns an `IntegrationView` is read from (`view_row`), for a row
+/// `i` of `hubspot_sync.integrations`: the one place the view's counts are
+/// written, for one Spot and for a page of them.
+const VIEW_COLUMNS: &str =
+    "i.spot_id, status, portal_id, create_contacts, activities, last_error, auth_kind,
+    (SELECT count(*) FROM hubspot_sync.property_outbox o WHERE o.spot_id = i.spot_id),
+    (SELECT count(*) FROM hubspot_sync.activity_outbox a WHERE a.spot_id = i.spot_id),
+    (SELECT count(*) FROM hubspot_sync.dead_letters d
+      WHERE d.spot_id = i.spot_id AND d.retried_at IS NULL),
+    status = 'active' AND backfill_done_at IS NULL,
+    (SELECT count(*) FROM public.members m
+      WHERE m.spot_id = i.spot_id
+        AND (i.backfill_done_at IS NOT NULL OR m.id <= COALESCE(i.backfill_after, 0))),
+    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id),
+    last_success_at,
+    (SELECT name FROM public.spots s WHERE s.id = i.spot_id)";
+
+fn view_row(r: &tokio_postgres::Row) -> IntegrationView {
+    IntegrationView {
+        spot_id: r.get(0),
+        status: Status::parse(r.get(1)),
+        portal_id: r.get(2),
+        create_contacts: r.get(3),
+        activities: serde_json::from_value(r.get(4)).unwrap_or_default(),
+        last_error: r.get(5),
+        auth_kind: r.get::<_, Option<&str>>(6).and_then(AuthKind::parse),
+        backlog: Backlog {
+            properties: r.get(7),
+            activities: r.get(8),
+        },
+        dead_letters: r.get(9),
+        backfill: BackfillProgress {
+            running: r.get(10),
+            queued: r.get(11),
+            members: r.get(12),
+        },
+        last_success_at: r.get(13),
+        spot_name: r.get(14),
+    }
+}
+
 /// Reads a Spot's integration and backlog counts; `inactive` if it never connected.
 pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationView, DbError> {
-    let row = db
-        .query_opt(
-            "SELECT status, portal_id, create_contacts, activities, last_error, auth_kind,
-                    (SELECT count(*) FROM hubspot_sync.property_outbox o WHERE o.spot_id = i.spot_id),
-                    (SELECT count(*) FROM hubspot_sync.activity_outbox a WHERE a.spot_id = i.spot_id),
-                    (SELECT count(*) FROM hubspot_sync.dead_letters d
-                      WHERE d.spot_id = i.spot_id AND d.retried_at IS NULL),
-                    status = 'active' AND backfill_done_at IS NULL,
-                    (SELECT count(*) FROM public.members m
-                      WHERE m.spot_id = i.spot_id
-                        AND (i.backfill_done_at IS NOT NULL OR m.id <= COALESCE(i.backfill_after, 0))),
-                    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id),
-                    last_success_at,
-                    (SELECT name FROM public.spots s WHERE s.id = i.spot_id)
-               FROM hubspot_sync.integrations i WHERE spot_id = $1",
-            &[&spot_id],
-        )
-        .await?;
+    let sql = format!("SELECT {VIEW_COLUMNS} FROM hubspot_sync.integrations i WHERE spot_id = $1");
+    let row = db.query_opt(&sql, &[&spot_id]).await?;
     Ok(match row {
-        Some(r) => IntegrationView {
-            spot_id,
-            status: Status::parse(r.get(0)),
-            portal_id: r.get(1),
-            create_contacts: r.get(2),
-            activities: serde_json::from_value(r.get(3)).unwrap_or_default(),
-            last_error: r.get(4),
-            auth_kind: r.get::<_, Option<&str>>(5).and_then(AuthKind::parse),
-            backlog: Backlog {
-                properties: r.get(6),
-                activities: r.get(7),
-            },
-            dead_letters: r.get(8),
-            backfill: BackfillProgress {
-                running: r.get(9),
-                queued: r.get(10),
-                members: r.get(11),
-            },
-            last_success_at: r.get(12),
-            spot_name: r.get(13),
-        },
+        Some(r) => view_row(&r),
         None => IntegrationView {
             spot_id,
             status: Status::Inactive,
@@ -289,19 +294,71 @@ pub async fn integration_view(db: &Client, spot_id: i64) -> Result<IntegrationVi
     })
 }
 
-/// Every row of `hubspot_sync.integrations` as the admin API shows it, by Spot.
-pub async fn list_integrations(db: &Client) -> Result<Vec<IntegrationView>, DbError> {
+/// Which integrations a list shows: a status, a search (a Spot id, or a
+/// part of its name), and a page.
+#[derive(Clone, Debug, Default)]
+pub struct ListQuery {
+    /// Only this status.
+    pub status: Option<Status>,
+    /// The Spot with this id, or Spots whose name contains this (any case).
+    pub search: Option<String>,
+    /// Rows per page.
+    pub limit: i64,
+    /// Rows skipped.
+    pub offset: i64,
+}
+
+/// A page of integrations, failed first, then by Spot id.
+#[derive(Clone, Debug)]
+pub struct ListPage {
+    /// How many integrations match, on every page.
+    pub total: i64,
+    /// This page's.
+    pub spots: Vec<IntegrationView>,
+}
+
+/// A page of integrations in two statements, whatever the fleet's size:
+/// the count of those that match, and the page's rows, whose counts are
+/// computed for the page's Spots only.
+pub async fn list_integrations(db: &Client, q: &ListQuery) -> Result<ListPage, DbError> {
+    let status = q.status.map(Status::as_str);
+    let search = q.search.as_deref().map(str::trim).filter(|s| !s.is_empty());
+    let id: Option<i64> = search.and_then(|s| s.parse().ok());
+    // The name's search is literal: %, _ and \ in it match themselves.
+    let pattern = search.map(|s| {
+        format!(
+            "%{}%",
+            s.replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )
+    });
+    const MATCHES: &str = "($1::text IS NULL OR i.status = $1)
+        AND ($2::text IS NULL OR i.spot_id = $3
+             OR EXISTS (SELECT 1 FROM public.spots s WHERE s.id = i.spot_id AND s.name ILIKE $2))";
+    let total: i64 = db
+        .query_one(
+            &format!("SELECT count(*) FROM hubspot_sync.integrations i WHERE {MATCHES}"),
+            &[&status, &pattern, &id],
+        )
+        .await?
+        .get(0);
     let rows = db
         .query(
-            "SELECT spot_id FROM hubspot_sync.integrations ORDER BY spot_id",
-            &[],
+            &format!(
+                "SELECT {VIEW_COLUMNS}
+                   FROM (SELECT i.spot_id FROM hubspot_sync.integrations i WHERE {MATCHES}
+                          ORDER BY i.status = 'failed' DESC, i.spot_id LIMIT $4 OFFSET $5) page
+                   JOIN hubspot_sync.integrations i USING (spot_id)
+                  ORDER BY i.status = 'failed' DESC, i.spot_id"
+            ),
+            &[&status, &pattern, &id, &q.limit, &q.offset],
         )
         .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        out.push(integration_view(db, r.get(0)).await?);
-    }
-    Ok(out)
+    Ok(ListPage {
+        total,
+        spots: rows.iter().map(view_row).collect(),
+    })
 }
 
 /// The Spot's name in `public.spots`, or None if there is no such Spot.

@@ -15,10 +15,10 @@ use super::{
     end_session, esc, page, see_other, session, start_session, status_badge, when, Refusal,
     Session, SessionKind,
 };
-use crate::http::{constant_time_eq, require_leader, spot_id, AppState};
+use crate::http::{constant_time_eq, require_leader, spot_id, AppState, ListParams};
 use crate::integrations::{ChangeSource, IntegrationError};
 use crate::reconcile::Report;
-use crate::store::Status;
+use crate::store::{ListQuery, Status};
 
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
@@ -135,15 +135,24 @@ fn db_error(e: IntegrationError) -> Response {
     )
 }
 
-async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Response {
+async fn overview(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(params): Query<ListParams>,
+) -> Response {
     let s = match signed_in(&state, &headers) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    let spots = match state.integrations.list().await {
+    let query = match params.query() {
+        Ok(q) => q,
+        Err(m) => return super::refusal(StatusCode::BAD_REQUEST, "Not a filter", &m),
+    };
+    let listed = match state.integrations.list(&query).await {
         Ok(l) => l,
         Err(e) => return db_error(e),
     };
+    let spots = &listed.spots;
     let m = &state.metrics;
     let slot = format!(
         "<dl class=\"facts\">\
@@ -192,13 +201,72 @@ async fn overview(State(state): State<AppState>, headers: HeaderMap) -> Response
             "{nav}<h1>hubspot-sidecar</h1><section aria-labelledby=\"slot-title\">\
              <h2 id=\"slot-title\">Replication</h2>{slot}</section>\
              <section aria-labelledby=\"spots-title\"><h2 id=\"spots-title\">Spots ({n})</h2>\
+             {filter}\
              <table id=\"spots\"><thead><tr><th scope=\"col\">Spot</th><th scope=\"col\">Status</th>\
              <th scope=\"col\">Portal</th><th scope=\"col\">Backlog</th><th scope=\"col\">Dead letters</th>\
              <th scope=\"col\">Last error</th><th scope=\"col\">Last success</th></tr></thead>\
-             <tbody>{rows}</tbody></table></section>",
+             <tbody>{rows}</tbody></table>{pager}</section>",
             nav = nav(&s),
-            n = spots.len(),
+            n = listed.total,
+            filter = filter_form(&query),
+            pager = pager(&query, listed.total),
         ),
+    )
+}
+
+/// The overview's filter: a status, a Spot id or part of a name.
+fn filter_form(q: &ListQuery) -> String {
+    let option = |value: &str, label: &str| {
+        let selected = q.status.map(Status::as_str).unwrap_or("all") == value;
+        format!(
+            "<option value=\"{value}\"{}>{label}</option>",
+            if selected { " selected" } else { "" }
+        )
+    };
+    format!(
+        "<form method=\"get\" action=\"/ui\" class=\"filter\" role=\"search\">\
+         <label>Status <select name=\"status\">{}{}{}{}</select></label> \
+         <label>Spot id or name <input type=\"search\" name=\"q\" value=\"{}\"></label> \
+         <button type=\"submit\">Show</button></form>",
+        option("all", "All"),
+        option("failed", "Failed"),
+        option("active", "Active"),
+        option("inactive", "Inactive"),
+        esc(q.search.as_deref().unwrap_or_default()),
+    )
+}
+
+/// Links to the previous and next pages of the overview, keeping the filter.
+fn pager(q: &ListQuery, total: i64) -> String {
+    let link = |offset: i64, label: &str, rel: &str| {
+        let mut url = url::form_urlencoded::Serializer::new(String::new());
+        if let Some(status) = q.status {
+            url.append_pair("status", status.as_str());
+        }
+        if let Some(search) = q.search.as_deref().filter(|s| !s.is_empty()) {
+            url.append_pair("q", search);
+        }
+        url.append_pair("offset", &offset.to_string());
+        format!(
+            "<a rel=\"{rel}\" href=\"/ui?{}\">{label}</a>",
+            esc(&url.finish())
+        )
+    };
+    let mut parts = Vec::new();
+    if q.offset > 0 {
+        parts.push(link((q.offset - q.limit).max(0), "Previous", "prev"));
+    }
+    let shown_to = (q.offset + q.limit).min(total);
+    parts.push(format!(
+        "<span>{} to {shown_to} of {total}</span>",
+        if total == 0 { 0 } else { q.offset + 1 }
+    ));
+    if shown_to < total {
+        parts.push(link(q.offset + q.limit, "Next", "next"));
+    }
+    format!(
+        "<nav class=\"pager\" aria-label=\"Pages\">{}</nav>",
+        parts.join(" ")
     )
 }
 
