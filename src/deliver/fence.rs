@@ -3,7 +3,7 @@
 //!
 //! Two parts, because each alone leaves a gap:
 //! - the database says which activation is current
-//!   (`store::is_current`); every call checks it after its rate-limit wait,
+//!   (`store::is_current_led`); every call checks it after its rate-limit wait,
 //!   right before it goes out, and every write of a round checks it in the
 //!   round's transaction (`store::complete`);
 //! - a per-Spot read-write lock in this process orders the two: a call holds

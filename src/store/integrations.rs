@@ -773,19 +773,9 @@ pub async fn mark_failed(
     Ok(!failed.is_empty())
 }
 
-/// Whether this activation of the Spot is the active one (the fence of every
-/// HubSpot call and every write delivery makes).
-pub async fn is_current(
-    db: &super::Conn,
-    spot_id: i64,
-    portal_id: i64,
-    activation: i64,
-) -> Result<bool, DbError> {
-    is_current_led(db, spot_id, portal_id, activation, None).await
-}
-
-/// `is_current`, and (when given) the leadership lock `(pid, class, key)`
-/// is still held by this replica's lock session: the check before every call.
+/// Whether this activation of the Spot is the active one and (when given)
+/// the leadership lock `(pid, class, key)` is still held by this replica's
+/// lock session: the check before every HubSpot call delivery makes.
 pub async fn is_current_led(
     db: &super::Conn,
     spot_id: i64,
