@@ -147,10 +147,8 @@ impl Integrations {
         progress: impl FnMut(crate::reconcile::Progress),
     ) -> Result<crate::reconcile::Report, IntegrationError> {
         self.require_active(spot_id, "reconcile it").await?;
-        let live = store::active_integrations(&*self.db.client().await?)
+        let live = store::active_integration(&*self.db.client().await?, spot_id)
             .await?
-            .into_iter()
-            .find(|i| i.spot_id == spot_id)
             .ok_or_else(|| {
                 IntegrationError::Refused("the integration is no longer active".into())
             })?;
