@@ -325,3 +325,51 @@ async fn the_spot_list_is_paged_filtered_and_shows_failed_spots_first() {
     assert_eq!(status, 400);
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spots_view_reads_none_of_its_members() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    // A large Spot: what its settings page polls must not grow with it.
+    let spot = seed_spot(&db, "Large").await;
+    db.execute(
+        "INSERT INTO members (spot_id, email, status)
+         SELECT $1, 'm' || g || '@example.com', 'accepted' FROM generate_series(1, 50000) g",
+        &[&spot],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO hubspot_sync.integrations (spot_id, status) VALUES ($1, 'failed')",
+        &[&spot],
+    )
+    .await
+    .unwrap();
+    let members_read = || async {
+        db.query_one(
+            "SELECT (COALESCE(seq_tup_read, 0) + COALESCE(idx_tup_fetch, 0))::bigint
+               FROM pg_stat_user_tables WHERE schemaname = 'public' AND relname = 'members'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    // Postgres publishes a session's counts within 10 s of its last
+    // statement: the window opens and closes 11 s after any activity.
+    sidecar.integration(spot).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let before = members_read().await;
+    for _ in 0..20 {
+        assert_eq!(sidecar.integration(spot).await["status"], "failed");
+    }
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let read = members_read().await - before;
+    assert!(
+        read < 1000,
+        "20 reads of a 50,000-member Spot's view read {read} member rows"
+    );
+    sidecar.stop().await;
+}

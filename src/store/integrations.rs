@@ -217,7 +217,7 @@ pub struct BackfillProgress {
     pub running: bool,
     /// Members of the Spot queued so far (all of them once it is done).
     pub queued: i64,
-    /// Members of the Spot.
+    /// Members of the Spot when the backfill started (those it queued, once done).
     pub members: i64,
 }
 
@@ -240,10 +240,8 @@ const VIEW_COLUMNS: &str =
     (SELECT count(*) FROM hubspot_sync.dead_letters d
       WHERE d.spot_id = i.spot_id AND d.retried_at IS NULL),
     status = 'active' AND backfill_done_at IS NULL,
-    (SELECT count(*) FROM public.members m
-      WHERE m.spot_id = i.spot_id
-        AND (i.backfill_done_at IS NOT NULL OR m.id <= COALESCE(i.backfill_after, 0))),
-    (SELECT count(*) FROM public.members m WHERE m.spot_id = i.spot_id),
+    backfill_queued,
+    backfill_members,
     last_success_at,
     (SELECT name FROM public.spots s WHERE s.id = i.spot_id)";
 
@@ -541,14 +539,17 @@ pub async fn activate(
         "INSERT INTO hubspot_sync.integrations
              (spot_id, status, portal_id, auth_kind, access_token_enc, refresh_token_enc, token_expires_at,
               token_issued_at, initialized_at, backfill_after, backfill_done_at, last_error,
-              failing_since, failed_at, connected_at, updated_at, activation)
-         VALUES ($1, 'active', $2, $3, $4, $5, $6, now(), NULL, 0, NULL, NULL, NULL, NULL, now(), now(), 1)
+              failing_since, failed_at, connected_at, updated_at, activation,
+              backfill_members, backfill_queued)
+         VALUES ($1, 'active', $2, $3, $4, $5, $6, now(), NULL, 0, NULL, NULL, NULL, NULL, now(), now(), 1,
+                 (SELECT count(*) FROM public.members WHERE spot_id = $1), 0)
          ON CONFLICT (spot_id) DO UPDATE SET
               activation = hubspot_sync.integrations.activation + 1,
               status = 'active', portal_id = $2, auth_kind = $3, access_token_enc = $4,
               refresh_token_enc = $5, token_expires_at = $6, token_issued_at = now(), initialized_at = NULL,
               backfill_after = 0, backfill_done_at = NULL, last_error = NULL,
-              failing_since = NULL, failed_at = NULL, connected_at = now(), updated_at = now()",
+              failing_since = NULL, failed_at = NULL, connected_at = now(), updated_at = now(),
+              backfill_members = excluded.backfill_members, backfill_queued = 0",
         &[
             &spot_id,
             &portal_id,
@@ -829,6 +830,9 @@ pub(super) async fn restart_backfills(
         .query(
             "UPDATE hubspot_sync.integrations
                 SET activation = activation + 1, backfill_after = 0, backfill_done_at = NULL,
+                    backfill_queued = 0,
+                    backfill_members = (SELECT count(*) FROM public.members m
+                                         WHERE m.spot_id = hubspot_sync.integrations.spot_id),
                     updated_at = now()
               WHERE status = ANY($1) AND ($2::bigint IS NULL OR spot_id = $2)
           RETURNING spot_id",
@@ -999,11 +1003,16 @@ pub async fn backfill_page(
     let n: i64 = row.get(0);
     let last: Option<i64> = row.get(1);
     let done = n < page;
+    // Once done, the members are those it queued (some joined or left
+    // while it ran).
     db.execute(
         "UPDATE hubspot_sync.integrations
-            SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END
+            SET backfill_after = $2, backfill_done_at = CASE WHEN $3 THEN now() END,
+                backfill_queued = backfill_queued + $5,
+                backfill_members = CASE WHEN $3 THEN backfill_queued + $5
+                                        ELSE greatest(backfill_members, backfill_queued + $5) END
           WHERE spot_id = $1 AND status = 'active' AND activation = $4",
-        &[&spot_id, &last.unwrap_or(after), &done, &activation],
+        &[&spot_id, &last.unwrap_or(after), &done, &activation, &n],
     )
     .await?;
     Ok((n, last.unwrap_or(after), done))

@@ -57,6 +57,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
         10,
         include_str!("../../sql/migrations/0010_due_order_taken.sql"),
     ),
+    (
+        11,
+        include_str!("../../sql/migrations/0011_backfill_counts.sql"),
+    ),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so
