@@ -778,3 +778,58 @@ async fn an_expired_access_token_is_refreshed_and_the_rotated_refresh_token_stor
     );
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_to_the_same_portal_keeps_the_record_ids_it_knows() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spot = seed_spot(&db, "Kept").await;
+    add_members(&db, spot, "kept", 150).await;
+    let (portal, token) = emu.create_portal();
+    for g in 0..150 {
+        emu.add_contact(portal, &format!("kept{g}@example.com"), &[]);
+    }
+    sidecar.connect_with_token(spot, &token).await;
+    let backfilled = || async {
+        let v = sidecar.integration(spot).await;
+        v["backfill"]["running"] == false && v["backlog"]["properties"] == 0
+    };
+    wait_for("the first backfill", 60 * SECOND, backfilled).await;
+    let reads = emu.request_stats(portal).count_op("contacts.batch_read");
+    assert!(reads >= 2, "the first backfill looked the members up");
+    // An admin edits a contact in HubSpot; then the Spot is reconnected to
+    // the same portal (a new key, say).
+    emu.add_contact(
+        portal,
+        "kept7@example.com",
+        &[("meltingspot_member_status", "left")],
+    );
+    let updates = emu.request_stats(portal).count_op("contacts.batch_update");
+    sidecar.connect_with_token(spot, &token).await;
+    wait_for("the value written again", 60 * SECOND, || async {
+        prop(
+            &emu,
+            portal,
+            "kept7@example.com",
+            "meltingspot_member_status",
+        )
+        .as_deref()
+            == Some("accepted")
+    })
+    .await;
+    wait_for("the second backfill", 60 * SECOND, backfilled).await;
+    let stats = emu.request_stats(portal);
+    assert_eq!(
+        stats.count_op("contacts.batch_read"),
+        reads,
+        "no member was looked up again"
+    );
+    assert_eq!(
+        stats.count_op("contacts.batch_update") - updates,
+        2,
+        "every value written again, 100 contacts a call"
+    );
+    sidecar.stop().await;
+}

@@ -560,11 +560,19 @@ pub async fn activate(
         ],
     )
     .await?;
-    // A new activation may be another portal: record ids and written values
-    // of the old one mean nothing there, and the backfill rewrites everything.
+    // The backfill of the new activation writes every value again. Record
+    // ids of another portal mean nothing on this one; those of this portal
+    // (a reconnect to the same one) are kept, so its members are not looked
+    // up again (a contact deleted meanwhile is answered as missing, and the
+    // member's next change looks its e-mail up).
     tx.execute(
-        "DELETE FROM hubspot_sync.contact_map WHERE spot_id = $1",
-        &[&spot_id],
+        "DELETE FROM hubspot_sync.contact_map WHERE spot_id = $1 AND portal_id <> $2",
+        &[&spot_id, &portal_id],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE hubspot_sync.contact_map SET written = '{}' WHERE spot_id = $1 AND portal_id = $2",
+        &[&spot_id, &portal_id],
     )
     .await?;
     if creds.kind == AuthKind::Token {
