@@ -1,8 +1,7 @@
-//! `hubspot-sidecar run`: wires the stages together.
-//!
-//! replication (Source) -> translate -> store::hand_off (outbox + checkpoint in
-//! one transaction) -> ack the slot; deliver::supervise drains the outbox;
-//! http serves the admin API, metrics and health.
+//! The stream's loop: reads the slot, folds each change into its
+//! transaction's work, hands batches off (outbox and checkpoint in one
+//! transaction), acknowledges what was handed off, and wakes delivery for
+//! the Spots it wrote for.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -13,28 +12,21 @@ use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, Instrument};
 
-use crate::backoff::Backoff;
+use super::stopped;
 use crate::config::Config;
-use crate::deliver::mailer::Mailer;
-use crate::deliver::{self, DeliverContext, Fences};
 use crate::health::Health;
-use crate::http::{self, AppState};
-use crate::hubspot::oauth::OAuthApp;
-use crate::hubspot::ratelimit::Limiters;
-use crate::hubspot::timeline::ActivitySink;
-use crate::hubspot::HubSpotClient;
-use crate::integrations::Integrations;
-use crate::leader;
+use crate::internal_events as events;
 use crate::metrics::Metrics;
 use crate::replication::{self, slot, ConnParams, Decoded, Source, SourceEvent, TxMeta};
-use crate::store::{self, secrets::Sealer, Db};
+use crate::store::{self, Db};
 use crate::translate::{self, MarkerKey, Work};
-use crate::{integrations::Status, internal_events as events};
 
+/// How often the slot is checked against the checkpoint while streaming.
+const SLOT_CHECK_EVERY: Duration = Duration::from_secs(60);
 /// Hand off at the latest this long after the first buffered transaction
 /// (once no hand-off is in flight; while one is, the next batch grows, so a
 /// backlog still goes in large hand-offs). Short, because every commit waits
@@ -58,354 +50,21 @@ const CATCHING_UP_AFTER: Duration = Duration::from_secs(1);
 /// so not at every keepalive, and often enough that the slot follows
 /// committed work within seconds (G3).
 const IDLE_STORE: Duration = Duration::from_secs(2);
-/// How often the slot is checked against the checkpoint while streaming.
-const SLOT_CHECK_EVERY: Duration = Duration::from_secs(60);
 
-/// Handles a running sidecar exposes (tests and the demo use them); sent
-/// once the HTTP server listens.
-#[derive(Clone)]
-pub struct Running {
-    /// The instance's Prometheus metrics.
-    pub metrics: Arc<Metrics>,
-    /// Flags behind the health endpoints: migrations applied, replication streaming.
-    pub health: Arc<Health>,
-    /// Address the HTTP server actually bound (SIDECAR_LISTEN may ask for port 0).
-    pub listen_addr: std::net::SocketAddr,
-}
-
-impl Running {
-    /// Leading, migrated and streaming: what `/readyz` answers 200 for
-    /// (less the database round trip). `Running` is handed out as soon as
-    /// the HTTP server listens, before the leadership and the migrations.
-    pub fn ready(&self) -> bool {
-        let h = &self.health;
-        h.leader.load(Ordering::Relaxed)
-            && h.migrated.load(Ordering::Relaxed)
-            && h.streaming.load(Ordering::Relaxed)
-    }
-}
-
-/// Runs until `shutdown` turns true; then finishes the in-flight hand-off,
-/// acknowledges it and returns.
-pub async fn run(
-    cfg: Config,
-    shutdown: watch::Receiver<bool>,
-    started: Option<tokio::sync::oneshot::Sender<Running>>,
-) -> anyhow::Result<()> {
-    // Everything that can be checked without the database is checked first.
-    cfg.check()?;
-    let sink = ActivitySink::new(cfg.hubspot.activity_sink()?);
-    let params = ConnParams::from_config(&cfg.database)?;
-    let db = Db::new(&cfg.database)?;
-    // The stream's hand-offs never queue behind delivery for a connection.
-    let stream_db = Db::with_size(&cfg.database, 2)?;
-    let metrics = Arc::new(Metrics::new());
-    crate::replication::slot::ResyncCause::zero_counters(&metrics);
-    let health = Arc::new(Health::default());
-    let sealer = Sealer::new(&cfg.secret_key);
-    let wake = crate::deliver::Wake::default();
-    let limiters = Limiters::new(cfg.hubspot.rate_limit);
-    let fences = Fences::default();
-    let markers = MarkerKey::new(&cfg.secret_key);
-    let hubspot = HubSpotClient::new(
-        &cfg.hubspot.api_base,
-        &cfg.hubspot.api_version,
-        metrics.clone(),
-    );
-
-    let oauth = match (&cfg.hubspot.client_id, &cfg.hubspot.client_secret) {
-        (Some(id), Some(secret)) => Some(OAuthApp {
-            client_id: id.clone(),
-            client_secret: secret.clone(),
-            redirect_uri: format!("{}/oauth/hubspot/callback", cfg.public_url),
-            auth_base: cfg.hubspot.auth_base.clone(),
-        }),
-        _ => None,
-    };
-    let notify = Arc::new(Notify::new());
-
-    // Everything below stops on `stop`: the caller's shutdown, or this
-    // replica losing its leadership.
-    let (stop_tx, stop) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
-    {
-        let (mut shutdown, stop_tx) = (shutdown.clone(), stop_tx.clone());
-        tokio::spawn(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-            let _ = stop_tx.send(true);
-        });
-    }
-
-    // The HTTP server comes first: /healthz answers while the replica waits
-    // for a primary or for the leadership, and /readyz says it is not ready.
-    let listener = tokio::net::TcpListener::bind(&cfg.listen)
-        .await
-        .with_context(|| format!("SIDECAR_LISTEN={}: cannot listen there", cfg.listen))?;
-    let listen_addr = listener.local_addr()?;
-    let app = http::router(AppState {
-        db: db.clone(),
-        metrics: metrics.clone(),
-        health: health.clone(),
-        admin_token: cfg.admin_token.as_str().into(),
-        secret_key: cfg.secret_key,
-        public_url: cfg.public_url.as_str().into(),
-        slot: cfg.slot.as_str().into(),
-        integrations: Integrations {
-            db: db.clone(),
-            sealer: sealer.clone(),
-            hubspot: hubspot.clone(),
-            oauth: oauth.clone(),
-            limiters: limiters.clone(),
-            fences: fences.clone(),
-            markers: markers.clone(),
-            wake: wake.clone(),
-        },
-    });
-    let mut http_stop = stop.clone();
-    let http_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-    });
-    info!(%listen_addr, "HTTP listening");
-    if let Some(tx) = started {
-        let _ = tx.send(Running {
-            metrics: metrics.clone(),
-            health: health.clone(),
-            listen_addr,
-        });
-    }
-
-    let shared = Shared {
-        cfg: &cfg,
-        db: db.clone(),
-        stream_db,
-        params,
-        metrics: metrics.clone(),
-        health: health.clone(),
-        sealer,
-        wake,
-        limiters,
-        fences,
-        markers,
-        hubspot,
-        oauth,
-        sink,
-        notify,
-    };
-    // A replica leads for a term; when it loses the leadership (its lock
-    // session failed, e.g. the database restarted) it stands by and tries again.
-    let result = loop {
-        match shared.lead_once(stop.clone()).await {
-            Ok(Term::Stopped) => break Ok(()),
-            Ok(Term::LeadershipLost) => continue,
-            Err(e) => break Err(e),
-        }
-    };
-    let _ = stop_tx.send(true);
-    let _ = http_task.await;
-    info!("stopped");
-    result
-}
-
-/// What every term of the leadership uses.
-struct Shared<'a> {
-    cfg: &'a Config,
-    db: Db,
-    stream_db: Db,
-    params: ConnParams,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    sealer: Sealer,
-    wake: crate::deliver::Wake,
-    limiters: Limiters,
-    fences: Fences,
-    markers: MarkerKey,
-    hubspot: HubSpotClient,
-    oauth: Option<OAuthApp>,
-    sink: ActivitySink,
-    notify: Arc<Notify>,
-}
-
-/// How a term of the leadership ended.
-enum Term {
-    /// Shutdown.
-    Stopped,
-    /// The lock session failed: another replica may lead now.
-    LeadershipLost,
-}
-
-impl Shared<'_> {
-    /// Waits for a primary and the leadership, then streams and delivers
-    /// until shutdown or until the leadership is lost.
-    async fn lead_once(&self, stop: watch::Receiver<bool>) -> anyhow::Result<Term> {
-        let Shared {
-            cfg,
-            db,
-            stream_db,
-            params,
-            metrics,
-            health,
-            sealer,
-            wake,
-            limiters,
-            fences,
-            markers,
-            hubspot,
-            oauth,
-            sink,
-            notify,
-        } = self;
-        let Some(leadership) =
-            leader::lead(&cfg.database, &cfg.slot, health, metrics, stop.clone()).await?
-        else {
-            return Ok(Term::Stopped);
-        };
-        let leadership = Arc::new(leadership);
-        {
-            let mut client = db.client().await.context("connecting to DATABASE_URL")?;
-            store::migrate(&mut client)
-                .await
-                .context("applying hubspot_sync migrations")?;
-            health.migrated.store(true, Ordering::Relaxed);
-        }
-        // This term's tasks stop on `stop`, or as soon as the leadership is lost.
-        let (term_tx, term) = watch::channel(false);
-        let watcher = {
-            let (leadership, health, metrics) =
-                (leadership.clone(), health.clone(), metrics.clone());
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let r = leadership.watch(health, metrics, stop).await;
-                if let Err(e) = &r {
-                    tracing::error!(error = %e, "leadership lost: stopping at once, so that another replica can take over");
-                }
-                let _ = term_tx.send(true);
-                r
-            })
-        };
-
-        // The lag gauge's source, and whether the stream is reading a backlog.
-        let oldest_pending = Arc::new(AtomicI64::new(0));
-        let (catching_up, catching_up_rx) = watch::channel(false);
-        let deliver_task = tokio::spawn(
-            deliver::supervise(
-                DeliverContext {
-                    db: db.clone(),
-                    client: hubspot.clone(),
-                    oauth: oauth.clone(),
-                    sink: sink.clone(),
-                    sealer: sealer.clone(),
-                    metrics: metrics.clone(),
-                    limiters: limiters.clone(),
-                    fences: fences.clone(),
-                    markers: markers.clone(),
-                    leader: Some(leadership.lock),
-                    fail_after: cfg.fail_after,
-                    failed_retention: cfg.failed_retention,
-                    wake: wake.clone(),
-                    catching_up: catching_up_rx,
-                    notify: notify.clone(),
-                    refreshes: Arc::new(tokio::sync::Semaphore::new(deliver::REFRESHES_IN_FLIGHT)),
-                },
-                term.clone(),
-            )
-            .instrument(tracing::info_span!("deliver")),
-        );
-
-        let mailer_task = match &cfg.smtp_url {
-            Some(url) => {
-                let mailer = Mailer::new(url, cfg.smtp_from.as_deref())?;
-                Some(tokio::spawn(mailer.run(
-                    db.clone(),
-                    metrics.clone(),
-                    notify.clone(),
-                    term.clone(),
-                )))
-            }
-            None => None,
-        };
-
-        let sampler = tokio::spawn(sample_lag(
-            db.clone(),
-            cfg.slot.clone(),
-            metrics.clone(),
-            oldest_pending.clone(),
-            term.clone(),
-        ));
-
-        let capture = Capture {
-            cfg,
-            params: params.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            wake: wake.clone(),
-            catching_up,
-            oldest_pending,
-            markers: markers.clone(),
-            identity: Default::default(),
-        };
-        let mut backoff = Backoff::reconnect();
-        let mut stop_rx = term.clone();
-        loop {
-            let attempt = Instant::now();
-            match capture.stream(stream_db, term.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    // A stream that ran for a while was healthy: start backing off afresh.
-                    if attempt.elapsed() > Duration::from_secs(30) {
-                        backoff.reset();
-                    }
-                    health.streaming.store(false, Ordering::Relaxed);
-                    let pause = backoff.next();
-                    events::StreamFailed {
-                        error: &e,
-                        retry_in: pause,
-                    }
-                    .emit(metrics);
-                    tokio::select! {
-                        _ = stopped(&mut stop_rx) => break,
-                        _ = tokio::time::sleep(pause) => {}
-                    }
-                }
-            }
-        }
-        health.streaming.store(false, Ordering::Relaxed);
-        let _ = deliver_task.await;
-        if let Some(t) = mailer_task {
-            let _ = t.await;
-        }
-        let _ = sampler.await;
-        // The lock is released only now, after the last hand-off and round.
-        let lost = watcher.await;
-        health.migrated.store(false, Ordering::Relaxed);
-        drop(leadership);
-        match lost {
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "this replica no longer leads; standing by again");
-                Ok(Term::LeadershipLost)
-            }
-            _ => Ok(Term::Stopped),
-        }
-    }
-}
-
-struct Capture<'a> {
-    cfg: &'a Config,
-    params: ConnParams,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    wake: crate::deliver::Wake,
+pub(super) struct Capture<'a> {
+    pub(super) cfg: &'a Config,
+    pub(super) params: ConnParams,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) wake: crate::deliver::Wake,
     /// Set while the commits read are older than CATCHING_UP_AFTER: a backlog
     /// is being read, and delivery holds its batches for the rest of it.
-    catching_up: watch::Sender<bool>,
-    oldest_pending: Arc<AtomicI64>,
+    pub(super) catching_up: watch::Sender<bool>,
+    pub(super) oldest_pending: Arc<AtomicI64>,
     /// Checks the settings markers in the stream.
-    markers: MarkerKey,
+    pub(super) markers: MarkerKey,
     /// The replica identity last seen of each activity table (FULL or not).
-    identity: std::sync::Mutex<HashMap<&'static str, bool>>,
+    pub(super) identity: std::sync::Mutex<HashMap<&'static str, bool>>,
 }
 
 /// Transactions decoded but not yet handed off.
@@ -562,7 +221,11 @@ impl Capture<'_> {
     }
 
     /// Streams until shutdown (Ok) or a failure (Err; the caller resumes).
-    async fn stream(&self, db: &Db, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub(super) async fn stream(
+        &self,
+        db: &Db,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
         self.check_slot(db).await?;
         let (start, stream_settings) = {
             let mut client = db.client().await?;
@@ -867,11 +530,6 @@ async fn committed(inflight: &mut Option<InFlight<'_>>) -> anyhow::Result<()> {
     }
 }
 
-/// Resolves once shutdown is requested (or its sender is gone).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
-
 /// An idle position (nothing pending before it) waiting to be stored and
 /// acknowledged: at once after a quiet spell, then at most every IDLE_STORE.
 struct IdlePosition {
@@ -918,81 +576,5 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
-    }
-}
-
-/// Samples the slot's lag from the database, and the integrations by status.
-async fn sample_lag(
-    db: Db,
-    slot: String,
-    metrics: Arc<Metrics>,
-    oldest_pending: Arc<AtomicI64>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    // The slot every second; the integrations by status every tenth: that
-    // count reads every Spot's row, and an idle fleet must cost the primary
-    // next to nothing, whatever its size.
-    const COUNT_INTEGRATIONS_EVERY: u32 = 10;
-    let mut samples: u32 = 0;
-    loop {
-        let count_integrations = samples.is_multiple_of(COUNT_INTEGRATIONS_EVERY);
-        samples = samples.wrapping_add(1);
-        let oldest = oldest_pending.load(Ordering::Relaxed);
-        let age = if oldest == 0 {
-            0.0
-        } else {
-            ((Utc::now().timestamp_micros() - oldest) as f64 / 1e6).max(0.0)
-        };
-        metrics.replication_lag_seconds.set(age);
-        if let Ok(c) = db.client().await {
-            let sampled = c
-                .query_opt(
-                    "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
-                            (pg_current_wal_lsn() - restart_lsn)::bigint, active
-                       FROM pg_replication_slots WHERE slot_name = $1",
-                    &[&slot],
-                )
-                .await;
-            if let Ok(None) = sampled {
-                // No slot at all: nothing reads, whatever the gauge said before.
-                metrics.slot_active.set(0);
-            }
-            if let Ok(Some(row)) = sampled {
-                metrics.slot_active.set(i64::from(row.get::<_, bool>(2)));
-                metrics
-                    .replication_lag_bytes
-                    .set(row.get::<_, Option<i64>>(0).unwrap_or(0));
-                metrics
-                    .slot_retained_wal_bytes
-                    .set(row.get::<_, Option<i64>>(1).unwrap_or(0));
-            }
-            let counted = if count_integrations {
-                c.query(
-                    "SELECT status, count(*) FROM hubspot_sync.integrations GROUP BY status",
-                    &[],
-                )
-                .await
-                .ok()
-            } else {
-                None
-            };
-            if let Some(rows) = counted {
-                for status in Status::ALL {
-                    let n = rows
-                        .iter()
-                        .find(|r| r.get::<_, String>(0) == status.as_str())
-                        .map(|r| r.get::<_, i64>(1))
-                        .unwrap_or(0);
-                    metrics
-                        .integrations
-                        .with_label_values(&[status.as_str()])
-                        .set(n);
-                }
-            }
-        }
-        tokio::select! {
-            _ = stopped(&mut shutdown) => return,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-        }
     }
 }
