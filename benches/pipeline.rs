@@ -1,4 +1,4 @@
-//! `cargo bench --bench pipeline [-- --shape catchup|large|stream|fleet|all] [--quick] [options]`
+//! `cargo bench --bench pipeline [-- --shape catchup|large|stream|fleet|activation|all] [--quick] [options]`
 //!
 //! Measures the pipeline against its limits, side by side in one run, each
 //! shape as a ratio against its limit:
@@ -21,7 +21,11 @@
 //!   a burst of one change in each of 1,000 Spots (p99 commit-to-HubSpot,
 //!   calls per Spot), and a restart with every OAuth token due.
 //!
-//! `--quick` runs small versions of all four (CI).
+//! - **activation**: one Spot of 100,000 members, half with a contact, on a
+//!   portal answering after 150 ms at 100 calls per 10 s: time against the
+//!   budget's bound, calls against the minimum.
+//!
+//! `--quick` runs small versions of all five (CI).
 //! Options: `--transactions N --rows-per-tx R --spots S --members M`
 //! (catchup, M per Spot), `--rows N` (large), `--rate R --seconds T
 //! --latency-ms D` (stream), `--spots S --seconds T` (fleet: S Spots, T s
@@ -134,13 +138,13 @@ impl Bench {
 }
 
 /// A Spot of `members` members (`{prefix}{n}@example.com`), connected to a
-/// new portal; with a contact for each member when `contacts`.
+/// new portal; the first `contacts` of them have a contact.
 async fn seed_spot(
     db: &mut tokio_postgres::Client,
     emu: &Emulator,
     name: &str,
     members: usize,
-    contacts: bool,
+    contacts: usize,
 ) -> anyhow::Result<(i64, u64)> {
     let (portal, token) = emu.create_portal();
     let spot: i64 = db
@@ -157,10 +161,8 @@ async fn seed_spot(
         &[&spot, &(members as i32), &prefix],
     )
     .await?;
-    if contacts {
-        for g in 1..=members {
-            emu.add_contact(portal, &format!("{prefix}{g}@example.com"), &[]);
-        }
+    for g in 1..=contacts.min(members) {
+        emu.add_contact(portal, &format!("{prefix}{g}@example.com"), &[]);
     }
     let credentials = store::Credentials {
         kind: store::AuthKind::Token,
@@ -292,7 +294,7 @@ async fn catchup(b: &mut Bench, a: &Args, shape: Catchup) -> anyhow::Result<()> 
     let mut db = b.database().await?;
     let mut portals = Vec::new();
     for s in 0..spots {
-        portals.push(seed_spot(&mut db.client, &b.emu, &format!("C{s}"), members, true).await?);
+        portals.push(seed_spot(&mut db.client, &b.emu, &format!("C{s}"), members, members).await?);
     }
     // The backfills of the new connections first, so that the calls counted
     // below are the backlog's alone.
@@ -449,7 +451,7 @@ async fn metric(http: &reqwest::Client, listen: &str, name: &str) -> Option<f64>
 async fn large(b: &mut Bench, a: &Args, rows: usize) -> anyhow::Result<()> {
     println!("\n== large: one UPDATE of {rows} members in one transaction (REPLICA IDENTITY FULL: old and new row)");
     let mut db = b.database().await?;
-    seed_spot(&mut db.client, &b.emu, "Large", rows, false).await?;
+    seed_spot(&mut db.client, &b.emu, "Large", rows, 0).await?;
     // The sidecar reads while the WAL is hot, pg_recvlogical after it.
     let recv_slot = format!("{}_recvlogical", db.slot);
     create_slots(&db, &[&recv_slot, &db.slot]).await?;
@@ -550,7 +552,8 @@ async fn stream(b: &mut Bench, a: &Args, rate: usize, seconds: usize) -> anyhow:
     let mut db = b.database().await?;
     let mut portals = Vec::new();
     for s in 0..spots {
-        portals.push(seed_spot(&mut db.client, &b.emu, &format!("S{s}"), per_spot, true).await?);
+        portals
+            .push(seed_spot(&mut db.client, &b.emu, &format!("S{s}"), per_spot, per_spot).await?);
     }
     let (running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
     wait_backfills(&db.client, Duration::from_secs(600)).await?;
@@ -1068,6 +1071,51 @@ async fn fleet(
     Ok(())
 }
 
+/// (e) The activation of one large Spot, half of whose members have a
+/// contact, on a portal answering every call after `latency_ms`: its time
+/// against the budget's bound (calls / limit per 10 s) and its calls
+/// against the minimum (a lookup per 100 members, an update per 100
+/// matched).
+async fn activation(b: &mut Bench, a: &Args, members: usize) -> anyhow::Result<()> {
+    let matched = members / 2;
+    println!(
+        "\n== activation: one Spot of {members} members, {matched} with a contact, calls answered after {} ms (limit {}/10 s)",
+        a.latency_ms, a.rate_limit
+    );
+    let mut db = b.database().await?;
+    let (_, portal) = seed_spot(&mut db.client, &b.emu, "Huge", members, matched).await?;
+    b.emu.set_faults(
+        Some(portal),
+        Faults {
+            latency: Some(Duration::from_millis(a.latency_ms)),
+            ..Default::default()
+        },
+    );
+    let t = Instant::now();
+    let (_running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
+    wait_backfills(&db.client, Duration::from_secs(3600)).await?;
+    let took = t.elapsed().as_secs_f64();
+    let _ = stop.send(true);
+    let _ = task.await;
+    let s = b.emu.request_stats(portal);
+    let (reads, updates) = (
+        s.count_op("contacts.batch_read"),
+        s.count_op("contacts.batch_update"),
+    );
+    let minimum = members.div_ceil(100) as u64 + matched.div_ceil(100) as u64;
+    // Initialization's calls (property group and properties) count too.
+    let calls = s.total;
+    let bound = calls as f64 / (a.rate_limit as f64 / 10.0);
+    println!(
+        "  converged in {took:.1} s; the budget allows {bound:.1} s for its {calls} calls: {:.2}x (goal <= 1.1x); batch reads {reads} + updates {updates} = {} against a minimum of {minimum}: {:.2}x (goal <= 1.05x); peak {} calls in 10 s",
+        took / bound,
+        reads + updates,
+        (reads + updates) as f64 / minimum as f64,
+        s.peak_in_10s
+    );
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let a = args();
@@ -1134,6 +1182,10 @@ async fn main() -> anyhow::Result<()> {
         let rate = a.rate.unwrap_or(200);
         let seconds = a.seconds.unwrap_or(if a.quick { 10 } else { 60 });
         stream(&mut b, &a, rate, seconds).await?;
+    }
+    if all || a.shape == "activation" {
+        let members = a.members.unwrap_or(if a.quick { 2_000 } else { 100_000 });
+        activation(&mut b, &a, members).await?;
     }
     if all || a.shape == "fleet" {
         let sizes: Vec<usize> = match a.spots {

@@ -34,6 +34,11 @@ const ROUND_CALLS: usize = 2;
 /// to LOCKED_RETRY_MAX, so a long lock costs a few rounds a second.
 const LOCKED_RETRY: Duration = Duration::from_millis(20);
 const LOCKED_RETRY_MAX: Duration = Duration::from_millis(500);
+/// Batches of 100 a round sends at once when that many rows are due: one
+/// batch at a time, a Spot's backlog is bound by the round trip (a lookup and
+/// an update of 150 ms each: 36.5 s for a 10,000-member activation that the
+/// budget of 100 calls per 10 s allows in 15.4 s, `--shape activation`).
+const BATCHES_IN_FLIGHT: usize = 4;
 /// Members queued per backfill page, and the backlog under which the next
 /// page is queued (so that stream changes never wait behind a whole Spot).
 const BACKFILL_PAGE: i64 = 1000;
@@ -475,7 +480,7 @@ impl SpotWorker {
         let (markers, locked) = store::take_due_markers(
             &*self.ctx.db.client().await?,
             fence.spot_id,
-            BATCH_LIMIT as i64,
+            (BATCH_LIMIT * BATCHES_IN_FLIGHT) as i64,
         )
         .await?;
         if markers.is_empty() {
@@ -485,20 +490,37 @@ impl SpotWorker {
                 Round::Idle
             });
         }
-        let full = markers.len() == BATCH_LIMIT;
-        let span = tracing::debug_span!("delivery_batch", items = markers.len());
-        let delivered = match self.portal(spot).await {
-            Ok(portal) => {
-                round::deliver_properties(&self.ctx.metrics, &self.ctx.db, &portal, fence, &markers)
-                    .instrument(span)
-                    .await
+        let full = markers.len() == BATCH_LIMIT * BATCHES_IN_FLIGHT;
+        let portal = match self.portal(spot).await {
+            Ok(portal) => portal,
+            Err(error) => {
+                return Err(RoundError {
+                    error,
+                    taken: Taken::Markers(markers),
+                })
             }
-            Err(e) => Err(e),
         };
-        if let Err(error) = delivered {
+        // A deep backlog goes out as several batches at once, each of
+        // distinct members (one take), each completed on its own; the
+        // portal's limiter still spaces every call within its budget.
+        let delivered = futures_util::future::join_all(markers.chunks(BATCH_LIMIT).map(|batch| {
+            let span = tracing::debug_span!("delivery_batch", items = batch.len());
+            round::deliver_properties(&self.ctx.metrics, &self.ctx.db, &portal, fence, batch)
+                .instrument(span)
+        }))
+        .await;
+        let mut failed: Option<(DeliverError, Vec<Marker>)> = None;
+        for (batch, result) in markers.chunks(BATCH_LIMIT).zip(delivered) {
+            if let Err(error) = result {
+                // The first error decides; every failed batch's rows are put off.
+                let (_, rows) = failed.get_or_insert_with(|| (error, Vec::new()));
+                rows.extend_from_slice(batch);
+            }
+        }
+        if let Some((error, rows)) = failed {
             return Err(RoundError {
                 error,
-                taken: Taken::Markers(markers),
+                taken: Taken::Markers(rows),
             });
         }
         let now = Utc::now();
