@@ -1084,6 +1084,15 @@ async fn activation(b: &mut Bench, a: &Args, members: usize) -> anyhow::Result<(
     );
     let mut db = b.database().await?;
     let (_, portal) = seed_spot(&mut db.client, &b.emu, "Huge", members, matched).await?;
+    // Connected a while ago: a start within 10 s of an integration's change
+    // takes the portal's window as full (the process before it may have
+    // called it), which a connect in the running process does not.
+    db.client
+        .execute(
+            "UPDATE hubspot_sync.integrations SET updated_at = now() - interval '1 minute'",
+            &[],
+        )
+        .await?;
     b.emu.set_faults(
         Some(portal),
         Faults {
