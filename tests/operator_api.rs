@@ -226,8 +226,13 @@ async fn a_resync_rewrites_current_values_and_shows_its_progress() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!(v["backfill"]["running"], true, "{v}");
-    assert_eq!(v["backfill"]["members"], N);
+    // Delivery starts the new activation's backfill at once: by the time the
+    // answer is read it may be running or, for 120 members, already done.
+    assert_eq!(v["backfill"]["members"], N, "{v}");
+    assert!(
+        v["backfill"]["running"] == true || v["backfill"]["queued"] == N,
+        "{v}"
+    );
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     wait_for("the resync done", 30 * SECOND, || async {
         let v = sidecar.integration(spot).await;

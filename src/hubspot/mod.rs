@@ -74,7 +74,7 @@ impl Portal {
         method: reqwest::Method,
         body: Option<&Value>,
     ) -> Result<(u16, Value), HubSpotError> {
-        let waited = self.limiter.acquire().await;
+        let (waited, slot) = self.limiter.acquire().await;
         if !waited.is_zero() {
             self.client
                 .metrics
@@ -84,7 +84,11 @@ impl Portal {
         // Checked after the wait, right before the call: a rate-limit wait can
         // be long, and a reconnect may have happened during it.
         let _pass = match &self.fence {
-            Some(fence) => Some(fence.pass().await?),
+            Some(fence) => {
+                let pass = fence.pass().await?;
+                self.limiter.sent_now(slot).await;
+                Some(pass)
+            }
             None => None,
         };
         let result = self

@@ -40,8 +40,8 @@ impl RateLimiter {
     }
 
     /// Waits until one more request fits in the window, then records it.
-    /// Returns how long it waited.
-    pub async fn acquire(&self) -> Duration {
+    /// Returns how long it waited, and the time recorded (see `sent_now`).
+    pub async fn acquire(&self) -> (Duration, Instant) {
         let started = Instant::now();
         let mut sent = self.sent.lock().await;
         loop {
@@ -49,11 +49,23 @@ impl RateLimiter {
             self.forget_old(&mut sent, now);
             if sent.len() < self.limit {
                 sent.push_back(now);
-                return now.duration_since(started);
+                return (now.duration_since(started), now);
             }
             let oldest = sent.front().copied().unwrap_or(now);
             // A little margin so that our clock and HubSpot's never disagree at the edge.
             tokio::time::sleep_until(oldest + self.window + Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The request recorded at `at` by `acquire` leaves only now (it passed
+    /// its fence first, which takes a database round trip, longer when many
+    /// calls are in flight): its place in the window moves to now, so that
+    /// HubSpot, which counts arrivals, never sees more than the limit.
+    pub async fn sent_now(&self, at: Instant) {
+        let mut sent = self.sent.lock().await;
+        if let Some(i) = sent.iter().rposition(|t| *t == at) {
+            sent.remove(i);
+            sent.push_back(Instant::now());
         }
     }
 
@@ -200,6 +212,26 @@ impl Limiters {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_that_left_late_holds_its_place_from_when_it_left() {
+        // Two calls a window; the first is recorded, then leaves 3 s later
+        // (its fence took that long): its place is taken until 13 s, so the
+        // call after the next one waits for that, not for 10 s.
+        let rl = RateLimiter::new(2);
+        let started = Instant::now();
+        let (_, first) = rl.acquire().await;
+        rl.acquire().await;
+        tokio::time::advance(Duration::from_secs(3)).await;
+        rl.sent_now(first).await;
+        rl.acquire().await;
+        rl.acquire().await;
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_secs(13) && waited < Duration::from_secs(14),
+            "{waited:?}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_new_process_waits_for_the_previous_ones_window() {
