@@ -74,22 +74,9 @@ impl Db {
             // `is_closed` and replaced; no round trip per checkout.
             recycling_method: RecyclingMethod::Fast,
         };
-        let mut pg = cfg.pg.clone();
-        // The statements delivery prepares once per connection use their
-        // generic plan: left to choose, Postgres re-planned the member read
-        // (five sub-selects: 0.86 ms of planning against 0.05 ms of
-        // execution per round, by pg_stat_statements over a burst of one
-        // change in each of 1,000 Spots; with this, the burst's p99 went
-        // from 0.59-0.74 s to 0.43-0.50 s). Unprepared statements are still
-        // planned for their values.
-        let options = match pg.get_options() {
-            Some(o) if !o.trim().is_empty() => format!("{o} -c plan_cache_mode=force_generic_plan"),
-            _ => "-c plan_cache_mode=force_generic_plan".to_string(),
-        };
-        pg.options(&options);
         let manager = match cfg.tls.sql_connector() {
-            Some(tls) => Manager::from_config(pg, tls, manager_config),
-            None => Manager::from_config(pg, NoTls, manager_config),
+            Some(tls) => Manager::from_config(cfg.pg.clone(), tls, manager_config),
+            None => Manager::from_config(cfg.pg.clone(), NoTls, manager_config),
         };
         let pool = Pool::builder(manager)
             .max_size(size)
