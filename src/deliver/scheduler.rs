@@ -464,7 +464,6 @@ impl Scheduler {
         if let Some(portal) = portal {
             self.ctx.limiters.forget_if_unused(portal);
         }
-        self.update_gauges();
     }
 
     /// Reads one Spot's integration again (after a change made here).
@@ -474,10 +473,7 @@ impl Scheduler {
             Err(e) => Err(e),
         };
         match read {
-            Ok(live) => {
-                self.apply(spot_id, live, false);
-                self.update_gauges();
-            }
+            Ok(live) => self.apply(spot_id, live, false),
             // The slow read of all catches up with it.
             Err(e) => warn!(spot_id, error = %e, "could not read the changed integration"),
         }
@@ -564,8 +560,9 @@ impl Scheduler {
         }
     }
 
-    /// Sets the fleet's gauges: after a change of integrations and on the
-    /// fleet look (a pass over the map, microseconds for 10,000 Spots).
+    /// Sets the fleet's gauges: after a read of every integration and on the
+    /// fleet look, never per Spot changed (a pass over the map: done per
+    /// Spot, a read of all that drops thousands would cost their square).
     fn update_gauges(&self) {
         let backfilling = self
             .spots
