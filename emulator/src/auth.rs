@@ -99,7 +99,9 @@ pub(crate) fn check_scopes(a: &Authed, ep: &Endpoint) -> Result<(), ApiError> {
         }
         ContactsBatchRead | ContactsSearch | ContactsList | ContactsGet(_) => &CONTACTS_READ,
         ContactsBatchUpdate | ContactsBatchCreate | ContactsBatchUpsert | ContactsCreate
-        | ContactsUpdate(_) => &CONTACTS_WRITE,
+        | ContactsUpdate(_) | ContactsMerge | ContactsArchive(_) | ContactsGdprDelete => {
+            &CONTACTS_WRITE
+        }
         GroupsList | GroupsRead(_) | PropsList | PropsRead(_) | PropsBatchRead => &SCHEMA_READ,
         GroupsCreate | GroupsUpdate(_) | GroupsArchive(_) | PropsCreate | PropsUpdate(_)
         | PropsArchive(_) | PropsBatchCreate | PropsBatchArchive => &SCHEMA_WRITE,

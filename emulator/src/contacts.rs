@@ -1,5 +1,11 @@
 //! Contacts: batch read / update / create / upsert, single create / get / update, list.
 //!
+//! Reads by record id follow merges (an old id answers the merged record under its new id);
+//! writes by record id do not (OBJECT_NOT_FOUND, like an id that never existed). Lookups by
+//! `idProperty=email` match the primary e-mail only, while creates and e-mail changes conflict
+//! with primary and additional e-mails alike (both are unique at HubSpot). Merges, deletions
+//! and privacy deletions themselves live in `lifecycle`.
+//!
 //! Batch error policy (documented choices):
 //! * batch update and batch create: when *every* failing input carries an `objectWriteTraceId`,
 //!   the valid inputs are written and the failures come back one by one in a 207 (documented by
@@ -203,7 +209,8 @@ struct BatchReadIn {
     inputs: Option<Vec<IdIn>>,
 }
 
-/// Resolves an input id: by email (trimmed, case-insensitive) or by record id.
+/// Resolves an input id for a write: by primary email (trimmed, case-insensitive) or by the
+/// id of a live record. A merged-away or deleted id resolves to nothing (OBJECT_NOT_FOUND).
 fn lookup(p: &Portal, id: &str, by_email: bool) -> Option<u64> {
     if by_email {
         p.find_by_email(id)
@@ -212,6 +219,21 @@ fn lookup(p: &Portal, id: &str, by_email: bool) -> Option<u64> {
             .parse::<u64>()
             .ok()
             .filter(|n| p.contacts.contains_key(n))
+    }
+}
+
+/// Resolves an input id for a read: like [`lookup`], except that a merged-away id answers the
+/// record it was merged into ("fetching any records using the original IDs will return the
+/// new merged record with the new ID"). Additional e-mails are not matched (UNCONFIRMED
+/// either way; the reference says plan for "no").
+fn lookup_read(p: &Portal, id: &str, by_email: bool) -> Option<u64> {
+    if by_email {
+        p.find_by_email(id)
+    } else {
+        id.trim()
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| p.resolve_read(n))
     }
 }
 
@@ -237,7 +259,7 @@ pub(crate) fn batch_read(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     let mut missing = Vec::new();
     for i in &list {
         let id = i.id.as_ref().and_then(id_string).unwrap_or_default();
-        match lookup(p, &id, by_email) {
+        match lookup_read(p, &id, by_email) {
             Some(rid) => {
                 if seen.insert(rid) {
                     if let Some(c) = p.contacts.get(&rid) {
@@ -399,7 +421,7 @@ pub(crate) fn batch_update(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
         if let Some(email) = email_of(&c.values) {
             let key = email.trim().to_lowercase();
             let holder = p
-                .find_by_email(email)
+                .find_by_any_email(email)
                 .or_else(|| claimed.get(&key).copied());
             match holder {
                 Some(h) if Some(h) != rid => c.conflict = Some(h),
@@ -486,7 +508,7 @@ pub(crate) fn batch_create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
         if c.errs.is_empty() {
             if let Some(email) = email_of(&c.values) {
                 let key = email.trim().to_lowercase();
-                if let Some(existing) = p.find_by_email(email) {
+                if let Some(existing) = p.find_by_any_email(email) {
                     c.conflict = Some(existing);
                 } else if let Some(&earlier) = claimed.get(&key) {
                     in_batch_dup.insert(idx, earlier);
@@ -603,6 +625,11 @@ pub(crate) fn batch_upsert(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
             }
         }
         c.values.retain(|(k, _)| k != "email");
+        // An e-mail held as another contact's additional e-mail is not matched (see
+        // `lookup_read`) and cannot be created again either (additional e-mails are unique).
+        if c.errs.is_empty() && p.find_by_email(&id).is_none() {
+            c.conflict = p.find_by_any_email(&id);
+        }
         checked.push(c);
     }
     if checked.iter().any(Checked::failed) {
@@ -652,10 +679,15 @@ fn not_found() -> ApiError {
     ApiError::not_found("Object not found.  objectId are usually numeric.")
 }
 
-/// `{id}` with `?idProperty=email` support.
-fn resolve_path_id(p: &Portal, ctx: &Ctx, id: &str) -> Result<u64, ApiError> {
+/// `{id}` with `?idProperty=email` support; `read` follows merges (see `lookup_read`).
+fn resolve_path_id(p: &Portal, ctx: &Ctx, id: &str, read: bool) -> Result<u64, ApiError> {
     let by_email = id_mode(ctx.q("idProperty"))?;
-    lookup(p, id, by_email).ok_or_else(not_found)
+    let found = if read {
+        lookup_read(p, id, by_email)
+    } else {
+        lookup(p, id, by_email)
+    };
+    found.ok_or_else(not_found)
 }
 
 pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
@@ -666,7 +698,7 @@ pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
     if !has_identity(&values) {
         return Err(property_values_error(&[identity_error()]));
     }
-    if let Some(existing) = email_of(&values).and_then(|e| p.find_by_email(e)) {
+    if let Some(existing) = email_of(&values).and_then(|e| p.find_by_any_email(e)) {
         return Err(ApiError::conflict(exists_message(existing)));
     }
     let id = new_contact(st, ctx, &values, CreatedBy::Api)?;
@@ -682,7 +714,7 @@ pub(crate) fn create(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
 pub(crate) fn get(st: &mut State, ctx: &Ctx, id: &str) -> ApiResult {
     let names = selection(Some(&ctx.q_list("properties")));
     let p = st.portal_mut(ctx.portal)?;
-    let rid = resolve_path_id(p, ctx, id)?;
+    let rid = resolve_path_id(p, ctx, id, true)?;
     let rec = p.contacts.get(&rid).ok_or_else(not_found)?;
     Ok(Reply::ok(contact_json(p, rec, &names)))
 }
@@ -690,10 +722,10 @@ pub(crate) fn get(st: &mut State, ctx: &Ctx, id: &str) -> ApiResult {
 pub(crate) fn update(st: &mut State, ctx: &Ctx, id: &str, body: &[u8]) -> ApiResult {
     let input: SingleIn = parse_body(body)?;
     let p = st.portal_mut(ctx.portal)?;
-    let rid = resolve_path_id(p, ctx, id)?;
+    let rid = resolve_path_id(p, ctx, id, false)?;
     let values = validate_properties(p, &input.properties.unwrap_or_default())
         .map_err(|e| property_values_error(&e))?;
-    if let Some(holder) = email_of(&values).and_then(|e| p.find_by_email(e)) {
+    if let Some(holder) = email_of(&values).and_then(|e| p.find_by_any_email(e)) {
         if holder != rid {
             return Err(ApiError::conflict(exists_message(holder)));
         }

@@ -17,7 +17,7 @@ use crate::errors::{into_response, ApiError, ApiResult};
 use crate::limits;
 use crate::routes::{self, Access, Endpoint};
 use crate::state::{uuid, Shared, State};
-use crate::{contacts, inspect, oauth, properties, search, timeline};
+use crate::{contacts, inspect, lifecycle, oauth, properties, search, timeline};
 
 /// Large enough for a 100-input batch of 65,536-character values.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -267,6 +267,9 @@ fn dispatch(st: &mut State, ctx: &Ctx, ep: &Endpoint, body: &[u8]) -> ApiResult 
         ContactsCreate => contacts::create(st, ctx, body),
         ContactsGet(id) => contacts::get(st, ctx, id),
         ContactsUpdate(id) => contacts::update(st, ctx, id, body),
+        ContactsMerge => lifecycle::merge(st, ctx, body),
+        ContactsArchive(id) => lifecycle::archive(st, ctx, id),
+        ContactsGdprDelete => lifecycle::gdpr_delete(st, ctx, body),
         AppEventCreate => timeline::app_event_single(st, ctx, body),
         AppEventBatch => timeline::app_event_batch(st, ctx, body),
         TimelineEventCreate => timeline::v3_event_single(st, ctx, body),

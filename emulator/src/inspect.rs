@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use crate::errors::{into_response, parse_body, scalar_string, ApiError, ApiResult, Reply};
 use crate::model::Faults;
 use crate::state::Shared;
+use crate::webhooks::ChangeSource;
 
 fn ok<T: serde::Serialize>(v: T) -> ApiResult {
     Ok(Reply::ok(serde_json::to_value(v).unwrap_or(Value::Null)))
@@ -75,6 +76,53 @@ fn route(shared: &Shared, method: &Method, segs: &[String], body: &[u8]) -> ApiR
                 .collect();
             let cid = shared.lock().seed_contact(id, &seed.email, &refs);
             ok(json!({ "id": cid }))
+        }
+        (Method::POST, ["portals", id, "merge"]) => {
+            #[derive(Deserialize)]
+            struct In {
+                primary: String,
+                secondary: String,
+            }
+            let id = portal_id(shared, id)?;
+            let i: In = parse_body(body)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.body["message"].to_string()))?;
+            let merged = shared.lock().merge_contacts(
+                id,
+                &i.primary,
+                &i.secondary,
+                ChangeSource::CrmUi,
+                chrono::Utc::now(),
+            );
+            match merged {
+                Ok(new_id) => ok(json!({ "id": new_id.to_string() })),
+                Err(e) => Err(err(StatusCode::NOT_FOUND, e.to_string())),
+            }
+        }
+        (Method::POST, ["portals", id, "contacts", cid, action]) => {
+            let id = portal_id(shared, id)?;
+            let cid: u64 = cid
+                .parse()
+                .map_err(|_| err(StatusCode::BAD_REQUEST, "contact id must be a number"))?;
+            let (src, now) = (ChangeSource::CrmUi, chrono::Utc::now());
+            let mut st = shared.lock();
+            let done = match *action {
+                "delete" => st.delete_contact(id, cid, src, now),
+                "restore" => st.restore_contact(id, cid, src, now),
+                "privacy-delete" => st.privacy_delete_contact(id, cid, src, now),
+                _ => return Err(err(StatusCode::NOT_FOUND, "unknown inspection path")),
+            };
+            ok(json!({ "ok": done }))
+        }
+        (Method::GET, ["webhooks"]) => ok(shared.lock().webhook_log.clone()),
+        (Method::POST, ["webhook-target"]) => {
+            #[derive(Deserialize)]
+            struct In {
+                url: Option<String>,
+            }
+            let i: In = parse_body(body)
+                .map_err(|e| err(StatusCode::BAD_REQUEST, e.body["message"].to_string()))?;
+            shared.lock().cfg.webhook_target = i.url;
+            ok(json!({}))
         }
         (Method::POST, ["portals", id, "revoke"]) => {
             let id = portal_id(shared, id)?;

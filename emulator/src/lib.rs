@@ -8,6 +8,24 @@
 //! expiring OAuth tokens and fault injection. Tests drive and inspect it through [`Emulator`] or
 //! the unauthenticated `/_emulator/...` HTTP endpoints.
 //!
+//! Contacts also change under an integration, as they do at HubSpot (reference §10):
+//! * merges ([`Emulator::merge_contacts`], `POST .../objects/contacts/merge`) make a new record
+//!   with a new id; reads by an old id answer the merged record under its new id, writes by an
+//!   old id answer OBJECT_NOT_FOUND; `hs_merged_object_ids` and `hs_additional_emails` say what
+//!   was merged;
+//! * deletions ([`Emulator::delete_contact`], `DELETE .../objects/contacts/{id}`) take a record
+//!   out of every read, search and e-mail match until [`Emulator::restore_contact`] brings it
+//!   back under the same id;
+//! * privacy deletions ([`Emulator::privacy_delete_contact`],
+//!   `POST .../objects/contacts/gdpr-delete`) remove it for good and blocklist its e-mail for
+//!   the UI and imports only: the API may create the person again.
+//!
+//! Portals where the app was installed by OAuth get webhooks of these changes
+//! (`contact.merge`, `contact.deletion`, `contact.privacyDeletion`, `contact.restore`) at
+//! [`EmulatorConfig::webhook_target`]: batched JSON arrays signed with signature v3, retried on
+//! failure; [`Emulator::webhook_attempts`] shows every attempt. [`Emulator::send_webhook`] sends
+//! hand-made (also badly signed, stale or huge) batches to test a receiver's defences.
+//!
 //! ```no_run
 //! # async fn demo() -> std::io::Result<()> {
 //! use hubspot_emulator::{Emulator, EmulatorConfig};
@@ -25,6 +43,7 @@ mod ctx;
 mod errors;
 mod http;
 mod inspect;
+mod lifecycle;
 mod limits;
 mod model;
 mod oauth;
@@ -34,6 +53,7 @@ mod search;
 mod state;
 mod timeline;
 mod values;
+mod webhooks;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -42,12 +62,30 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+pub use lifecycle::MergeError;
 pub use model::{
     Contact, CreatedBy, EventApi, Faults, OAuthErrorStyle, PropertyDef, PropertyGroup,
-    PropertyOption, RequestStats, TimelineEvent,
+    PropertyOption, RequestStats, TimelineEvent, WebhookAttempt, WebhookSigning,
 };
 
 use state::Shared;
+use webhooks::ChangeSource;
+
+/// The default delays between a failed webhook batch and its retries: short and increasing, so
+/// tests see retries within seconds. HubSpot spreads its 10 retries over 24 hours, with
+/// randomized delays.
+pub const DEFAULT_WEBHOOK_RETRY_DELAYS: [Duration; 10] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+    Duration::from_secs(8),
+    Duration::from_secs(16),
+    Duration::from_secs(30),
+    Duration::from_secs(30),
+    Duration::from_secs(30),
+    Duration::from_secs(30),
+    Duration::from_secs(30),
+];
 
 #[derive(Clone, Debug)]
 pub struct EmulatorConfig {
@@ -74,6 +112,14 @@ pub struct EmulatorConfig {
     /// Length of the rolling rate-limit window: 10 s like HubSpot; tests may shorten it.
     #[doc(hidden)]
     pub rate_window: Duration,
+    /// The app's webhook target URL; `None` (the default): no webhooks are sent. Signatures
+    /// cover this string exactly as given.
+    pub webhook_target: Option<String>,
+    /// Delay before each retry of a failed webhook batch: the n-th retry waits the n-th delay
+    /// (the last one once the list runs out); at most 10 retries; an empty list: no retries.
+    /// Defaults to [`DEFAULT_WEBHOOK_RETRY_DELAYS`] (about 3 minutes in all, where HubSpot
+    /// spreads its retries over 24 hours).
+    pub webhook_retry_delays: Vec<Duration>,
 }
 
 impl Default for EmulatorConfig {
@@ -90,6 +136,8 @@ impl Default for EmulatorConfig {
             app_id: 4242,
             developer_api_key: "emulator-developer-key".into(),
             rate_window: Duration::from_secs(10),
+            webhook_target: None,
+            webhook_retry_delays: DEFAULT_WEBHOOK_RETRY_DELAYS.to_vec(),
         }
     }
 }
@@ -100,6 +148,8 @@ pub struct Emulator {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// The webhook delivery task (aborted on stop, which drops its pending retries).
+    webhooks: Option<JoinHandle<()>>,
 }
 
 impl Emulator {
@@ -124,12 +174,14 @@ impl Emulator {
                 tracing::warn!(error = %e, "hubspot emulator server stopped with an error");
             }
         });
+        let webhooks = tokio::spawn(webhooks::run(shared.clone()));
         tracing::info!(addr = %local, "hubspot emulator listening");
         Ok(Emulator {
             shared,
             addr: local,
             stop: Some(tx),
             task: Some(task),
+            webhooks: Some(webhooks),
         })
     }
 
@@ -242,6 +294,163 @@ impl Emulator {
         self.shared.lock().expire_access_tokens(portal);
     }
 
+    /// Merges contact `secondary_id` into `primary_id`, as a person would in HubSpot's UI
+    /// (`changeSource` `CRM_UI`): a new record with a new id (returned) takes the secondary's
+    /// properties overlaid by the primary's, the primary's `email`, the other e-mails in
+    /// `hs_additional_emails` and the merged ids in `hs_merged_object_ids`. Reads by either old
+    /// id answer the new record; writes by them answer OBJECT_NOT_FOUND.
+    ///
+    /// # Panics
+    /// When either id names no live contact of the portal, or both name the same one (a test
+    /// set-up mistake); [`Emulator::try_merge_contacts`] reports these instead.
+    pub fn merge_contacts(&self, portal: u64, primary_id: &str, secondary_id: &str) -> String {
+        match self.try_merge_contacts(portal, primary_id, secondary_id) {
+            Ok(id) => id,
+            Err(e) => panic!("merge_contacts: {e}"),
+        }
+    }
+
+    /// [`Emulator::merge_contacts`], refusing bad ids with an error instead of a panic.
+    pub fn try_merge_contacts(
+        &self,
+        portal: u64,
+        primary_id: &str,
+        secondary_id: &str,
+    ) -> Result<String, MergeError> {
+        self.shared
+            .lock()
+            .merge_contacts(
+                portal,
+                primary_id,
+                secondary_id,
+                ChangeSource::CrmUi,
+                chrono::Utc::now(),
+            )
+            .map(|id| id.to_string())
+    }
+
+    /// Deletes (archives) a live contact: it leaves every read, search and e-mail match, writes
+    /// by its id answer OBJECT_NOT_FOUND, and its e-mail is free for a new contact. False when
+    /// `id` names no live contact.
+    pub fn delete_contact(&self, portal: u64, id: &str) -> bool {
+        let Ok(id) = id.trim().parse() else {
+            return false;
+        };
+        self.shared
+            .lock()
+            .delete_contact(portal, id, ChangeSource::CrmUi, chrono::Utc::now())
+    }
+
+    /// Brings a deleted contact back with the same id and properties. False when it is not
+    /// deleted (or was privacy-deleted), or when a live contact now holds one of its e-mails.
+    pub fn restore_contact(&self, portal: u64, id: &str) -> bool {
+        let Ok(id) = id.trim().parse() else {
+            return false;
+        };
+        self.shared
+            .lock()
+            .restore_contact(portal, id, ChangeSource::CrmUi, chrono::Utc::now())
+    }
+
+    /// Privacy (GDPR) deletion of a contact, live or deleted: gone for good (no restore), its
+    /// e-mails blocklisted for the UI and imports (see [`Emulator::is_privacy_blocked`]); the
+    /// API may still create a contact with them, as at HubSpot. False when `id` names neither
+    /// a live nor a deleted contact.
+    pub fn privacy_delete_contact(&self, portal: u64, id: &str) -> bool {
+        let Ok(id) = id.trim().parse() else {
+            return false;
+        };
+        self.shared.lock().privacy_delete_contact(
+            portal,
+            id,
+            ChangeSource::CrmUi,
+            chrono::Utc::now(),
+        )
+    }
+
+    /// Whether a privacy deletion put `email` (trimmed, case-insensitive) on the portal's
+    /// blocklist. It blocks nothing the emulator serves: HubSpot applies it to the UI and
+    /// imports, which the emulator does not have; tests check it here.
+    pub fn is_privacy_blocked(&self, portal: u64, email: &str) -> bool {
+        self.shared.lock().is_privacy_blocked(portal, email)
+    }
+
+    /// Changes the webhook target (`None`: webhooks off). Events already waiting keep the
+    /// target they were made for.
+    pub fn set_webhook_target(&self, url: Option<String>) {
+        self.shared.lock().cfg.webhook_target = url;
+    }
+
+    /// Changes the delays between webhook retries (see [`EmulatorConfig::webhook_retry_delays`]);
+    /// a retry already waiting keeps its delay.
+    pub fn set_webhook_retry_delays(&self, delays: Vec<Duration>) {
+        self.shared.lock().cfg.webhook_retry_delays = delays;
+    }
+
+    /// Every webhook POST the delivery task made so far, oldest first.
+    pub fn webhook_attempts(&self) -> Vec<WebhookAttempt> {
+        self.shared.lock().webhook_log.clone()
+    }
+
+    /// POSTs a hand-made batch (`events`, normally a JSON array) to `url`, signed as `signing`
+    /// says with the app's client secret, the way HubSpot would (5 s timeout). The receiver's
+    /// HTTP status, or why there was none. Not recorded in [`Emulator::webhook_attempts`].
+    pub async fn send_webhook(
+        &self,
+        url: &str,
+        events: &serde_json::Value,
+        signing: WebhookSigning,
+    ) -> Result<u16, String> {
+        self.send_webhook_raw(url, events.to_string().into_bytes(), signing)
+            .await
+    }
+
+    /// [`Emulator::send_webhook`] with any body (a 5 MB one, broken JSON, ...), signed over
+    /// exactly these bytes.
+    pub async fn send_webhook_raw(
+        &self,
+        url: &str,
+        body: Vec<u8>,
+        signing: WebhookSigning,
+    ) -> Result<u16, String> {
+        let secret = self.shared.lock().cfg.client_secret.clone();
+        webhooks::send_hostile(&secret, url, body, signing).await
+    }
+
+    /// One event as the delivery task makes it (new random `eventId`, `occurredAt` now,
+    /// `attemptNumber` 0, `changeSource` `CRM_UI`), for hand-made batches. A numeric
+    /// `object_id` becomes a JSON number.
+    pub fn webhook_event(
+        &self,
+        portal: u64,
+        subscription_type: &str,
+        object_id: &str,
+    ) -> serde_json::Value {
+        let st = self.shared.lock();
+        webhooks::event_json(
+            &st.cfg,
+            portal,
+            subscription_type,
+            webhooks::object_id_value(object_id),
+            ChangeSource::CrmUi,
+            chrono::Utc::now(),
+        )
+    }
+
+    /// A `contact.merge` event of `merged` into `primary` that became `new_id` (also its
+    /// `objectId`), with `numberOfPropertiesMoved` 0.
+    pub fn webhook_merge_event(
+        &self,
+        portal: u64,
+        primary: &str,
+        merged: &[&str],
+        new_id: &str,
+    ) -> serde_json::Value {
+        let mut e = self.webhook_event(portal, "contact.merge", new_id);
+        webhooks::add_merge_fields(&mut e, primary, merged, new_id, 0);
+        e
+    }
+
     /// Forgets all portals, tokens, templates and faults (ids keep counting up).
     pub fn reset(&self) {
         self.shared.lock().reset();
@@ -266,6 +475,9 @@ impl Emulator {
         self.shared.stop();
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
+        }
+        if let Some(w) = self.webhooks.take() {
+            w.abort();
         }
     }
 }

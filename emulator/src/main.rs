@@ -44,6 +44,9 @@ struct Args {
         default_value = "emulator-developer-key"
     )]
     developer_api_key: String,
+    /// Where the app's webhooks go (none when unset).
+    #[arg(long, env = "EMULATOR_WEBHOOK_TARGET")]
+    webhook_target: Option<String>,
 }
 
 #[tokio::main]
@@ -63,6 +66,7 @@ async fn main() -> std::io::Result<()> {
         client_secret: args.client_secret,
         app_id: args.app_id,
         developer_api_key: args.developer_api_key,
+        webhook_target: args.webhook_target,
         ..EmulatorConfig::default()
     };
     let emu = Emulator::start_on(cfg, SocketAddr::new(args.host, args.port)).await?;

@@ -141,3 +141,48 @@ pub enum OAuthErrorStyle {
     /// OAuth 2 style: `error` (`invalid_grant`, …), `error_description`, plus `status`.
     OAuth2,
 }
+
+/// One POST of a webhook batch to the app's target URL, as the delivery task made it: what a
+/// test waits on ("the batch was answered 2xx") and inspects (retries, attempt numbers).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WebhookAttempt {
+    /// The same for every attempt of one batch, so retries can be told apart from new batches.
+    pub batch_id: u64,
+    /// The portal whose events these are (a request carries one portal's events).
+    pub portal_id: u64,
+    /// The target URL exactly as configured (and signed).
+    pub url: String,
+    /// `0` for the first attempt, `+1` per retry (the events' `attemptNumber`).
+    pub attempt_number: u32,
+    /// The JSON array sent, `attemptNumber` included.
+    pub events: serde_json::Value,
+    /// The receiver's HTTP status, when it answered.
+    pub status: Option<u16>,
+    /// Why there was no usable answer (connection refused, timeout, ...).
+    pub error: Option<String>,
+    /// When the answer (or the failure) came.
+    pub at: DateTime<Utc>,
+}
+
+impl WebhookAttempt {
+    /// Answered 2xx. (A 3xx is not retried either, as HubSpot retries only failures to
+    /// connect, timeouts and 4xx/5xx; redirects are not followed.)
+    pub fn delivered(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+    }
+}
+
+/// How `Emulator::send_webhook` signs a hand-made batch, so tests can check what a receiver
+/// refuses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WebhookSigning {
+    /// A correct v3 signature and a fresh timestamp, like HubSpot's own deliveries.
+    Valid,
+    /// No `X-HubSpot-Signature-v3` header (the timestamp header is still sent).
+    Unsigned,
+    /// Signed with a secret that is not the app's client secret.
+    WrongSecret,
+    /// Correctly signed, but with a timestamp this long ago (HubSpot's receivers must refuse
+    /// timestamps older than 5 minutes).
+    Stale(Duration),
+}

@@ -317,6 +317,11 @@ fn issue(
     now: DateTime<Utc>,
     refresh: Option<String>,
 ) -> Reply {
+    // Every OAuth grant (code exchange, refresh, `Emulator::grant_oauth_tokens`) is an install
+    // of the public app: the portal gets webhooks from now on.
+    if let Some(p) = st.portals.get_mut(&portal) {
+        p.app_installed = true;
+    }
     let ttl = st.cfg.token_ttl;
     let access = format!("emu-at-na1-{}", rand_hex(48));
     let refresh = refresh.unwrap_or_else(|| format!("na1-{}", uuid()));

@@ -43,6 +43,9 @@ pub(crate) enum Endpoint {
     ContactsCreate,
     ContactsGet(String),
     ContactsUpdate(String),
+    ContactsMerge,
+    ContactsArchive(String),
+    ContactsGdprDelete,
     // App Events v4
     AppEventCreate,
     AppEventBatch,
@@ -121,6 +124,9 @@ impl Endpoint {
             ContactsCreate => "contacts.create",
             ContactsGet(_) => "contacts.get",
             ContactsUpdate(_) => "contacts.update",
+            ContactsMerge => "contacts.merge",
+            ContactsArchive(_) => "contacts.archive",
+            ContactsGdprDelete => "contacts.gdpr_delete",
             AppEventCreate => "app_events.create",
             AppEventBatch => "app_events.batch",
             TemplatesCreate(_) => "timeline.templates.create",
@@ -270,8 +276,11 @@ fn objects(method: &Method, obj: &str, rest: &[&str], path: &str) -> Result<Endp
         (["batch", "create"], Method::POST) => ContactsBatchCreate,
         (["batch", "upsert"], Method::POST) => ContactsBatchUpsert,
         (["search"], Method::POST) => ContactsSearch,
+        (["merge"], Method::POST) => ContactsMerge,
+        (["gdpr-delete"], Method::POST) => ContactsGdprDelete,
         ([id], Method::GET) => ContactsGet(id.to_string()),
         ([id], Method::PATCH) => ContactsUpdate(id.to_string()),
+        ([id], Method::DELETE) => ContactsArchive(id.to_string()),
         ([] | ["batch", _] | [_], _) => return Err(ApiError::method_not_allowed()),
         _ => return Err(ApiError::route_not_found(path)),
     };
@@ -325,6 +334,18 @@ mod tests {
             Some(Endpoint::Introspect)
         );
         assert!(c(Method::POST, "/crm/objects/v9/contacts/batch/read").is_err());
+        assert_eq!(
+            c(Method::POST, "/crm/objects/2026-03/contacts/merge").ok(),
+            Some(Endpoint::ContactsMerge)
+        );
+        assert_eq!(
+            c(Method::POST, "/crm/v3/objects/contacts/gdpr-delete").ok(),
+            Some(Endpoint::ContactsGdprDelete)
+        );
+        assert_eq!(
+            c(Method::DELETE, "/crm/v3/objects/contacts/5001").ok(),
+            Some(Endpoint::ContactsArchive("5001".into()))
+        );
         assert!(c(Method::GET, "/crm/v3/objects/contacts/batch/read").is_err());
         assert_eq!(
             c(Method::GET, "/crm/v3/properties/contacts/meltingspot_bio").ok(),

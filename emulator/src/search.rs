@@ -236,7 +236,8 @@ pub(crate) fn search(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult {
             }
         }
         if let Some(q) = query.as_deref().filter(|q| !q.is_empty()) {
-            let text = ["email", "firstname", "lastname"]
+            // HubSpot's default text search covers the additional e-mails too (reference §2.5).
+            let text = ["email", "hs_additional_emails", "firstname", "lastname"]
                 .iter()
                 .filter_map(|n| c.props.get(*n))
                 .any(|v| v.to_lowercase().contains(q));

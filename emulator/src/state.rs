@@ -1,9 +1,9 @@
 //! The whole emulated HubSpot lives in one `State` behind one mutex: simplicity over
 //! concurrency (a test emulator never needs more). The lock is never held across an await.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use chrono::{DateTime, Utc};
@@ -14,8 +14,9 @@ use tokio::sync::Notify;
 use crate::errors::ApiError;
 use crate::model::{
     Contact, CreatedBy, Faults, PropertyDef, PropertyGroup, PropertyOption, RequestStats,
-    TimelineEvent,
+    TimelineEvent, WebhookAttempt,
 };
+use crate::webhooks::Outgoing;
 use crate::EmulatorConfig;
 
 /// What the HTTP handlers and the `Emulator` handle share.
@@ -112,6 +113,21 @@ pub(crate) struct ContactRec {
 impl ContactRec {
     pub fn email(&self) -> Option<&str> {
         self.props.get("email").map(String::as_str)
+    }
+
+    /// Every e-mail of the record: the primary `email`, then its `hs_additional_emails`
+    /// (semicolon-separated; a merge puts the merged-away e-mails there).
+    pub fn emails(&self) -> impl Iterator<Item = &str> {
+        let additional = self
+            .props
+            .get(ADDITIONAL_EMAILS)
+            .map(String::as_str)
+            .unwrap_or("");
+        self.email()
+            .into_iter()
+            .chain(additional.split(';'))
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
     }
 
     pub fn to_public(&self) -> Contact {
@@ -211,6 +227,11 @@ pub(crate) struct EventRec {
 /// The first record id of every portal.
 const FIRST_CONTACT_ID: u64 = 5001;
 
+/// The e-mails a record has besides its primary one (read-only; filled by merges).
+pub(crate) const ADDITIONAL_EMAILS: &str = "hs_additional_emails";
+/// The record ids merged into a record (read-only; filled by merges).
+pub(crate) const MERGED_OBJECT_IDS: &str = "hs_merged_object_ids";
+
 pub(crate) struct Portal {
     pub id: u64,
     pub contacts: BTreeMap<u64, ContactRec>,
@@ -226,6 +247,18 @@ pub(crate) struct Portal {
     /// portals hand out the same ids, so an id used on the wrong portal
     /// names somebody else's contact there.
     pub next_contact_id: u64,
+    /// Deleted (archived) contacts, kept aside so that a restore brings them back under the
+    /// same id; they are in no read, search or e-mail match.
+    pub archived: BTreeMap<u64, ContactRec>,
+    /// Record id merged away -> the id of the record it became (which may have been merged
+    /// again since: reads follow the chain).
+    pub merged_into: HashMap<u64, u64>,
+    /// E-mails (trimmed, lower-cased) of privacy-deleted contacts. HubSpot blocks them for the
+    /// UI and imports only; the API still creates contacts with them.
+    pub privacy_blocklist: BTreeSet<String>,
+    /// The public app was installed here by OAuth: only such portals get webhooks (service
+    /// keys and private apps get none).
+    pub app_installed: bool,
 }
 
 impl Portal {
@@ -240,6 +273,10 @@ impl Portal {
             window: VecDeque::new(),
             search_window: VecDeque::new(),
             next_contact_id: FIRST_CONTACT_ID,
+            archived: BTreeMap::new(),
+            merged_into: HashMap::new(),
+            privacy_blocklist: BTreeSet::new(),
+            app_installed: false,
         };
         p.groups.insert(
             "contactinformation".into(),
@@ -252,7 +289,7 @@ impl Portal {
             },
         );
         // The built-in properties the emulator knows; HubSpot has hundreds more.
-        let builtins: [(&str, &str, &str, &str, bool); 6] = [
+        let builtins: [(&str, &str, &str, &str, bool); 8] = [
             ("email", "Email", "string", "text", false),
             ("firstname", "First Name", "string", "text", false),
             ("lastname", "Last Name", "string", "text", false),
@@ -263,6 +300,21 @@ impl Portal {
                 "Last Modified Date",
                 "datetime",
                 "date",
+                true,
+            ),
+            // GUESS: HubSpot's type/fieldType of these two; semicolon-separated values either way.
+            (
+                ADDITIONAL_EMAILS,
+                "Additional email addresses",
+                "enumeration",
+                "checkbox",
+                true,
+            ),
+            (
+                MERGED_OBJECT_IDS,
+                "Merged Contact IDs",
+                "enumeration",
+                "checkbox",
                 true,
             ),
         ];
@@ -308,6 +360,34 @@ impl Portal {
             .find(|c| c.email().is_some_and(|e| e.trim().to_lowercase() == wanted))
             .map(|c| c.id)
     }
+
+    /// Contact holding `email` as its primary or as an additional e-mail. HubSpot keeps both
+    /// unique across contacts, so this is the conflict check of creates and e-mail changes;
+    /// lookups by `idProperty=email` match the primary e-mail only ([`Portal::find_by_email`]).
+    pub fn find_by_any_email(&self, email: &str) -> Option<u64> {
+        let wanted = email.trim().to_lowercase();
+        if wanted.is_empty() {
+            return None;
+        }
+        self.contacts
+            .values()
+            .find(|c| c.emails().any(|e| e.to_lowercase() == wanted))
+            .map(|c| c.id)
+    }
+
+    /// The live record a read by `id` answers: the record itself, or the one it was merged
+    /// into (following later merges). `None` for deleted and unknown ids.
+    pub fn resolve_read(&self, id: u64) -> Option<u64> {
+        let mut cur = id;
+        // Each hop goes to a newer id, so a chain is at most as long as the map.
+        for _ in 0..=self.merged_into.len() {
+            if self.contacts.contains_key(&cur) {
+                return Some(cur);
+            }
+            cur = *self.merged_into.get(&cur)?;
+        }
+        None
+    }
 }
 
 pub(crate) struct State {
@@ -326,6 +406,14 @@ pub(crate) struct State {
     /// Requests authenticated by the developer API key (templates) are app-level: counted here
     /// and exposed as the stats of pseudo-portal 0.
     pub dev_stats: RequestStats,
+    /// Webhook events waiting for the delivery task (which drains it).
+    pub outbox: Vec<Outgoing>,
+    /// Wakes the delivery task when the outbox gets something. Survives `reset`: the task
+    /// holds a clone.
+    pub webhook_wake: Arc<Notify>,
+    /// Every delivery attempt so far.
+    pub webhook_log: Vec<WebhookAttempt>,
+    pub next_webhook_batch: u64,
 }
 
 /// Scopes given to static service keys: everything CRM, but not `timeline`.
@@ -352,6 +440,10 @@ impl State {
             faults_portal: HashMap::new(),
             templates: BTreeMap::new(),
             dev_stats: RequestStats::default(),
+            outbox: Vec::new(),
+            webhook_wake: Arc::new(Notify::new()),
+            webhook_log: Vec::new(),
+            next_webhook_batch: 1,
         }
     }
 
@@ -360,9 +452,12 @@ impl State {
     pub fn reset(&mut self) {
         let fresh = State::new(self.cfg.clone());
         let (np, nt) = (self.next_portal_id, self.next_template_id);
+        let (wake, nb) = (self.webhook_wake.clone(), self.next_webhook_batch);
         *self = fresh;
         self.next_portal_id = np;
         self.next_template_id = nt;
+        self.webhook_wake = wake;
+        self.next_webhook_batch = nb;
     }
 
     pub fn new_portal(&mut self) -> u64 {
@@ -459,7 +554,12 @@ impl State {
         id.to_string()
     }
 
+    /// Every token of the portal stops working: the app counts as uninstalled there (no more
+    /// webhooks until a new OAuth grant).
     pub fn revoke_portal(&mut self, portal: u64) {
+        if let Some(p) = self.portals.get_mut(&portal) {
+            p.app_installed = false;
+        }
         for t in self.tokens.values_mut().filter(|t| t.portal == portal) {
             t.revoked = true;
         }
