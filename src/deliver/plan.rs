@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::hubspot::contacts::Resolution;
 use crate::hubspot::properties::{hubspot_time, join_names, normalize_email, truncate_value};
 use crate::hubspot::timeline::{ActivityEvent, EventOutcome};
 use crate::hubspot::CreateResult;
 use crate::internal_events::DeadLetterKind;
+use crate::store::portal_changes::Mapped;
 use crate::store::{ActivityDone, Completion, ContactState, Marker, MemberRecord, QueuedActivity};
 
 /// A member's records by member id.
@@ -118,9 +120,15 @@ pub(super) struct PropertyPlan {
     pub truncated: usize,
     /// Members with no contact and no contact creation.
     pub without_contact: usize,
+    /// Members whose e-mail is suppressed on the portal.
+    pub suppressed: usize,
     /// Dead letters decided by the plan (e-mails HubSpot refused to look up).
     pub tallies: Vec<Tally>,
 }
+
+/// E-mails suppressed on the portal (deleted there for privacy), among
+/// those the round would look up: never looked up, created or sent events.
+pub(super) type Suppressed = HashSet<String>;
 
 /// E-mails HubSpot refused to look up, with (category, reason).
 pub(super) type Refused = HashMap<String, (String, String)>;
@@ -133,6 +141,7 @@ pub(super) fn plan_properties(
     states: &States,
     found: &HashMap<String, String>,
     refused: &Refused,
+    suppressed: &Suppressed,
 ) -> PropertyPlan {
     let mut plan = PropertyPlan::default();
     for (i, mk) in markers.iter().enumerate() {
@@ -147,7 +156,16 @@ pub(super) fn plan_properties(
         };
         let email = normalize_email(&rec.email);
         let state = states.get(&key);
-        let contact_id = known_contact(states, key, &email).or_else(|| found.get(&email).cloned());
+        let known = known_contact(states, key, &email);
+        if known.is_none() && suppressed.contains(&email) {
+            plan.suppressed += 1;
+            plan.completions.push(Completion::NoContact {
+                marker: mk.clone(),
+                email: Some(email),
+            });
+            continue;
+        }
+        let contact_id = known.or_else(|| found.get(&email).cloned());
         let (desired, truncated) = derive(rec);
         plan.truncated += truncated;
         if let (None, Some((category, reason))) = (&contact_id, refused.get(&email)) {
@@ -229,6 +247,12 @@ pub(super) enum Tally {
     Created,
     /// An activity delivered.
     Delivered,
+    /// Moved to the record its contact was merged into.
+    Remapped,
+    /// Its contact was deleted: forgotten, the e-mail is looked up again.
+    Forgotten,
+    /// Its contact was merged into a record another member keeps.
+    Conflict,
     /// Rejected for good.
     DeadLetter {
         kind: DeadLetterKind,
@@ -264,6 +288,7 @@ pub(super) fn settle_creates(
                     marker: mk.clone(),
                     email,
                     contact_id: id.clone(),
+                    former: None,
                 },
                 Tally::Nothing,
             ),
@@ -297,13 +322,57 @@ pub(super) enum ItemResult {
     Rejected(String, String),
 }
 
-/// How the writes of a round ended, one result per update in order.
+/// What HubSpot said of the record ids it answered OBJECT_NOT_FOUND to on
+/// an update: read back by id (`Portal::resolve_contact_ids`), and which
+/// member of the Spot is already on each merged record.
+#[derive(Debug, Default)]
+pub(super) struct Missing {
+    pub resolved: HashMap<String, Resolution>,
+    /// Merged record id → the member of this Spot already mapped to it.
+    pub taken: HashMap<String, i64>,
+}
+
+/// How the writes of a round ended, one result per update in order. A
+/// record HubSpot no longer updates was merged (the member moves to the
+/// merged record and is written there in the next round, unless another
+/// member keeps it: a conflict) or deleted (forgotten; the e-mail is looked
+/// up again, and nothing is created for it).
 pub(super) fn settle_updates(
     markers: &[Marker],
     records: &Records,
     updates: Vec<PendingUpdate>,
     results: Vec<ItemResult>,
+    missing: &Missing,
 ) -> Vec<(Completion, Tally)> {
+    // Who keeps each merged record: the member already on it, else the
+    // lowest member id of this round merged into it.
+    let mut claims: HashMap<&str, Vec<Mapped>> = HashMap::new();
+    for (u, result) in updates.iter().zip(&results) {
+        if let (ItemResult::Missing, Some(Resolution::MergedInto(new))) =
+            (result, missing.resolved.get(&u.contact_id))
+        {
+            let mk = &markers[u.marker];
+            claims.entry(new.as_str()).or_default().push(Mapped {
+                spot_id: mk.spot_id,
+                member_id: mk.member_id,
+                contact_id: u.contact_id.clone(),
+            });
+        }
+    }
+    for (new, list) in claims.iter_mut() {
+        if let Some(&member_id) = missing.taken.get(*new) {
+            list.push(Mapped {
+                spot_id: 0,
+                member_id,
+                contact_id: (*new).to_string(),
+            });
+        }
+    }
+    let keepers: HashMap<&str, i64> = claims
+        .iter()
+        .filter_map(|(new, list)| Some((*new, super::portal_changes::keeper(list, None, new)?)))
+        .collect();
+
     let mut out = Vec::with_capacity(updates.len());
     for (u, result) in updates.into_iter().zip(results) {
         let mk = &markers[u.marker];
@@ -321,14 +390,48 @@ pub(super) fn settle_updates(
                 },
                 Tally::Written,
             ),
-            // The contact was deleted or merged: forget it; the next change resolves the e-mail again.
-            ItemResult::Missing => (
-                Completion::NoContact {
-                    marker: mk.clone(),
-                    email: Some(email),
-                },
-                Tally::Nothing,
-            ),
+            ItemResult::Missing => match missing.resolved.get(&u.contact_id) {
+                Some(Resolution::MergedInto(new)) => {
+                    match keepers.get(new.as_str()) {
+                        Some(&kept) if kept != mk.member_id => (
+                            Completion::Conflict {
+                                marker: mk.clone(),
+                                email,
+                                contact_id: new.clone(),
+                                former: u.contact_id,
+                                kept_member_id: kept,
+                            },
+                            Tally::Conflict,
+                        ),
+                        _ => (
+                            Completion::Remap {
+                                marker: mk.clone(),
+                                email,
+                                contact_id: new.clone(),
+                                former: Some(u.contact_id),
+                            },
+                            Tally::Remapped,
+                        ),
+                    }
+                }
+                Some(Resolution::Gone) => (
+                    Completion::Forget {
+                        marker: mk.clone(),
+                        email,
+                        former: u.contact_id,
+                    },
+                    Tally::Forgotten,
+                ),
+                // It still reads as itself: forget it; the next change
+                // resolves the e-mail again.
+                Some(Resolution::Live) | None => (
+                    Completion::NoContact {
+                        marker: mk.clone(),
+                        email: Some(email),
+                    },
+                    Tally::Nothing,
+                ),
+            },
             ItemResult::Rejected(category, reason) => (
                 Completion::DeadLetter {
                     marker: mk.clone(),
@@ -362,6 +465,8 @@ pub(super) struct ActivityPlan {
     pub sending: HashMap<String, (QueuedActivity, String)>,
     /// Events whose member has no contact.
     pub without_contact: usize,
+    /// Events whose member's e-mail is suppressed on the portal.
+    pub suppressed: usize,
     /// Dead letters decided by the plan (e-mails HubSpot refused to look up).
     pub tallies: Vec<Tally>,
 }
@@ -376,6 +481,7 @@ pub(super) fn plan_activities(
     creating: &HashSet<(i64, i64)>,
     found: &HashMap<String, String>,
     refused: &Refused,
+    suppressed: &Suppressed,
 ) -> ActivityPlan {
     let mut plan = ActivityPlan::default();
     for q in queued {
@@ -385,7 +491,13 @@ pub(super) fn plan_activities(
             continue;
         };
         let email = normalize_email(&rec.email);
-        let contact = known_contact(states, key, &email).or_else(|| found.get(&email).cloned());
+        let known = known_contact(states, key, &email);
+        if known.is_none() && suppressed.contains(&email) {
+            plan.suppressed += 1;
+            plan.done.push(ActivityDone::NoContact(q.event_id));
+            continue;
+        }
+        let contact = known.or_else(|| found.get(&email).cloned());
         if let (None, Some((category, reason))) = (&contact, refused.get(&email)) {
             plan.tallies.push(Tally::DeadLetter {
                 kind: DeadLetterKind::Event,
@@ -521,6 +633,7 @@ mod tests {
             &states,
             &HashMap::new(),
             &Refused::new(),
+            &Suppressed::new(),
         );
         assert_eq!(plan.updates.len(), 1);
         let u = &plan.updates[0];
@@ -542,6 +655,7 @@ mod tests {
             &States::new(),
             &found,
             &Refused::new(),
+            &Suppressed::new(),
         );
         assert!(plan.updates.is_empty() && plan.creates.is_empty());
         assert!(matches!(
@@ -559,6 +673,7 @@ mod tests {
             &States::new(),
             &HashMap::new(),
             &Refused::new(),
+            &Suppressed::new(),
         );
         assert_eq!(plan.without_contact, 1);
         assert_eq!(plan.creates.len(), 1);
@@ -576,6 +691,7 @@ mod tests {
             &States::new(),
             &HashMap::new(),
             &Refused::new(),
+            &Suppressed::new(),
         );
         let results = HashMap::from([(
             "spot1-member10".to_string(),
@@ -608,6 +724,7 @@ mod tests {
             &States::new(),
             &HashMap::new(),
             &refused,
+            &Suppressed::new(),
         );
         assert!(
             matches!(plan.completions[..], [Completion::DeadLetter { ref reason, .. }] if reason == "bad e-mail")
@@ -640,10 +757,150 @@ mod tests {
             &creating,
             &HashMap::new(),
             &Refused::new(),
+            &Suppressed::new(),
         );
         assert!(plan.events.is_empty());
         assert_eq!(plan.without_contact, 1);
         assert!(matches!(plan.done[0], ActivityDone::Later(ref id, _) if id == "e1"));
         assert!(matches!(plan.done[1], ActivityDone::NoContact(ref id) if id == "e2"));
+    }
+
+    fn update(marker: usize, contact: &str) -> PendingUpdate {
+        PendingUpdate {
+            marker,
+            contact_id: contact.into(),
+            diff: BTreeMap::from([("meltingspot_headline".to_string(), "hi".to_string())]),
+            desired: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_merged_contact_is_followed_a_deleted_one_forgotten_and_a_taken_one_reported() {
+        let markers = [
+            marker(1, 10, false),
+            marker(1, 11, false),
+            marker(1, 12, true),
+            marker(1, 13, false),
+        ];
+        let recs = records(&[
+            member(1, 10, "a@x.io"),
+            member(1, 11, "b@x.io"),
+            member(1, 12, "c@x.io"),
+            member(1, 13, "d@x.io"),
+        ]);
+        let updates = vec![
+            update(0, "100"),
+            update(1, "101"),
+            update(2, "102"),
+            update(3, "103"),
+        ];
+        let results = vec![
+            ItemResult::Missing,
+            ItemResult::Missing,
+            ItemResult::Missing,
+            ItemResult::Ok,
+        ];
+        let missing = Missing {
+            resolved: HashMap::from([
+                ("100".to_string(), Resolution::MergedInto("900".into())),
+                ("101".to_string(), Resolution::MergedInto("901".into())),
+                ("102".to_string(), Resolution::Gone),
+            ]),
+            // Member 20 already writes record 901.
+            taken: HashMap::from([("901".to_string(), 20)]),
+        };
+        let settled = settle_updates(&markers, &recs, updates, results, &missing);
+        assert!(matches!(
+            &settled[0],
+            (Completion::Remap { contact_id, former: Some(f), .. }, Tally::Remapped)
+                if contact_id == "900" && f == "100"
+        ));
+        assert!(matches!(
+            &settled[1],
+            (Completion::Conflict { contact_id, kept_member_id: 20, .. }, Tally::Conflict)
+                if contact_id == "901"
+        ));
+        assert!(matches!(
+            &settled[2],
+            (Completion::Forget { former, .. }, Tally::Forgotten) if former == "102"
+        ));
+        assert!(matches!(
+            &settled[3],
+            (Completion::Written { .. }, Tally::Written)
+        ));
+    }
+
+    #[test]
+    fn two_members_merged_into_one_record_in_a_round_are_not_both_written_there() {
+        let markers = [marker(1, 11, false), marker(1, 10, false)];
+        let recs = records(&[member(1, 10, "a@x.io"), member(1, 11, "b@x.io")]);
+        let missing = Missing {
+            resolved: HashMap::from([
+                ("100".to_string(), Resolution::MergedInto("900".into())),
+                ("101".to_string(), Resolution::MergedInto("900".into())),
+            ]),
+            taken: HashMap::new(),
+        };
+        let settled = settle_updates(
+            &markers,
+            &recs,
+            vec![update(0, "101"), update(1, "100")],
+            vec![ItemResult::Missing, ItemResult::Missing],
+            &missing,
+        );
+        assert!(matches!(
+            &settled[0],
+            (
+                Completion::Conflict {
+                    kept_member_id: 10,
+                    ..
+                },
+                Tally::Conflict
+            )
+        ));
+        assert!(matches!(
+            &settled[1],
+            (Completion::Remap { .. }, Tally::Remapped)
+        ));
+    }
+
+    #[test]
+    fn a_suppressed_email_is_neither_created_nor_sent_events_unless_already_mapped() {
+        let recs = records(&[member(1, 10, "gone@x.io"), member(1, 11, "b@x.io")]);
+        let suppressed = Suppressed::from(["gone@x.io".to_string()]);
+        let found = HashMap::from([("gone@x.io".to_string(), "5".to_string())]);
+        let plan = plan_properties(
+            &[marker(1, 10, true), marker(1, 11, true)],
+            &recs,
+            &States::new(),
+            &found,
+            &Refused::new(),
+            &suppressed,
+        );
+        assert_eq!(plan.suppressed, 1);
+        assert!(plan.updates.is_empty());
+        assert_eq!(plan.creates.len(), 1);
+        assert_eq!(plan.creates[0].properties["email"], "b@x.io");
+        let q = QueuedActivity {
+            event_id: "e1".into(),
+            spot_id: 1,
+            member_id: 10,
+            activity: crate::translate::activity::ActivityType::SpotJoined,
+            occurred_at: Utc::now(),
+            spot_name: "S".into(),
+            title: "t".into(),
+            url: None,
+        };
+        let plan = plan_activities(
+            vec![q],
+            &recs,
+            &States::new(),
+            &HashSet::new(),
+            &found,
+            &Refused::new(),
+            &suppressed,
+        );
+        assert!(plan.events.is_empty());
+        assert_eq!(plan.suppressed, 1);
     }
 }

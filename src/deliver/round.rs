@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use super::plan::{self, ItemResult, Records, Tally};
 use super::DeliverError;
 use crate::failpoints::{crash_point, CONTACT_CREATED, HUBSPOT_ACCEPTED};
-use crate::hubspot::contacts::{existing_id, schema_missing_in};
+use crate::hubspot::contacts::{existing_id, schema_missing_in, Resolution};
 use crate::hubspot::timeline::is_input_refusal;
 use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{ApiError, CreateResult, Endpoint, HubSpotError, Portal};
@@ -35,6 +35,15 @@ fn count(metrics: &Metrics, tally: &Tally) {
             metrics.contacts_written.inc();
         }
         Tally::Delivered => {}
+        Tally::Remapped => metrics
+            .contacts_remapped
+            .with_label_values(&["update"])
+            .inc(),
+        Tally::Forgotten => metrics
+            .contacts_forgotten
+            .with_label_values(&["update"])
+            .inc(),
+        Tally::Conflict => metrics.contact_conflicts.inc(),
         Tally::DeadLetter {
             kind,
             member_id,
@@ -70,12 +79,13 @@ pub(super) async fn deliver_properties(
 
     // Resolve e-mails we do not know yet, or that changed, in one batch read.
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
-    let (found, refused) = look_up(portal, &lookups).await?;
+    let (found, refused, suppressed) = look_up(db, portal, fence.portal_id, lookups).await?;
 
-    let plan = plan::plan_properties(markers, &records, &states, &found, &refused);
+    let plan = plan::plan_properties(markers, &records, &states, &found, &refused, &suppressed);
     for tally in &plan.tallies {
         count(metrics, tally);
     }
+    metrics.members_suppressed.inc_by(plan.suppressed as u64);
     metrics.values_truncated.inc_by(plan.truncated as u64);
     metrics
         .members_without_contact
@@ -123,7 +133,10 @@ pub(super) async fn deliver_properties(
     if !results.is_empty() {
         crash_point(HUBSPOT_ACCEPTED);
     }
-    for (completion, tally) in plan::settle_updates(markers, &records, plan.updates, results) {
+    let missing = read_back_missing(db, portal, fence, &plan.updates, &results).await?;
+    for (completion, tally) in
+        plan::settle_updates(markers, &records, plan.updates, results, &missing)
+    {
         count(metrics, &tally);
         completions.push(completion);
     }
@@ -185,15 +198,26 @@ fn reason(error: &ApiError) -> (String, String) {
     (error.category.clone(), text)
 }
 
-/// Looks e-mails up; an e-mail HubSpot refuses is returned apart with its
-/// reason instead of failing the round.
+/// Looks e-mails up, except those suppressed on the portal (returned apart:
+/// a person deleted there for privacy is never looked up again); an e-mail
+/// HubSpot refuses is returned apart with its reason instead of failing the
+/// round.
 async fn look_up(
+    db: &Db,
     portal: &Portal,
-    emails: &[String],
-) -> Result<(HashMap<String, String>, HashMap<String, (String, String)>), HubSpotError> {
+    portal_id: i64,
+    mut emails: Vec<String>,
+) -> Result<(HashMap<String, String>, plan::Refused, plan::Suppressed), DeliverError> {
     if emails.is_empty() {
         return Ok(Default::default());
     }
+    let suppressed =
+        store::portal_changes::suppressed_among(&*db.client().await?, portal_id, &emails).await?;
+    emails.retain(|e| !suppressed.contains(e));
+    if emails.is_empty() {
+        return Ok((HashMap::new(), plan::Refused::new(), suppressed));
+    }
+    let emails = &emails;
     let (answers, rejected) = isolating(
         portal,
         Endpoint::ContactsBatchRead.operation(),
@@ -206,7 +230,48 @@ async fn look_up(
         .into_iter()
         .map(|(i, e)| (emails[i].clone(), reason(&e)))
         .collect();
-    Ok((found, refused))
+    Ok((found, refused, suppressed))
+}
+
+/// Reads back by id the records an update was answered OBJECT_NOT_FOUND
+/// for, to tell merges from deletions (reference §10), and finds the
+/// members of the Spot already on the merged records.
+async fn read_back_missing(
+    db: &Db,
+    portal: &Portal,
+    fence: Fence,
+    updates: &[plan::PendingUpdate],
+    results: &[ItemResult],
+) -> Result<plan::Missing, DeliverError> {
+    let ids: Vec<String> = updates
+        .iter()
+        .zip(results)
+        .filter(|(_, r)| **r == ItemResult::Missing)
+        .map(|(u, _)| u.contact_id.clone())
+        .collect();
+    if ids.is_empty() {
+        return Ok(plan::Missing::default());
+    }
+    let resolved = portal.resolve_contact_ids(&ids).await?;
+    let merged: Vec<String> = resolved
+        .values()
+        .filter_map(|r| match r {
+            Resolution::MergedInto(new) => Some(new.clone()),
+            _ => None,
+        })
+        .collect();
+    let taken = if merged.is_empty() {
+        HashMap::new()
+    } else {
+        store::portal_changes::members_on_contacts(
+            &*db.client().await?,
+            fence.spot_id,
+            fence.portal_id,
+            &merged,
+        )
+        .await?
+    };
+    Ok(plan::Missing { resolved, taken })
 }
 
 /// Batch update; when HubSpot rejects the batch, the inputs it names (or, when
@@ -310,12 +375,21 @@ pub(super) async fn deliver_activities(
         (states, creating)
     };
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
-    let (found, refused) = look_up(portal, &lookups).await?;
+    let (found, refused, suppressed) = look_up(db, portal, fence.portal_id, lookups).await?;
 
-    let plan = plan::plan_activities(queued, &records, &states, &creating, &found, &refused);
+    let plan = plan::plan_activities(
+        queued,
+        &records,
+        &states,
+        &creating,
+        &found,
+        &refused,
+        &suppressed,
+    );
     for tally in &plan.tallies {
         count(metrics, tally);
     }
+    metrics.members_suppressed.inc_by(plan.suppressed as u64);
     metrics
         .activities_without_contact
         .inc_by(plan.without_contact as u64);

@@ -37,6 +37,30 @@ pub struct UpdateOutcome {
     pub rejected: HashMap<String, (String, String)>,
 }
 
+/// The contact property listing the record ids merged into a record.
+const MERGED_IDS_PROPERTY: &str = "hs_merged_object_ids";
+
+/// The ids of `hs_merged_object_ids` (semicolon-separated).
+fn merged_ids(value: &str) -> Vec<String> {
+    value
+        .split(';')
+        .map(str::trim)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// What became of a record id HubSpot no longer updates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolution {
+    /// It reads as itself: still there (the refusal was something else).
+    Live,
+    /// It was merged: the merged record's id.
+    MergedInto(String),
+    /// It reads as nothing: deleted.
+    Gone,
+}
+
 impl Portal {
     /// Looks contacts up by e-mail (≤100). Returns normalized email → record id.
     pub async fn read_contacts_by_email(
@@ -91,6 +115,53 @@ impl Portal {
                     })
                     .collect();
                 Some((id, values))
+            })
+            .collect())
+    }
+
+    /// Reads record ids HubSpot answered OBJECT_NOT_FOUND to on an update
+    /// (≤100) back by id, to tell a merge from a deletion. HubSpot answers a
+    /// read by a merged-away id with the merged record under its new id, and
+    /// lists the ids merged into it in `hs_merged_object_ids`; a deleted id
+    /// is not answered at all (reference §10).
+    pub async fn resolve_contact_ids(
+        &self,
+        ids: &[String],
+    ) -> Result<HashMap<String, Resolution>, HubSpotError> {
+        debug_assert!(ids.len() <= super::BATCH_LIMIT);
+        let resp = self
+            .batch_read(None, ids, &["email", MERGED_IDS_PROPERTY])
+            .await?;
+        read_lookup_errors(&resp)?;
+        let answered: Vec<(String, Vec<String>)> = resp
+            .get("results")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|r| {
+                let id = r.get("id")?.as_str()?.to_string();
+                let merged = r
+                    .get("properties")
+                    .and_then(|p| p.get(MERGED_IDS_PROPERTY))
+                    .and_then(Value::as_str)
+                    .map(merged_ids)
+                    .unwrap_or_default();
+                Some((id, merged))
+            })
+            .collect();
+        Ok(ids
+            .iter()
+            .map(|asked| {
+                let resolution = if answered.iter().any(|(id, _)| id == asked) {
+                    Resolution::Live
+                } else if let Some((new, _)) =
+                    answered.iter().find(|(_, merged)| merged.contains(asked))
+                {
+                    Resolution::MergedInto(new.clone())
+                } else {
+                    Resolution::Gone
+                };
+                (asked.clone(), resolution)
             })
             .collect())
     }

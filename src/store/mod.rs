@@ -7,6 +7,7 @@ mod db;
 pub mod dead_letters;
 pub mod integrations;
 pub mod outbox;
+pub mod portal_changes;
 pub mod reconcile;
 pub mod secrets;
 
@@ -60,6 +61,10 @@ const MIGRATIONS: &[(i32, &str)] = &[
     (
         11,
         include_str!("../../sql/migrations/0011_backfill_counts.sql"),
+    ),
+    (
+        12,
+        include_str!("../../sql/migrations/0012_portal_changes.sql"),
     ),
 ];
 

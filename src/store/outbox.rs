@@ -390,8 +390,8 @@ pub enum Completion {
         /// The member's e-mail, or None when the member no longer exists.
         email: Option<String>,
     },
-    /// The contact turned out to exist under another id (a 409 on creation):
-    /// remember it and deliver the row again as an update.
+    /// The contact turned out to exist under another id (a 409 on creation,
+    /// or a merge): remember it and deliver the row again as an update.
     Remap {
         /// The outbox row, kept for the next round.
         marker: Marker,
@@ -399,6 +399,32 @@ pub enum Completion {
         email: String,
         /// Id of the existing contact.
         contact_id: String,
+        /// The record it replaces (a merged-away id), if any.
+        former: Option<String>,
+    },
+    /// HubSpot deleted the contact: forget it and look the e-mail up again
+    /// in the next round; a contact is never created for it.
+    Forget {
+        /// The outbox row, kept for the next round.
+        marker: Marker,
+        /// The member's e-mail.
+        email: String,
+        /// The deleted record.
+        former: String,
+    },
+    /// The contact was merged into a record another member of the Spot
+    /// keeps: the member keeps none, and the conflict is recorded.
+    Conflict {
+        /// The outbox row, done.
+        marker: Marker,
+        /// The member's e-mail.
+        email: String,
+        /// The merged record.
+        contact_id: String,
+        /// The member's record before the merge.
+        former: String,
+        /// The member that keeps the merged record.
+        kept_member_id: i64,
     },
     /// HubSpot rejected the write: dead-letter it; the next change writes again.
     DeadLetter {
@@ -421,6 +447,8 @@ impl Completion {
             Completion::Written { marker, .. }
             | Completion::NoContact { marker, .. }
             | Completion::Remap { marker, .. }
+            | Completion::Forget { marker, .. }
+            | Completion::Conflict { marker, .. }
             | Completion::DeadLetter { marker, .. } => marker,
         };
         (m.spot_id, m.member_id)
@@ -455,6 +483,8 @@ pub async fn complete(
         Vec::<&str>::new(),
     );
     let mut delivered = (Vec::<i64>::new(), Vec::<i64>::new());
+    let mut relook = (Vec::<i64>::new(), Vec::<i64>::new());
+    let mut conflicts = Vec::new();
     for c in done {
         let marker = match c {
             Completion::Written {
@@ -467,13 +497,14 @@ pub async fn complete(
                     marker,
                     email,
                     Some(contact_id),
+                    None,
                     serde_json::to_value(written).unwrap_or_default(),
                 );
                 marker
             }
             Completion::NoContact { marker, email } => {
                 match email {
-                    Some(email) => map.push(marker, email, None, serde_json::json!({})),
+                    Some(email) => map.push(marker, email, None, None, serde_json::json!({})),
                     None => unmapped.push(marker.member_id),
                 }
                 marker
@@ -482,10 +513,39 @@ pub async fn complete(
                 marker,
                 email,
                 contact_id,
+                former,
             } => {
                 // The outbox row stays: the next round writes the properties.
-                map.push(marker, email, Some(contact_id), serde_json::json!({}));
+                map.push(
+                    marker,
+                    email,
+                    Some(contact_id),
+                    former.as_ref(),
+                    serde_json::json!({}),
+                );
                 continue;
+            }
+            Completion::Forget {
+                marker,
+                email,
+                former,
+            } => {
+                // The outbox row stays, for a look-up that creates nothing.
+                map.push(marker, email, None, Some(former), serde_json::json!({}));
+                relook.0.push(marker.member_id);
+                relook.1.push(marker.version);
+                continue;
+            }
+            Completion::Conflict {
+                marker,
+                email,
+                contact_id,
+                former,
+                kept_member_id,
+            } => {
+                map.push(marker, email, None, Some(former), serde_json::json!({}));
+                conflicts.push((marker.member_id, contact_id, *kept_member_id));
+                marker
             }
             Completion::DeadLetter {
                 marker,
@@ -499,7 +559,13 @@ pub async fn complete(
                 dead.2.push(reason);
                 // Keep the mapping but forget what was written, so the next
                 // change sends every property again.
-                map.push(marker, email, contact_id.as_ref(), serde_json::json!({}));
+                map.push(
+                    marker,
+                    email,
+                    contact_id.as_ref(),
+                    None,
+                    serde_json::json!({}),
+                );
                 marker
             }
         };
@@ -510,13 +576,15 @@ pub async fn complete(
     if !map.members.is_empty() {
         let statement = tx
             .prepare_cached(
-                "INSERT INTO hubspot_sync.contact_map (spot_id, member_id, email, contact_id, written, updated_at, portal_id)
-             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2
-               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[]) AS m(member_id, email, contact_id, written)
+                "INSERT INTO hubspot_sync.contact_map AS c (spot_id, member_id, email, contact_id, written, updated_at, portal_id, former_contact_id)
+             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2, m.former
+               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+                    AS m(member_id, email, contact_id, written, former)
               ORDER BY m.member_id
              ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
                 SET email = excluded.email, contact_id = excluded.contact_id,
-                    written = excluded.written, updated_at = now()",
+                    written = excluded.written, updated_at = now(),
+                    former_contact_id = COALESCE(excluded.former_contact_id, c.former_contact_id)",
             )
             .await?;
         tx.execute(
@@ -528,9 +596,23 @@ pub async fn complete(
                 &map.emails,
                 &map.contact_ids,
                 &map.written,
+                &map.formers,
             ],
         )
         .await?;
+    }
+    if !relook.0.is_empty() {
+        // Looked up again for a deleted contact: nothing is created for it.
+        tx.execute(
+            "UPDATE hubspot_sync.property_outbox o SET create_contact = false
+               FROM unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
+              WHERE o.spot_id = $1 AND o.member_id = u.member_id AND o.version = u.version",
+            &[&spot, &relook.0, &relook.1],
+        )
+        .await?;
+    }
+    for (member, contact, kept) in &conflicts {
+        super::portal_changes::insert_conflict(&*tx, spot, portal, *member, contact, *kept).await?;
     }
     if !unmapped.is_empty() {
         tx.execute(
@@ -580,6 +662,7 @@ struct MapRows<'a> {
     members: Vec<i64>,
     emails: Vec<&'a str>,
     contact_ids: Vec<Option<&'a str>>,
+    formers: Vec<Option<&'a str>>,
     written: Vec<serde_json::Value>,
 }
 
@@ -589,11 +672,13 @@ impl<'a> MapRows<'a> {
         marker: &Marker,
         email: &'a str,
         contact_id: Option<&'a String>,
+        former: Option<&'a String>,
         written: serde_json::Value,
     ) {
         self.members.push(marker.member_id);
         self.emails.push(email);
         self.contact_ids.push(contact_id.map(String::as_str));
+        self.formers.push(former.map(String::as_str));
         self.written.push(written);
     }
 }

@@ -106,20 +106,7 @@ pub async fn queue_for_delivery(
     )
     .await?;
     let all: Vec<i64> = drifted.iter().chain(missing).copied().collect();
-    let queued = tx
-        .execute(
-            "INSERT INTO hubspot_sync.property_outbox AS o (spot_id, member_id, lsn, create_contact, rewrite)
-             SELECT m.spot_id, m.id, '0/0', false, true
-               FROM public.members m
-              WHERE m.spot_id = $1 AND m.id = ANY($2)
-              -- One lock order for every writer of the outbox: no deadlocks.
-              ORDER BY m.spot_id, m.id
-             ON CONFLICT (spot_id, member_id) DO UPDATE
-                SET version = nextval('hubspot_sync.outbox_version'), next_attempt_at = now(),
-                    rewrite = true",
-            &[&spot_id, &all],
-        )
-        .await?;
+    let queued = super::portal_changes::queue_rewrites(&tx, spot_id, &all).await?;
     tx.commit().await?;
     Ok(queued)
 }

@@ -161,7 +161,7 @@ impl ChangeSource {
 }
 
 /// Appends to the Spot's audit trail, in this transaction.
-async fn record_event(
+pub(crate) async fn record_event(
     tx: &impl GenericClient,
     spot_id: i64,
     kind: &str,
