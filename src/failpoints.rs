@@ -24,13 +24,19 @@ pub const TOKEN_REFRESHED: &str = "token_refreshed";
 /// finds them by e-mail (or HubSpot's 409 names them) and creates none twice.
 pub const CONTACT_CREATED: &str = "contact_created";
 
+/// HubSpot webhook events are stored; HubSpot has no answer yet and they
+/// are not applied. A restart applies them, and HubSpot's retry of the
+/// batch is recognised as a repeat: each applied once.
+pub const WEBHOOK_ACCEPTED: &str = "webhook_accepted";
+
 /// Every crash point, for the tests and the docs.
-pub const ALL: [&str; 5] = [
+pub const ALL: [&str; 6] = [
     HANDOFF_COMMITTED,
     HANDOFF_AHEAD_COMMITTED,
     HUBSPOT_ACCEPTED,
     TOKEN_REFRESHED,
     CONTACT_CREATED,
+    WEBHOOK_ACCEPTED,
 ];
 
 /// Kills the process with SIGKILL here when the crash point `name` is armed.

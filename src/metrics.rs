@@ -95,6 +95,20 @@ pub struct Metrics {
     pub leader: IntGauge,
     /// Slots recreated with every Spot resynchronised, by `cause`.
     pub resyncs: IntCounterVec,
+    /// Webhook requests by outcome (accepted, or why refused).
+    pub webhook_requests: IntCounterVec,
+    /// Webhook events by type and outcome.
+    pub webhook_events: IntCounterVec,
+    /// Members moved to a merged contact, by how the merge was learnt.
+    pub contacts_remapped: IntCounterVec,
+    /// Members whose contact was deleted in HubSpot, by how it was learnt.
+    pub contacts_forgotten: IntCounterVec,
+    /// Members left without a contact another member of their Spot keeps.
+    pub contact_conflicts: IntCounter,
+    /// Suppressions recorded and lifted.
+    pub suppressions: IntCounterVec,
+    /// Members not looked up, created or sent events: e-mail suppressed.
+    pub members_suppressed: IntCounter,
 }
 
 macro_rules! reg {
@@ -438,6 +452,70 @@ impl Metrics {
                     "Activities dropped because the member has no HubSpot contact"
                 )
             ),
+            webhook_requests: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("webhook_requests_total"),
+                        "HubSpot webhook requests by outcome (accepted, unsigned, bad_signature, stale, too_large, malformed, not_configured, standby, database)"
+                    ),
+                    &["outcome"]
+                )
+            ),
+            webhook_events: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("webhook_events_total"),
+                        "HubSpot webhook events by type and outcome (accepted, repeated, ignored_portal, not_handled)"
+                    ),
+                    &["type", "outcome"]
+                )
+            ),
+            contacts_remapped: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("contacts_remapped_total"),
+                        "Members moved to the record their contact was merged into, by source (webhook, update)"
+                    ),
+                    &["source"]
+                )
+            ),
+            contacts_forgotten: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("contacts_forgotten_total"),
+                        "Members whose contact HubSpot deleted, by source (webhook, update)"
+                    ),
+                    &["source"]
+                )
+            ),
+            contact_conflicts: reg!(
+                r,
+                IntCounter::new(
+                    p("contact_conflicts_total"),
+                    "Members left without a contact after a merge because another member of the Spot keeps the merged record"
+                )
+            ),
+            suppressions: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("suppressions_total"),
+                        "Privacy suppressions by action (recorded, lifted)"
+                    ),
+                    &["action"]
+                )
+            ),
+            members_suppressed: reg!(
+                r,
+                IntCounter::new(
+                    p("members_suppressed_total"),
+                    "Members not looked up, created or sent events because their e-mail is suppressed on the portal"
+                )
+            ),
             registry: r,
         };
         #[cfg(target_os = "linux")]
@@ -450,6 +528,13 @@ impl Metrics {
         }
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
+        }
+        for source in ["webhook", "update"] {
+            m.contacts_remapped.with_label_values(&[source]).inc_by(0);
+            m.contacts_forgotten.with_label_values(&[source]).inc_by(0);
+        }
+        for action in ["recorded", "lifted"] {
+            m.suppressions.with_label_values(&[action]).inc_by(0);
         }
         for table in crate::translate::FULL_IDENTITY_TABLES {
             m.replica_identity_drift.with_label_values(&[table]).set(0);

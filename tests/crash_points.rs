@@ -434,3 +434,101 @@ async fn token_refreshed_new_token_not_stored() {
         "the stored refresh token still works after the crash"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_accepted_not_applied() {
+    let (url, slot) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let http = reqwest::Client::new();
+    let listen = free_addr();
+    emu.set_webhook_target(Some(format!("http://{listen}/webhooks/hubspot")));
+    let (portal, _) = emu.create_portal();
+    emu.set_next_grant_portal(Some(portal));
+    let ada = emu.add_contact(portal, "ada@example.com", &[]);
+    let grace = emu.add_contact(
+        portal,
+        "grace@example.com",
+        &[("meltingspot_headline", "stale")],
+    );
+    let spot = seed_spot(&db, "Webhook crash").await;
+    let member = seed_member(&db, spot, "ada@example.com", "accepted").await;
+    db.execute(
+        "UPDATE members SET headline = 'Ada''s' WHERE id = $1",
+        &[&member],
+    )
+    .await
+    .unwrap();
+
+    let mut child = spawn(&url, &slot, &emu, &listen, Some("webhook_accepted"));
+    wait_ready(&http, &listen).await;
+    assert_eq!(oauth_connect_process(&http, &listen, spot).await, 200);
+    wait_for("Ada's headline", 30 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref() == Some("Ada's")
+    })
+    .await;
+
+    // The merge's webhook is stored, and the process dies before answering.
+    let merged = emu.merge_contacts(portal, &grace, &ada);
+    assert_killed(wait_exit(&mut child, 30 * SECOND).await);
+    let stored: i64 = db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.webhook_events WHERE kind = 'merge' AND applied_at IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        stored, 1,
+        "accepted (stored) and not applied: the window was hit"
+    );
+
+    let _running = spawn(&url, &slot, &emu, &listen, None);
+    wait_ready(&http, &listen).await;
+    wait_for(
+        "the merged record gets Ada's values",
+        30 * SECOND,
+        || async {
+            emu.contacts(portal)
+                .iter()
+                .find(|c| c.id == merged)
+                .and_then(|c| c.properties.get("meltingspot_headline").cloned())
+                .as_deref()
+                == Some("Ada's")
+        },
+    )
+    .await;
+    // HubSpot retries the batch it got no answer for; the repeat is known.
+    wait_for("HubSpot's retry answered 2xx", 60 * SECOND, || async {
+        emu.webhook_attempts().iter().any(|a| a.delivered())
+    })
+    .await;
+    let metrics = http
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "hubspot_sidecar_webhook_events_total{outcome=\"repeated\",type=\"merge\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("hubspot_sidecar_contacts_remapped_total{source=\"webhook\"} 1"),
+        "applied once: {metrics}"
+    );
+    let rows: i64 = db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.webhook_events WHERE applied_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1);
+}

@@ -12,6 +12,7 @@
 mod fence;
 pub mod mailer;
 mod plan;
+pub mod portal_changes;
 pub(crate) use plan::derive;
 pub mod policy;
 mod round;

@@ -1,6 +1,7 @@
 //! HTTP: admin API (SPEC §6), the pages (`ui`), metrics, health.
 
 mod ui;
+pub mod webhooks;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -39,6 +40,10 @@ pub struct AppState {
     pub slot: Arc<str>,
     /// The lifecycle use cases.
     pub integrations: Integrations,
+    /// HUBSPOT_CLIENT_SECRET, which signs HubSpot's webhook requests (None: no webhooks).
+    pub webhook_secret: Option<Arc<str>>,
+    /// Notified when webhook events were stored, for the task that applies them.
+    pub webhook_events: Arc<tokio::sync::Notify>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -66,11 +71,21 @@ pub fn router(state: AppState) -> Router {
             "/api/spots/{spot_id}/hubspot/dead-letters/retry",
             post(retry_dead_letters),
         )
+        .route(
+            "/api/spots/{spot_id}/hubspot/suppressions",
+            get(suppressions),
+        )
+        .route(
+            "/api/spots/{spot_id}/hubspot/suppressions/lift",
+            post(lift_suppression),
+        )
+        .route("/api/spots/{spot_id}/hubspot/conflicts", get(conflicts))
         .route("/api/spots/{spot_id}/hubspot/resync", post(resync))
         .route("/api/spots/{spot_id}/hubspot/ui-link", post(ui_link))
         .route("/api/spots/{spot_id}/hubspot/reconcile", post(reconcile))
         .route("/oauth/hubspot/callback", get(oauth_callback))
         .merge(ui::routes())
+        .merge(webhooks::routes())
         .with_state(state)
 }
 
@@ -518,6 +533,60 @@ async fn dead_letters(
     let id = spot_id(&raw)?;
     let letters = s.integrations.dead_letters(id, q.before, q.limit()).await?;
     Ok(paged(id, "dead_letters", letters, |d| d.id, q.limit()))
+}
+
+/// `GET …/suppressions`: the e-mails suppressed on the Spot's portal (at most 500).
+async fn suppressions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let list = s.integrations.suppressions(id, 500).await?;
+    Ok(Json(json!({"spot_id": id, "suppressions": list})).into_response())
+}
+
+/// `{"email": "…"}`: the person consented again.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LiftBody {
+    email: String,
+}
+
+/// `POST …/suppressions/lift`: lifts one suppression, audited.
+async fn lift_suppression(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Json(body): Json<LiftBody>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    require_leader(&s)?;
+    let id = spot_id(&raw)?;
+    if s.integrations
+        .lift_suppression(id, &body.email, crate::integrations::ChangeSource::AdminApi)
+        .await?
+    {
+        Ok(Json(json!({"spot_id": id, "lifted": true})).into_response())
+    } else {
+        Err(ApiError(
+            StatusCode::NOT_FOUND,
+            "no suppression of that e-mail on the Spot's portal".into(),
+        ))
+    }
+}
+
+/// `GET …/conflicts`: members left without a contact by a merge (at most 500).
+async fn conflicts(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let list = s.integrations.conflicts(id, 500).await?;
+    Ok(Json(json!({"spot_id": id, "conflicts": list})).into_response())
 }
 
 /// `{"id": N}` retries one dead letter, `{"all": true}` every one not yet retried.

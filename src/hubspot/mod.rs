@@ -3,7 +3,8 @@
 //! - `endpoint`: every path, for the configured API version;
 //! - `transport`: the client, authentication, and the error classification;
 //! - `contacts`, `properties`, `oauth`, `timeline`: one file per API;
-//! - `ratelimit`: the per-portal rolling-window limiter.
+//! - `ratelimit`: the per-portal rolling-window limiter;
+//! - `webhooks`: the v3 signature and the contact changes HubSpot announces.
 
 pub mod contacts;
 pub mod endpoint;
@@ -12,6 +13,7 @@ pub mod properties;
 pub mod ratelimit;
 pub mod timeline;
 pub mod transport;
+pub mod webhooks;
 
 use std::future::Future;
 use std::pin::Pin;

@@ -102,6 +102,50 @@ impl Integrations {
         Ok(store::dead_letters(&*self.db.client().await?, spot_id, before, limit).await?)
     }
 
+    /// The e-mails suppressed on the Spot's portal (people deleted there for
+    /// privacy), newest first.
+    pub async fn suppressions(
+        &self,
+        spot_id: i64,
+        limit: i64,
+    ) -> Result<Vec<store::portal_changes::Suppression>, IntegrationError> {
+        Ok(
+            store::portal_changes::suppressions_of_spot(&*self.db.client().await?, spot_id, limit)
+                .await?,
+        )
+    }
+
+    /// The Spot's members left without a contact by a merge, newest first.
+    pub async fn conflicts(
+        &self,
+        spot_id: i64,
+        limit: i64,
+    ) -> Result<Vec<store::portal_changes::Conflict>, IntegrationError> {
+        Ok(
+            store::portal_changes::conflicts_of_spot(&*self.db.client().await?, spot_id, limit)
+                .await?,
+        )
+    }
+
+    /// Lifts a suppression on the Spot's portal when the person consented
+    /// again: audited on the Spot; the e-mail's member is written (and, with
+    /// creation on, created) on its next change. False when there was none.
+    pub async fn lift_suppression(
+        &self,
+        spot_id: i64,
+        email: &str,
+        source: ChangeSource,
+    ) -> Result<bool, IntegrationError> {
+        let email = crate::hubspot::properties::normalize_email(email);
+        let mut client = self.db.client().await?;
+        let lifted =
+            store::portal_changes::lift_suppression(&mut client, spot_id, &email, source).await?;
+        if lifted {
+            info!(spot_id, "an operator lifted a privacy suppression");
+        }
+        Ok(lifted)
+    }
+
     /// Queues one dead letter (`only`) or all of the Spot's again. Refused
     /// unless the Spot is active: a disconnect drops queued work anyway.
     pub async fn retry_dead_letters(

@@ -100,6 +100,7 @@ pub async fn run(
         _ => None,
     };
     let notify = Arc::new(Notify::new());
+    let webhook_events = Arc::new(Notify::new());
 
     // Everything below stops on `stop`: the caller's shutdown, or this
     // replica losing its leadership.
@@ -137,6 +138,8 @@ pub async fn run(
             markers: markers.clone(),
             wake: wake.clone(),
         },
+        webhook_secret: cfg.hubspot.client_secret.as_deref().map(Into::into),
+        webhook_events: webhook_events.clone(),
     });
     let mut http_stop = stop.clone();
     let http_task = tokio::spawn(async move {
@@ -171,6 +174,7 @@ pub async fn run(
         oauth,
         sink,
         notify,
+        webhook_events,
     };
     // A replica leads for a term; when it loses the leadership (its lock
     // session failed, e.g. the database restarted) it stands by and tries again.
@@ -204,6 +208,8 @@ struct Shared<'a> {
     oauth: Option<OAuthApp>,
     sink: ActivitySink,
     notify: Arc<Notify>,
+    /// Notified by the webhook endpoint when it stored events.
+    webhook_events: Arc<Notify>,
 }
 
 /// How a term of the leadership ended.
@@ -234,6 +240,7 @@ impl Shared<'_> {
             oauth,
             sink,
             notify,
+            webhook_events,
         } = self;
         let Some(leadership) =
             leader::lead(&cfg.database, &cfg.slot, health, metrics, stop.clone()).await?
@@ -305,6 +312,17 @@ impl Shared<'_> {
             None => None,
         };
 
+        let webhooks_task = tokio::spawn(
+            deliver::portal_changes::apply_webhook_events(
+                db.clone(),
+                metrics.clone(),
+                wake.clone(),
+                webhook_events.clone(),
+                term.clone(),
+            )
+            .instrument(tracing::info_span!("webhooks")),
+        );
+
         let sampler = tokio::spawn(sample_lag(
             db.clone(),
             cfg.slot.clone(),
@@ -355,6 +373,7 @@ impl Shared<'_> {
             let _ = t.await;
         }
         let _ = sampler.await;
+        let _ = webhooks_task.await;
         // The lock is released only now, after the last hand-off and round.
         let lost = watcher.await;
         health.migrated.store(false, Ordering::Relaxed);

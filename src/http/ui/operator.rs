@@ -30,6 +30,10 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/ui/spots/{spot_id}/resync", post(resync))
         .route("/ui/spots/{spot_id}/disconnect", post(disconnect))
         .route("/ui/spots/{spot_id}/reconcile", post(reconcile))
+        .route(
+            "/ui/spots/{spot_id}/suppressions/lift",
+            post(lift_suppression),
+        )
 }
 
 pub(super) fn login_page(status: StatusCode, problem: Option<&str>) -> Response {
@@ -286,6 +290,7 @@ impl DoneQuery {
                 "Resynchronisation started: every member's values are sent again.".into()
             }
             ("disconnected", _) => "Disconnected.".into(),
+            ("lifted", _) => "Suppression lifted: the member is written (and created, if creation is on) on its next change.".into(),
             _ => return None,
         };
         Some(format!("<p>{text}</p>"))
@@ -312,11 +317,13 @@ async fn spot(
 /// A Spot's page, with `outcome` (what the last action did) on top.
 async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<String>) -> Response {
     let ig = &state.integrations;
-    let (view, letters, events, name) = match tokio::try_join!(
+    let (view, letters, events, name, suppressions, conflicts) = match tokio::try_join!(
         ig.view(id),
         ig.dead_letters(id, None, 50),
         ig.events(id, None, 50),
         ig.spot_name(id),
+        ig.suppressions(id, 50),
+        ig.conflicts(id, 50),
     ) {
         Ok(all) => all,
         Err(e) => return db_error(e),
@@ -371,6 +378,37 @@ async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<Strin
             )
         })
         .collect();
+    let suppression_rows: String = suppressions
+        .iter()
+        .map(|x| {
+            let lift = format!(
+                "<form method=\"post\" action=\"/ui/spots/{id}/suppressions/lift\" \
+                 data-confirm=\"Lift the suppression of {email}? Only when the person consented again.\">{csrf}\
+                 <input type=\"hidden\" name=\"email\" value=\"{email}\">\
+                 <button type=\"submit\">Lift</button></form>",
+                email = esc(&x.email),
+            );
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{lift}</td></tr>",
+                when(Some(x.created_at)),
+                esc(&x.email),
+                x.contact_id.as_deref().map(esc).unwrap_or_else(|| "—".into()),
+                esc(&x.reason),
+            )
+        })
+        .collect();
+    let conflict_rows: String = conflicts
+        .iter()
+        .map(|c| {
+            format!(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                when(Some(c.detected_at)),
+                c.member_id,
+                esc(&c.contact_id),
+                c.kept_member_id,
+            )
+        })
+        .collect();
     let active = view.status == Status::Active;
     let mut actions = String::new();
     if active {
@@ -416,6 +454,16 @@ async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<Strin
              <table id=\"dead-letter-table\"><thead><tr><th scope=\"col\">When</th><th scope=\"col\">Kind</th>\
              <th scope=\"col\">Member</th><th scope=\"col\">Reason</th><th scope=\"col\">Payload</th><th scope=\"col\"></th></tr></thead>\
              <tbody>{letter_rows}</tbody></table></section>\
+             <section aria-labelledby=\"supp-title\"><h2 id=\"supp-title\">Suppressed e-mails</h2>\
+             <p>People deleted for privacy in the portal: never created, looked up or sent events again.</p>\
+             <table id=\"suppression-table\"><thead><tr><th scope=\"col\">Since</th><th scope=\"col\">E-mail</th>\
+             <th scope=\"col\">Contact</th><th scope=\"col\">Reason</th><th scope=\"col\"></th></tr></thead>\
+             <tbody>{suppression_rows}</tbody></table></section>\
+             <section aria-labelledby=\"conflict-title\"><h2 id=\"conflict-title\">Contact conflicts</h2>\
+             <p>Members whose contact was merged into one another member keeps: they have no contact until the records are sorted out in HubSpot.</p>\
+             <table id=\"conflict-table\"><thead><tr><th scope=\"col\">Since</th><th scope=\"col\">Member</th>\
+             <th scope=\"col\">Merged contact</th><th scope=\"col\">Kept by member</th></tr></thead>\
+             <tbody>{conflict_rows}</tbody></table></section>\
              <section aria-labelledby=\"audit-title\"><h2 id=\"audit-title\">Settings audit trail</h2>\
              <table><thead><tr><th scope=\"col\">When</th><th scope=\"col\">What</th><th scope=\"col\">By</th>\
              <th scope=\"col\">Changes</th><th scope=\"col\">Detail</th></tr></thead><tbody>{event_rows}</tbody></table></section>",
@@ -577,6 +625,40 @@ async fn disconnect(
                 .disconnect(id, ChangeSource::OperatorPage)
                 .await?;
             Ok(Done::Redirect("done=disconnected".into()))
+        },
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+struct LiftForm {
+    csrf: Option<String>,
+    email: String,
+}
+
+async fn lift_suppression(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<LiftForm>,
+) -> Response {
+    act(
+        state,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            if st
+                .integrations
+                .lift_suppression(id, &f.email, ChangeSource::OperatorPage)
+                .await?
+            {
+                Ok(Done::Redirect("done=lifted".into()))
+            } else {
+                Ok(Done::Show(
+                    "<p class=\"problem\" role=\"alert\">No such suppression (already lifted?).</p>".into(),
+                ))
+            }
         },
     )
     .await
