@@ -315,6 +315,34 @@ async fn a_privacy_deletion_suppresses_the_email_for_a_member_who_joins_again() 
         "{m}"
     );
 
+    // The operator sees it on the Spot's page, with the way to lift it.
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let login = browser
+        .post(sidecar.url("/ui/login"))
+        .form(&[("token", ADMIN_TOKEN)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(login.status().as_u16(), 303);
+    let page = browser
+        .get(sidecar.url(&format!("/ui/spots/{spot}")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let table = page
+        .split("id=\"suppression-table\"")
+        .nth(1)
+        .expect("the suppressions table");
+    assert!(table.contains("ada@example.com"), "{page}");
+    assert!(table.contains("/suppressions/lift"), "{page}");
+
     // She consents again: the operator lifts the suppression (audited).
     let (status, v) = sidecar
         .api(

@@ -399,4 +399,39 @@ mod tests {
             Err(BatchError::TooMany { .. })
         ));
     }
+
+    #[test]
+    fn the_app_subscribes_to_exactly_the_changes_the_sidecar_follows() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/hubspot-app/src/app/webhooks/webhooks-hsmeta.json");
+        let meta: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let config = &meta["config"];
+        assert!(config["settings"]["targetUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with("/webhooks/hubspot"));
+        let mut subscribed: Vec<&str> = ["legacyCrmObjects", "hubEvents"]
+            .iter()
+            .flat_map(|k| config["subscriptions"][k].as_array().unwrap())
+            .map(|s| s["subscriptionType"].as_str().unwrap())
+            .collect();
+        subscribed.sort_unstable();
+        assert_eq!(
+            subscribed,
+            [
+                "contact.deletion",
+                "contact.merge",
+                "contact.privacyDeletion",
+                "contact.restore"
+            ]
+        );
+        // Each reads as a change the sidecar acts on.
+        for t in subscribed {
+            let raw: RawEvent = serde_json::from_value(serde_json::json!({
+                "portalId": 1, "occurredAt": 1, "subscriptionType": t, "objectId": 5, "newObjectId": 6
+            }))
+            .unwrap();
+            assert!(change_of(&raw).is_some(), "{t}");
+        }
+    }
 }
