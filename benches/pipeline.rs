@@ -229,7 +229,7 @@ async fn start_sidecar(
     tokio::sync::watch::Sender<bool>,
     tokio::task::JoinHandle<anyhow::Result<()>>,
 )> {
-    let mut cfg = Config::local(&db.url, &db.slot, &emu.base_url(), "bench", KEY)?;
+    let mut cfg = Config::local(&db.url, &db.slot, &emu.base_url(), common::ADMIN_TOKEN, KEY)?;
     cfg.hubspot.rate_limit = rate_limit;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (started_tx, started_rx) = tokio::sync::oneshot::channel();
@@ -467,7 +467,7 @@ async fn large(b: &mut Bench, a: &Args, rows: usize) -> anyhow::Result<()> {
             .env("SIDECAR_SLOT", &db.slot)
             .env("SIDECAR_LISTEN", &listen)
             .env("SIDECAR_PUBLIC_URL", format!("http://{listen}"))
-            .env("SIDECAR_ADMIN_TOKEN", "bench")
+            .env("SIDECAR_ADMIN_TOKEN", common::ADMIN_TOKEN)
             .env("SIDECAR_SECRET_KEY", hex::encode(KEY))
             .env("HUBSPOT_API_BASE", b.emu.base_url())
             .env("HUBSPOT_RATE_LIMIT", a.rate_limit.to_string())

@@ -113,7 +113,17 @@ pub struct RunArgs {
     /// `json` or `text`; RUST_LOG filters.
     #[arg(long, env = "LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+    /// Largest single message of the replication stream, in MiB.
+    #[arg(long, env = "SIDECAR_STREAM_MAX_MESSAGE_MB", default_value_t = 128)]
+    pub stream_max_message_mb: usize,
 }
+
+/// The default of SIDECAR_STREAM_MAX_MESSAGE_MB. A row change arrives as one
+/// message, and with REPLICA IDENTITY FULL an update carries the old row too:
+/// 128 MiB passes a member whose values are tens of MB (HubSpot takes
+/// 65,536 characters per value), within the Deployment's 256 MiB.
+pub const DEFAULT_STREAM_MAX_MESSAGE_MB: usize = 128;
+const MIB: usize = 1024 * 1024;
 
 /// The `application_name` of every session the sidecar opens.
 pub const APPLICATION_NAME: &str = "hubspot-sidecar";
@@ -196,6 +206,9 @@ pub struct Config {
     pub smtp_from: Option<String>,
     /// LOG_FORMAT: JSON or plain-text log lines.
     pub log_format: LogFormat,
+    /// SIDECAR_STREAM_MAX_MESSAGE_MB, in bytes: the largest row change or
+    /// logical message the stream reads (one is buffered whole).
+    pub stream_max_message: usize,
 }
 
 impl std::fmt::Debug for Config {
@@ -291,6 +304,7 @@ impl Config {
             smtp_url: None,
             smtp_from: None,
             log_format: LogFormat::Text,
+            stream_max_message: DEFAULT_STREAM_MAX_MESSAGE_MB * MIB,
         })
     }
 
@@ -393,6 +407,7 @@ impl RunArgs {
             var: "SIDECAR_ADMIN_TOKEN",
             fix: "set it to a long random string, e.g. `openssl rand -hex 32`; the web app sends it as a bearer token",
         })?;
+        check_admin_token(&admin_token)?;
         let secret_key = parse_secret_key(self.secret_key.as_deref())?;
         let activity_api = match self.hubspot_activity_api.as_str() {
             "app-events" => ActivityApi::AppEvents,
@@ -424,6 +439,13 @@ impl RunArgs {
                 })
             }
         };
+        if !(16..=1024).contains(&self.stream_max_message_mb) {
+            return Err(ConfigError::Invalid {
+                var: "SIDECAR_STREAM_MAX_MESSAGE_MB",
+                problem: format!("{} is outside 16..=1024", self.stream_max_message_mb),
+                fix: "keep the default 128, or raise it with the pod's memory limit (about twice the value)",
+            });
+        }
         let cfg = Config {
             database,
             slot: self.slot,
@@ -449,10 +471,49 @@ impl RunArgs {
             smtp_url: self.smtp_url,
             smtp_from: self.smtp_from,
             log_format,
+            stream_max_message: self.stream_max_message_mb * MIB,
         };
         cfg.check()?;
         Ok(cfg)
     }
+}
+
+/// The shortest admin token accepted: 32 characters (`openssl rand -hex 16`).
+pub const MIN_ADMIN_TOKEN_LEN: usize = 32;
+
+/// Admin tokens written in this repository's examples: published, so never keys.
+const EXAMPLE_ADMIN_TOKENS: [&str; 3] = [
+    "CHANGE-ME-openssl-rand-hex-32",
+    "dev-admin-token",
+    "test-admin-token",
+];
+
+/// The admin token opens every Spot: refuse one short enough to guess, or
+/// one copied from an example.
+fn check_admin_token(token: &str) -> Result<(), ConfigError> {
+    let fix = "generate one: `openssl rand -hex 32` (64 characters)";
+    if EXAMPLE_ADMIN_TOKENS
+        .iter()
+        .any(|e| e.eq_ignore_ascii_case(token.trim()))
+        || token.contains("CHANGE-ME")
+    {
+        return Err(ConfigError::Invalid {
+            var: "SIDECAR_ADMIN_TOKEN",
+            problem: "it is an example from the repository, known to anyone".into(),
+            fix,
+        });
+    }
+    if token.chars().count() < MIN_ADMIN_TOKEN_LEN {
+        return Err(ConfigError::Invalid {
+            var: "SIDECAR_ADMIN_TOKEN",
+            problem: format!(
+                "{} characters; at least {MIN_ADMIN_TOKEN_LEN} are needed",
+                token.chars().count()
+            ),
+            fix,
+        });
+    }
+    Ok(())
 }
 
 /// What HUBSPOT_API_VERSION may be; names every entry of `KNOWN_VERSIONS`.
@@ -548,6 +609,26 @@ mod tests {
         let err = a.validate().unwrap_err().to_string();
         assert!(err.starts_with("DATABASE_URL is not set"), "{err}");
         assert!(err.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn a_short_or_example_admin_token_is_refused_naming_the_variable() {
+        let key = "ab".repeat(32);
+        for (token, problem) in [
+            ("x", "1 characters; at least 32"),
+            ("CHANGE-ME-openssl-rand-hex-32", "an example"),
+            ("dev-admin-token", "an example"),
+        ] {
+            let mut a = args(&["--admin-token", token, "--secret-key", &key]);
+            a.database_url = Some("postgres://u@h/d".into());
+            let err = a.validate().expect_err("refused").to_string();
+            assert!(err.contains("SIDECAR_ADMIN_TOKEN"), "{err}");
+            assert!(err.contains(problem), "{err}");
+            assert!(err.contains("openssl rand -hex 32"), "{err}");
+        }
+        let mut a = args(&["--admin-token", &"7f".repeat(16), "--secret-key", &key]);
+        a.database_url = Some("postgres://u@h/d".into());
+        assert!(a.validate().is_ok());
     }
 
     #[test]

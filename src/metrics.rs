@@ -109,6 +109,10 @@ pub struct Metrics {
     pub suppressions: IntCounterVec,
     /// Members not looked up, created or sent events: e-mail suppressed.
     pub members_suppressed: IntCounter,
+    /// Wrong admin tokens, by surface and outcome.
+    pub auth_failures: IntCounterVec,
+    /// Connections closed at once because `MAX_CONNECTIONS` were open.
+    pub http_connections_refused: IntCounter,
 }
 
 macro_rules! reg {
@@ -514,6 +518,23 @@ impl Metrics {
                 IntCounter::new(
                     p("members_suppressed_total"),
                     "Members not looked up, created or sent events because their e-mail is suppressed on the portal"
+                )
+            ),
+            auth_failures: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("auth_failures_total"),
+                        "Wrong admin tokens by surface (bearer, login) and outcome (refused, throttled)"
+                    ),
+                    &["surface", "outcome"]
+                )
+            ),
+            http_connections_refused: reg!(
+                r,
+                IntCounter::new(
+                    p("http_connections_refused_total"),
+                    "HTTP connections closed as they were accepted because 512 were open"
                 )
             ),
             registry: r,

@@ -1,5 +1,7 @@
 //! HTTP: admin API (SPEC §6), the pages (`ui`), metrics, health.
 
+pub mod server;
+mod throttle;
 mod ui;
 pub mod webhooks;
 
@@ -44,6 +46,10 @@ pub struct AppState {
     pub webhook_secret: Option<Arc<str>>,
     /// Notified when webhook events were stored, for the task that applies them.
     pub webhook_events: Arc<tokio::sync::Notify>,
+    /// Wrong admin tokens by client address.
+    pub throttle: Arc<throttle::AuthThrottle>,
+    /// A connection of its own for `/readyz`, which never waits behind delivery.
+    pub health_db: Db,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -86,6 +92,10 @@ pub fn router(state: AppState) -> Router {
         .route("/oauth/hubspot/callback", get(oauth_callback))
         .merge(ui::routes())
         .merge(webhooks::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_credentials,
+        ))
         .with_state(state)
 }
 
@@ -151,6 +161,55 @@ fn require_leader(state: &AppState) -> Result<(), ApiError> {
     }
 }
 
+/// Throttles wrong admin tokens per client address (`throttle.rs`): on the
+/// admin API's bearer check and the operator sign-in, the two places the
+/// token is tried. Counted, and logged with the address, never the token.
+async fn guard_credentials(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let surface = if path.starts_with("/api/") {
+        "bearer"
+    } else if path == "/ui/login" && req.method() == axum::http::Method::POST {
+        "login"
+    } else {
+        return next.run(req).await;
+    };
+    let Some(ip) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+    else {
+        return next.run(req).await;
+    };
+    let now = std::time::Instant::now();
+    if let Some(wait) = s.throttle.blocked(ip, now) {
+        s.metrics
+            .auth_failures
+            .with_label_values(&[surface, "throttled"])
+            .inc();
+        let secs = wait.as_secs().max(1);
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(header::RETRY_AFTER, secs.to_string())],
+            Json(json!({"error": format!("too many wrong admin tokens from this address: try again in {secs} s")})),
+        )
+            .into_response();
+    }
+    let resp = next.run(req).await;
+    if resp.status() == StatusCode::UNAUTHORIZED {
+        s.throttle.failed(ip, now);
+        s.metrics
+            .auth_failures
+            .with_label_values(&[surface, "refused"])
+            .inc();
+        tracing::warn!(client = %ip, surface, "a wrong admin token was tried");
+    }
+    resp
+}
+
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
@@ -178,10 +237,15 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
     let migrated = s.health.migrated.load(Ordering::Relaxed);
     let streaming = s.health.streaming.load(Ordering::Relaxed);
-    let db_ok = match s.db.client().await {
-        Ok(db) => db.simple_query("SELECT 1").await.is_ok(),
-        Err(_) => false,
-    };
+    // Its own connection, and a deadline: a probe never waits behind delivery.
+    let db_ok = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        match s.health_db.client().await {
+            Ok(db) => db.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap_or(false);
     let leader = s.health.leader.load(Ordering::Relaxed);
     let ready = leader && migrated && streaming && db_ok;
     let code = if ready {

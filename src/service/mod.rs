@@ -140,15 +140,15 @@ pub async fn run(
         },
         webhook_secret: cfg.hubspot.client_secret.as_deref().map(Into::into),
         webhook_events: webhook_events.clone(),
+        throttle: Default::default(),
+        health_db: Db::with_size(&cfg.database, 1)?,
     });
-    let mut http_stop = stop.clone();
-    let http_task = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = http_stop.wait_for(|s| *s).await;
-            })
-            .await;
-    });
+    let http_task = tokio::spawn(http::server::serve(
+        listener,
+        app,
+        metrics.clone(),
+        stop.clone(),
+    ));
     info!(%listen_addr, "HTTP listening");
     if let Some(tx) = started {
         let _ = tx.send(Running {

@@ -14,7 +14,8 @@ use hubspot_sidecar::service::{self, Running};
 use tokio::sync::{watch, OnceCell};
 use tokio_postgres::Client;
 
-pub const ADMIN_TOKEN: &str = "test-admin-token";
+/// At least 32 characters, as the start requires.
+pub const ADMIN_TOKEN: &str = "test-admin-token-of-the-sidecar-tests-0123456789";
 pub const SECRET_KEY: [u8; 32] = [42; 32];
 
 static CLUSTER: OnceCell<PgCluster> = OnceCell::const_new();
