@@ -94,6 +94,72 @@ pub fn dead_letter_reason(category: &str) -> &'static str {
     }
 }
 
+/// A text from HubSpot or an SMTP server, fit for a log line: e-mail
+/// addresses and quoted values (HubSpot echoes the values it refused) are
+/// replaced, quoted identifiers (property names, JSON keys, error
+/// categories) are kept, and it is cut at 500 characters. The dead letter
+/// and the notification row keep the whole text for the operator.
+pub fn scrub_personal(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    let mut out = String::with_capacity(text.len().min(600));
+    let mut i = 0;
+    while i < chars.len() && out.chars().count() < 500 {
+        let c = chars[i];
+        if c == '"' || c == '\'' {
+            if let Some(len) = chars[i + 1..].iter().position(|&d| d == c) {
+                let inner: String = chars[i + 1..i + 1 + len].iter().collect();
+                let is_key = chars.get(i + len + 2) == Some(&':');
+                out.push(c);
+                if is_key || is_identifier(&inner) {
+                    out.push_str(&inner);
+                } else {
+                    out.push('…');
+                }
+                out.push(c);
+                i += len + 2;
+                continue;
+            }
+        }
+        if c == '@' {
+            let local = out
+                .chars()
+                .rev()
+                .take_while(|d| d.is_alphanumeric() || "._%+-".contains(*d))
+                .count();
+            let domain = chars[i + 1..]
+                .iter()
+                .take_while(|d| d.is_alphanumeric() || ".-".contains(**d))
+                .count();
+            let domain_text: String = chars[i + 1..i + 1 + domain].iter().collect();
+            if local > 0 && domain_text.contains('.') {
+                for _ in 0..local {
+                    out.pop();
+                }
+                out.push_str("<e-mail>");
+                i += 1 + domain;
+                continue;
+            }
+        }
+        out.push(c);
+        i += 1;
+    }
+    if i < chars.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// A property name (`meltingspot_bio`) or an error category (`INVALID_EMAIL`).
+fn is_identifier(s: &str) -> bool {
+    let snake = s.contains('_')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let category = s.len() > 1
+        && s.chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    snake || category
+}
+
 /// The replication stream failed; it resumes from the checkpoint.
 pub struct StreamFailed<'a> {
     /// What failed.
@@ -131,15 +197,20 @@ impl DeliveryRetried<'_> {
             .with_label_values(&[self.cause.as_str()])
             .inc();
         let retry_in_ms = self.retry_in.as_millis() as u64;
+        // HubSpot's error text echoes e-mails and values.
+        let error = scrub_personal(&self.error.to_string());
         match self.cause {
             RetryCause::RateLimited => {
-                info!(error = %self.error, retry_in_ms, "HubSpot asked us to slow down")
+                info!(error, retry_in_ms, "HubSpot asked us to slow down")
             }
             RetryCause::Auth => {
-                info!(error = %self.error, "HubSpot refused the access token; refreshing it once")
+                info!(
+                    error,
+                    "HubSpot refused the access token; refreshing it once"
+                )
             }
             RetryCause::HubSpot | RetryCause::Database => {
-                warn!(error = %self.error, retry_in_ms, "delivery failed")
+                warn!(error, retry_in_ms, "delivery failed")
             }
         }
     }
@@ -164,7 +235,7 @@ impl IntegrationFailed<'_> {
         warn!(
             spot_id = self.spot_id,
             cause = self.cause.as_str(),
-            error = self.error,
+            error = %scrub_personal(self.error),
             "integration failed; admins are notified"
         );
     }
@@ -257,11 +328,13 @@ impl MailAttempted<'_> {
             ),
             MailOutcome::Rejected(reason) => warn!(
                 notification = self.notification,
-                reason, "failure e-mail refused for good by the SMTP server; marked, not retried"
+                reason = %scrub_personal(reason),
+                "failure e-mail refused for good by the SMTP server; marked, not retried"
             ),
             MailOutcome::Failed(error) => warn!(
                 notification = self.notification,
-                error, "failure e-mail not sent; will retry"
+                error = %scrub_personal(error),
+                "failure e-mail not sent; will retry"
             ),
         }
     }
@@ -367,6 +440,23 @@ impl CrossSpotReferencesIgnored {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn personal_data_is_scrubbed_from_logged_errors() {
+        let hubspot = r#"rejected (400 VALIDATION_ERROR): Property values were not valid: [{"isValid":false,"message":"Email address ada.lovelace+x@example.co.uk is invalid","error":"INVALID_EMAIL","name":"meltingspot_bio","propertyValue":"Born in London"}]"#;
+        let s = scrub_personal(hubspot);
+        assert!(!s.contains("ada.lovelace"), "{s}");
+        assert!(!s.contains("Born in London"), "{s}");
+        assert!(s.contains("\"name\":\"meltingspot_bio\""), "{s}");
+        assert!(s.contains("INVALID_EMAIL"), "{s}");
+        let smtp = "permanent error (550): 5.1.1 <grace@example.com>: Recipient address rejected";
+        let s = scrub_personal(smtp);
+        assert_eq!(
+            s,
+            "permanent error (550): 5.1.1 <<e-mail>>: Recipient address rejected"
+        );
+        assert!(scrub_personal(&"x".repeat(2000)).chars().count() <= 501);
+    }
 
     #[test]
     fn each_event_moves_its_counter() {

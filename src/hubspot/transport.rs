@@ -234,10 +234,9 @@ impl HubSpotClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| HubSpotError::Transient(format!("{operation}: reading body: {e}")))?;
+        let text = read_capped(resp, status).await.map_err(|e| {
+            HubSpotError::Transient(format!("{operation}: reading the answer: {e}"))
+        })?;
         let json: Value = if text.trim().is_empty() {
             Value::Null
         } else {
@@ -284,6 +283,44 @@ impl HubSpotClient {
             .and_then(Value::as_i64)
             .ok_or_else(|| HubSpotError::Transient("account details without portalId".into()))
     }
+}
+
+/// The largest successful answer read. HubSpot's largest legitimate one is
+/// a batch read of 100 contacts with every `meltingspot_*` value at its
+/// 65,536-character limit, about 66 MB; anything larger is not read whole.
+pub const MAX_ANSWER_BYTES: usize = 128 * 1024 * 1024;
+/// The most of an error answer read: HubSpot's error bodies are a few
+/// hundred bytes; the rest is cut, never buffered.
+pub const MAX_ERROR_BYTES: usize = 64 * 1024;
+
+/// Reads an answer's body, never more than its cap: a successful answer
+/// over `MAX_ANSWER_BYTES` is an error; an error answer is cut at
+/// `MAX_ERROR_BYTES`.
+async fn read_capped(mut resp: reqwest::Response, status: u16) -> Result<String, String> {
+    let cap = if (200..300).contains(&status) {
+        MAX_ANSWER_BYTES
+    } else {
+        MAX_ERROR_BYTES
+    };
+    if resp
+        .content_length()
+        .is_some_and(|n| n > cap as u64 && cap == MAX_ANSWER_BYTES)
+    {
+        return Err(format!("HubSpot announced more than {cap} bytes"));
+    }
+    let mut body: Vec<u8> = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        let room = cap - body.len();
+        if chunk.len() > room {
+            if cap == MAX_ANSWER_BYTES {
+                return Err(format!("HubSpot answered more than {cap} bytes"));
+            }
+            body.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Removes the developer key from an error's text.

@@ -406,7 +406,7 @@ impl Integrations {
             return Err(IntegrationError::Refused("OAuth is not configured.".into()));
         };
         let tokens: Tokens = app.exchange_code(&self.hubspot, code).await.map_err(|e| {
-            warn!(error = %e, "OAuth code exchange failed");
+            warn!(error = %crate::internal_events::scrub_personal(&e.to_string()), "OAuth code exchange failed");
             IntegrationError::HubSpotUnavailable(e.to_string())
         })?;
         // `hub_id` is optional in every token answer: without it, ask

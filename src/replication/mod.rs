@@ -32,7 +32,14 @@ use pgoutput::{Message, OldKind, Relation, Tuple, Value};
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicationError {
     #[error("replication connection: {0}")]
-    Wire(#[from] pgwire_replication::PgWireError),
+    Wire(pgwire_replication::PgWireError),
+    #[error(
+        "a row change or logical message of {bytes} bytes exceeds SIDECAR_STREAM_MAX_MESSAGE_MB \
+         ({limit} bytes): the stream cannot pass it. If it is data the application wrote, raise \
+         SIDECAR_STREAM_MAX_MESSAGE_MB (and the pod's memory limit, about twice it); if it is a \
+         message nobody should have written, see the runbook (Stream message too large)"
+    )]
+    TooLarge { bytes: usize, limit: usize },
     #[error("SQL: {0}")]
     Sql(#[from] tokio_postgres::Error),
     #[error(transparent)]
@@ -43,6 +50,21 @@ pub enum ReplicationError {
     Protocol(String),
     #[error("DATABASE_URL: {0}")]
     Url(String),
+}
+
+impl From<pgwire_replication::PgWireError> for ReplicationError {
+    fn from(e: pgwire_replication::PgWireError) -> Self {
+        match e {
+            pgwire_replication::PgWireError::MessageTooLarge {
+                payload_bytes,
+                limit_bytes,
+            } => ReplicationError::TooLarge {
+                bytes: payload_bytes,
+                limit: limit_bytes,
+            },
+            other => ReplicationError::Wire(other),
+        }
+    }
 }
 
 /// A column value of a decoded row.
@@ -349,6 +371,7 @@ impl Source {
         slot: &str,
         publication: &str,
         start_lsn: u64,
+        max_message: usize,
     ) -> Result<Self, ReplicationError> {
         let cfg = ReplicationConfig::new(
             params.host.clone(),
@@ -366,6 +389,10 @@ impl Source {
         .with_status_interval(Duration::from_secs(1))
         .with_wakeup_interval(Duration::from_secs(5))
         .with_application_name("hubspot-sidecar")
+        // One message is buffered whole: without a bound, a role that can emit
+        // a logical message of any size could have the pod killed for memory,
+        // again at every restart (SIDECAR_STREAM_MAX_MESSAGE_MB).
+        .with_max_message_size(max_message)
         // Times in the stream render like those we read over SQL.
         .with_options("-c datestyle=ISO -c timezone=UTC");
         let client = ReplicationClient::connect(cfg).await?;

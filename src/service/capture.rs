@@ -233,10 +233,16 @@ impl Capture<'_> {
         };
         // Settings as of the checkpoint: the stream re-applies later changes in order.
         let mut settings = Arc::new(stream_settings);
-        let mut source = Source::start(&self.params, &self.cfg.slot, &self.cfg.publication, start)
-            .await
-            .context("starting replication")
-            .map_err(|e| crate::tls::with_advice(e, self.cfg.database.tls.mode))?;
+        let mut source = Source::start(
+            &self.params,
+            &self.cfg.slot,
+            &self.cfg.publication,
+            start,
+            self.cfg.stream_max_message,
+        )
+        .await
+        .context("starting replication")
+        .map_err(|e| crate::tls::with_advice(e, self.cfg.database.tls.mode))?;
         self.health.streaming.store(true, Ordering::Relaxed);
         info!(start_lsn = %replication::lsn_to_string(start), slot = %self.cfg.slot, "streaming");
         let mut pending = Pending::default();

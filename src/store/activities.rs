@@ -292,7 +292,7 @@ pub async fn complete_activities(
                 });
                 tx.execute(
                     "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
-                     VALUES ($1, $2, 'activity', $3, $4)",
+                     VALUES ($1, $2, 'activity', $3, left($4, 1000))",
                     &[&event.spot_id, &event.member_id, &payload, reason],
                 )
                 .await?;

@@ -245,7 +245,10 @@ pub async fn member_records(
         .prepare_cached(
             "SELECT m.spot_id, m.id, m.email, m.first_name, m.last_name, m.status, m.role,
                     CASE WHEN cr.spot_id = m.spot_id THEN cr.name END,
-                    m.invited_at, m.registered_at, m.headline, m.bio,
+                    -- Free text is read only as far as HubSpot takes it (65,536
+                    -- characters, one more to know it was cut): a 50 MB bio is
+                    -- never carried into the sidecar's memory by this read.
+                    m.invited_at, m.registered_at, left(m.headline, 65537), left(m.bio, 65537),
                     -- Names come only from the member's own Spot (G4): a membership,
                     -- tag or role row pointing across Spots is left out and counted.
                     ARRAY(SELECT g.name FROM public.group_members gm JOIN public.groups g ON g.id = gm.group_id
@@ -625,7 +628,7 @@ pub async fn complete(
     if !dead.0.is_empty() {
         tx.execute(
             "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
-             SELECT $1, d.member_id, 'contact_properties', d.payload, d.reason
+             SELECT $1, d.member_id, 'contact_properties', d.payload, left(d.reason, 1000)
                FROM unnest($2::bigint[], $3::jsonb[], $4::text[]) WITH ORDINALITY AS d(member_id, payload, reason, n)
               ORDER BY d.n",
             &[&spot, &dead.0, &dead.1, &dead.2],

@@ -216,7 +216,7 @@ pub async fn record_outcome(
                 .query_one(
                     "WITH u AS (
                          UPDATE hubspot_sync.integrations
-                            SET last_error = $3, failing_since = COALESCE(failing_since, now()), updated_at = now()
+                            SET last_error = left($3, 1000), failing_since = COALESCE(failing_since, now()), updated_at = now()
                           WHERE spot_id = $1 AND activation = $2
                       RETURNING failing_since)
                      SELECT COALESCE(EXTRACT(epoch FROM now() - min(failing_since)), 0)::float8 FROM u",

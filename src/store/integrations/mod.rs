@@ -466,7 +466,7 @@ pub async fn mark_failed(
     let failed: Vec<i64> = tx
         .query(
             "UPDATE hubspot_sync.integrations
-                SET status = 'failed', failed_at = now(), last_error = $3, updated_at = now()
+                SET status = 'failed', failed_at = now(), last_error = left($3, 1000), updated_at = now()
               WHERE spot_id = $1 AND activation = $2 AND status = 'active'
           RETURNING spot_id",
             &[&spot_id, &activation, &error],

@@ -1,0 +1,147 @@
+//! Hostile input at the edges (issue #24): guessed admin tokens, slow
+//! clients, values far larger than HubSpot accepts. Each test asserts what
+//! the attacker gets and that the sidecar keeps working.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_wrong_logins_are_throttled_and_counted_without_the_token() {
+    let (url, name) = fresh_db().await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let mut statuses = Vec::new();
+    for i in 0..20 {
+        let resp = http
+            .post(sidecar.url("/ui/login"))
+            .form(&[("token", format!("guess-number-{i}"))])
+            .send()
+            .await
+            .unwrap();
+        statuses.push(resp.status().as_u16());
+    }
+    assert_eq!(&statuses[..5], &[401; 5], "{statuses:?}");
+    assert!(statuses[5..].iter().all(|s| *s == 429), "{statuses:?}");
+    // The bearer check of the admin API counts against the same address.
+    let resp = http
+        .get(sidecar.url("/api/spots"))
+        .bearer_auth("another-guess")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 429);
+    assert!(resp.headers().contains_key("retry-after"));
+    let m = sidecar.running.metrics.render();
+    assert!(
+        m.contains("hubspot_sidecar_auth_failures_total{outcome=\"refused\",surface=\"login\"} 5"),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "hubspot_sidecar_auth_failures_total{outcome=\"throttled\",surface=\"login\"} 15"
+        ),
+        "{m}"
+    );
+    // Health and metrics stay open to the probes.
+    let ok = http.get(sidecar.url("/healthz")).send().await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    let (url, name) = fresh_db().await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let mut slow = tokio::net::TcpStream::connect(sidecar.running.listen_addr)
+        .await
+        .unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: sidecar\r\nX-Slow: 1")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1024];
+    // The server closes it (EOF, or a 408 then EOF) within the timeout.
+    let closed = tokio::time::timeout(20 * SECOND, async {
+        loop {
+            match slow.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the slow connection is still open after 20 s"
+    );
+    assert!(started.elapsed() < 15 * SECOND, "{:?}", started.elapsed());
+    // Others are served meanwhile and after.
+    let ok = reqwest::get(sidecar.url("/healthz")).await.unwrap();
+    assert_eq!(ok.status().as_u16(), 200);
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fifty_megabyte_bio_passes_within_the_pods_memory_and_is_truncated() {
+    let (url, slot) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let http = reqwest::Client::new();
+    let listen = free_addr();
+    let (portal, token) = emu.create_portal();
+    emu.add_contact(portal, "ada@example.com", &[]);
+    let spot = seed_spot(&db, "Big values").await;
+    let member = seed_member(&db, spot, "ada@example.com", "accepted").await;
+    let child = Process(
+        sidecar_command(&url, &slot, &emu.base_url(), &listen)
+            .spawn()
+            .expect("spawn"),
+    );
+    wait_ready(&http, &listen).await;
+    connect_token(&http, &listen, spot, &token).await;
+    wait_for("the member's contact written", 30 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_member_id").is_some()
+    })
+    .await;
+
+    db.execute(
+        "UPDATE members SET bio = repeat('x', 50 * 1024 * 1024) WHERE id = $1",
+        &[&member],
+    )
+    .await
+    .unwrap();
+    wait_for("the bio, cut to HubSpot's limit", 120 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_bio").map(|b| b.chars().count())
+            == Some(65_536)
+    })
+    .await;
+    // The next change still flows.
+    db.execute(
+        "UPDATE members SET headline = 'after' WHERE id = $1",
+        &[&member],
+    )
+    .await
+    .unwrap();
+    wait_for("the next change", 30 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref() == Some("after")
+    })
+    .await;
+    let peak = peak_rss(child.id());
+    eprintln!("peak RSS with a 50 MB bio: {} MiB", peak / (1024 * 1024));
+    assert!(
+        peak < 256 * 1024 * 1024,
+        "peak RSS {} MiB, over the Deployment's 256 MiB",
+        peak / (1024 * 1024)
+    );
+}
