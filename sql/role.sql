@@ -6,7 +6,15 @@
 -- published tables (plus the few it reads for titles and names) lets it
 -- compute properties; it owns schema hubspot_sync, where its state lives.
 
-CREATE ROLE hubspot_sidecar WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
+-- The file can be run again (e.g. after an upgrade adds statements): the role
+-- is created only when missing, and every other statement is idempotent.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'hubspot_sidecar') THEN
+        CREATE ROLE hubspot_sidecar WITH LOGIN REPLICATION NOSUPERUSER NOCREATEDB NOCREATEROLE;
+    END IF;
+END
+$$;
 
 GRANT CONNECT ON DATABASE meltingspot TO hubspot_sidecar;  -- adjust the database name
 GRANT USAGE ON SCHEMA public TO hubspot_sidecar;
@@ -19,3 +27,22 @@ GRANT SELECT ON
 
 CREATE SCHEMA IF NOT EXISTS hubspot_sync AUTHORIZATION hubspot_sidecar;
 
+-- pg_logical_emit_message is executable by PUBLIC by default: any role that can
+-- connect could write arbitrarily large messages into the WAL that the sidecar's
+-- stream must read (one of a few hundred MB can exhaust its memory). Only the
+-- sidecar needs it, for its settings markers. The loop covers every overload the
+-- server has (17 adds a flush argument; a REVOKE naming a missing signature
+-- fails). Function privileges are per database: run this in the MeltingSpot one.
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.proname = 'pg_logical_emit_message'
+                AND p.pronamespace = 'pg_catalog'::regnamespace
+    LOOP
+        EXECUTE format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO hubspot_sidecar', f);
+    END LOOP;
+END
+$$;

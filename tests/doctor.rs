@@ -63,8 +63,33 @@ async fn doctor(url: &str, slot: &str, extra: &[&str]) -> Report {
     }
 }
 
+/// sql/role.sql, as the DBA runs it.
+const ROLE_SQL: &str = include_str!("../sql/role.sql");
+
+/// The check of who may call pg_logical_emit_message.
+const EMIT: &str = "pg_logical_emit_message";
+
+/// sql/role.sql for role `role` in database `db` (instead of hubspot_sidecar
+/// in meltingspot): roles are shared by the tests' databases.
+fn role_sql(role: &str, db: &str) -> String {
+    ROLE_SQL
+        .replace("hubspot_sidecar", role)
+        .replace("ON DATABASE meltingspot", &format!("ON DATABASE {db}"))
+}
+
+/// The statement of sql/role.sql that takes pg_logical_emit_message from
+/// PUBLIC and grants it to the sidecar's role, here `role`.
+fn role_sql_emit_message(role: &str) -> String {
+    let block = ROLE_SQL
+        .split_inclusive("\n$$;")
+        .find(|s| s.contains("REVOKE EXECUTE"))
+        .expect("sql/role.sql revokes pg_logical_emit_message");
+    let start = block.find("DO $$").expect("a DO block");
+    block[start..].replace("hubspot_sidecar", role)
+}
+
 /// The checks every good database passes.
-const REQUIRED: [&str; 10] = [
+const REQUIRED: [&str; 11] = [
     "connection",
     "primary",
     "wal_level",
@@ -75,11 +100,18 @@ const REQUIRED: [&str; 10] = [
     "replica identity",
     "select privilege",
     "state schema hubspot_sync",
+    EMIT,
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_good_database_passes_before_and_while_the_sidecar_runs() {
     let (url, name) = fresh_db().await;
+    // Doctor and the sidecar run as postgres here.
+    sql(&url)
+        .await
+        .batch_execute(&role_sql_emit_message("postgres"))
+        .await
+        .unwrap();
 
     // Before the first start: no slot yet (a WARN, still exit 0).
     let r = doctor(&url, &name, &[]).await;
@@ -181,10 +213,12 @@ async fn replica_identity_nothing_or_default_on_activity_tables_fails() {
     let (url, name) = fresh_db().await;
     sql(&url)
         .await
-        .batch_execute(
+        .batch_execute(&format!(
             "ALTER TABLE public.group_members REPLICA IDENTITY NOTHING;
-             ALTER TABLE public.course_progress REPLICA IDENTITY DEFAULT;",
-        )
+             ALTER TABLE public.course_progress REPLICA IDENTITY DEFAULT;
+             {}",
+            role_sql_emit_message("postgres")
+        ))
         .await
         .unwrap();
     let r = doctor(&url, &name, &[]).await;
@@ -249,8 +283,10 @@ async fn a_role_without_replication_or_select_fails_with_grants() {
     assert!(grant.ends_with(&format!(" TO {role};")), "{grant}");
     assert!(!grant.contains("public.members,"), "{grant}");
     assert_eq!(r.status("state schema hubspot_sync"), "FAIL");
+    assert_eq!(r.status(EMIT), "FAIL");
 
     // Applying the printed fixes (as the DBA) leaves only WARNs.
+    admin.batch_execute(r.fix(EMIT)).await.unwrap();
     admin.batch_execute(r.fix(&role_check)).await.unwrap();
     admin.batch_execute(grant).await.unwrap();
     admin
@@ -262,6 +298,139 @@ async fn a_role_without_replication_or_select_fails_with_grants() {
     assert_eq!(r.status(&role_check), "PASS");
     assert_eq!(r.status("select privilege"), "PASS");
     assert_eq!(r.status("state schema hubspot_sync"), "PASS");
+    assert_eq!(r.status(EMIT), "PASS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_logical_emit_message_for_every_role_fails_until_role_sql_keeps_it_to_the_sidecar() {
+    let (url, name) = fresh_db().await;
+    let admin = sql(&url).await;
+    let as_user =
+        |role: &str| url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    // A role with nothing but CONNECT (PUBLIC's by default), as the web app or
+    // a BI user has: by default it may write into the WAL the sidecar streams.
+    let app = format!("{name}_app");
+    admin
+        .batch_execute(&format!("CREATE ROLE {app} LOGIN"))
+        .await
+        .unwrap();
+    let app_db = sql(&as_user(&app)).await;
+    app_db
+        .query_one("SELECT pg_logical_emit_message(true, 'x', 'y')", &[])
+        .await
+        .expect("PUBLIC may call pg_logical_emit_message by default");
+
+    // As postgres, everything else passes: this check alone FAILs.
+    let r = doctor(&url, &name, &[]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.ends_with(" 1 FAIL\n"), "{}", r.stdout);
+    assert!(
+        r.line(EMIT)
+            .starts_with("FAIL  pg_logical_emit_message: EXECUTE is granted to PUBLIC: any role"),
+        "{}",
+        r.line(EMIT)
+    );
+    let fix = r.fix(EMIT);
+    assert!(
+        fix.starts_with("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean,text,"),
+        "{fix}"
+    );
+    assert!(
+        fix.ends_with(" FROM PUBLIC; -- as sql/role.sql does"),
+        "{fix}"
+    );
+
+    // sql/role.sql, run twice (it is idempotent), for a sidecar role of this test.
+    let sidecar = format!("{name}_sidecar");
+    let setup = role_sql(&sidecar, &name);
+    admin
+        .batch_execute(&setup)
+        .await
+        .expect("sql/role.sql runs");
+    admin
+        .batch_execute(&setup)
+        .await
+        .expect("sql/role.sql runs again");
+
+    // Doctor as the sidecar's role: every check passes (the slot does not exist yet).
+    let r = doctor(&as_user(&sidecar), &name, &[]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    for check in REQUIRED {
+        assert_eq!(r.status(check), "PASS", "{}", r.line(check));
+    }
+    assert_eq!(
+        r.line(EMIT),
+        format!("PASS  pg_logical_emit_message: only {sidecar} and superusers can EXECUTE it")
+    );
+
+    // The CONNECT-only role may no longer; the sidecar's role still may.
+    for call in [
+        "SELECT pg_logical_emit_message(true, 'x', 'y')",
+        "SELECT pg_logical_emit_message(false, 'x', 'y'::bytea)",
+    ] {
+        let err = app_db.query_one(call, &[]).await.expect_err(call);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{err}"
+        );
+        let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+        assert!(message.starts_with("permission denied"), "{message}");
+    }
+    sql(&as_user(&sidecar))
+        .await
+        .query_one("SELECT pg_logical_emit_message(true, 'x', 'y')", &[])
+        .await
+        .expect("the sidecar's role keeps pg_logical_emit_message");
+
+    // Granted back to a group role the app belongs to: both are named, and the
+    // printed fix (applied by the DBA) revokes it from the group.
+    let writers = format!("{name}_writers");
+    let overload: String = admin
+        .query_one(
+            "SELECT oid::regprocedure::text FROM pg_proc
+              WHERE proname = 'pg_logical_emit_message' ORDER BY 1 DESC LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {writers} NOLOGIN;
+             GRANT {writers} TO {app};
+             GRANT EXECUTE ON FUNCTION {overload} TO {writers};"
+        ))
+        .await
+        .unwrap();
+    app_db
+        .query_one("SELECT pg_logical_emit_message(true, 'x', 'y')", &[])
+        .await
+        .expect("through its group, the app may again");
+    let r = doctor(&as_user(&sidecar), &name, &[]).await;
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(
+        r.line(EMIT).starts_with(&format!(
+            "FAIL  pg_logical_emit_message: roles other than {sidecar} can EXECUTE it: {app}, {writers}: "
+        )),
+        "{}",
+        r.line(EMIT)
+    );
+    let fix = r.fix(EMIT);
+    assert!(
+        fix.contains(&format!(
+            " FROM PUBLIC, {writers}; GRANT EXECUTE ON FUNCTION "
+        )),
+        "{fix}"
+    );
+    admin.batch_execute(fix).await.unwrap();
+    let r = doctor(&as_user(&sidecar), &name, &[]).await;
+    assert_eq!(r.code, 0, "{}", r.stdout);
+    assert_eq!(r.status(EMIT), "PASS");
+    app_db
+        .query_one("SELECT pg_logical_emit_message(true, 'x', 'y')", &[])
+        .await
+        .expect_err("revoked from the group again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,8 +2,8 @@
 //! README says, its slot, and the options doctor runs with by default.
 
 use super::snapshot::{
-    PublicationInfo, PublishedTable, ReplicaIdentity, RoleInfo, SlotInfo, Snapshot, SourceTable,
-    StateSchema,
+    EmitMessagePrivileges, PublicationInfo, PublishedTable, ReplicaIdentity, RoleInfo, SlotInfo,
+    Snapshot, SourceTable, StateSchema,
 };
 use super::{Options, FULL_IDENTITY_TABLES, LOOKUP_TABLES, REQUIRED_TABLES};
 
@@ -88,5 +88,21 @@ pub(crate) fn good() -> Snapshot {
         slot: Some(slot()),
         synchronized_standby_slots: String::new(),
         physical_slots: Vec::new(),
+        emit_message: emit_message_revoked(),
+    }
+}
+
+/// `pg_logical_emit_message` after sql/role.sql: only the sidecar's role (and
+/// superusers) may call it.
+pub(crate) fn emit_message_revoked() -> EmitMessagePrivileges {
+    EmitMessagePrivileges {
+        overloads: vec![
+            "pg_logical_emit_message(boolean,text,bytea)".into(),
+            "pg_logical_emit_message(boolean,text,text)".into(),
+        ],
+        public: false,
+        grantees: Vec::new(),
+        others: Vec::new(),
+        role_can_execute: true,
     }
 }

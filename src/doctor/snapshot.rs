@@ -32,6 +32,26 @@ pub(crate) struct Snapshot {
     pub synchronized_standby_slots: String,
     /// Names of the physical slots (the standbys'), for the fix.
     pub physical_slots: Vec<String>,
+    pub emit_message: EmitMessagePrivileges,
+}
+
+/// Who may call `pg_logical_emit_message`, i.e. write messages into the WAL
+/// that the sidecar's stream reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct EmitMessagePrivileges {
+    /// Every overload in pg_catalog as `regprocedure` writes it, e.g.
+    /// `pg_logical_emit_message(boolean,text,text)`.
+    pub overloads: Vec<String>,
+    /// PUBLIC holds EXECUTE on some overload (the default: a NULL `proacl`).
+    pub public: bool,
+    /// Roles, other than superusers and the sidecar's, named in an overload's
+    /// ACL with EXECUTE: the ones to revoke it from.
+    pub grantees: Vec<String>,
+    /// Roles, other than superusers and the sidecar's, that can EXECUTE some
+    /// overload: directly, through PUBLIC, or through a role they belong to.
+    pub others: Vec<String>,
+    /// The sidecar's role can EXECUTE every overload.
+    pub role_can_execute: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -323,6 +343,45 @@ pub(crate) async fn collect(
     let synchronized_standby_slots: String = standby_slots.get(0);
     let physical_slots: Vec<String> = standby_slots.get(1);
 
+    // Roles with or without LOGIN alike: a NOLOGIN role holding EXECUTE passes
+    // it on to every login role it is granted to.
+    let row = db
+        .query_one(
+            "WITH f AS (
+                 SELECT p.oid, p.oid::regprocedure::text AS sig,
+                        COALESCE(p.proacl, acldefault('f', p.proowner)) AS acl
+                   FROM pg_proc p
+                  WHERE p.proname = 'pg_logical_emit_message'
+                    AND p.pronamespace = 'pg_catalog'::regnamespace
+             )
+             SELECT ARRAY(SELECT sig FROM f ORDER BY sig),
+                    EXISTS (SELECT 1 FROM f CROSS JOIN LATERAL aclexplode(f.acl) a
+                             WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE'),
+                    ARRAY(SELECT DISTINCT r.rolname::text
+                            FROM f CROSS JOIN LATERAL aclexplode(f.acl) a
+                            JOIN pg_roles r ON r.oid = a.grantee
+                           WHERE a.privilege_type = 'EXECUTE' AND NOT r.rolsuper
+                             AND r.rolname <> current_user
+                           ORDER BY 1),
+                    ARRAY(SELECT r.rolname::text FROM pg_roles r
+                           WHERE NOT r.rolsuper AND r.rolname <> current_user
+                             AND EXISTS (SELECT 1 FROM f
+                                          WHERE has_function_privilege(r.oid, f.oid, 'EXECUTE'))
+                           ORDER BY 1),
+                    COALESCE((SELECT bool_and(has_function_privilege(f.oid, 'EXECUTE')) FROM f),
+                             true)",
+            &[],
+        )
+        .await
+        .map_err(query_err("pg_logical_emit_message privileges"))?;
+    let emit_message = EmitMessagePrivileges {
+        overloads: row.get(0),
+        public: row.get(1),
+        grantees: row.get(2),
+        others: row.get(3),
+        role_can_execute: row.get(4),
+    };
+
     Ok(Snapshot {
         server_version_num,
         database,
@@ -342,5 +401,6 @@ pub(crate) async fn collect(
         slot,
         synchronized_standby_slots,
         physical_slots,
+        emit_message,
     })
 }

@@ -1,6 +1,7 @@
 //! The rules: `evaluate` turns a `Snapshot` into the report's `Check`s, in
 //! report order, without touching the network. One file per concern.
 
+mod emit_message;
 mod identity;
 mod privileges;
 mod publication;
@@ -9,6 +10,7 @@ mod slot;
 
 use super::snapshot::Snapshot;
 use super::Options;
+use emit_message::check_emit_message;
 use identity::check_replica_identities;
 use privileges::{check_role_replication, check_select_privileges, check_state_schema};
 use publication::{check_publication, check_publication_tables};
@@ -97,6 +99,7 @@ pub(crate) fn evaluate(s: &Snapshot, opts: &Options) -> Vec<Check> {
     out.push(check_role_replication(s));
     out.push(check_select_privileges(s));
     out.push(check_state_schema(s));
+    out.push(check_emit_message(s));
     out.extend(check_slot(s, opts));
     out.push(check_max_slot_wal_keep_size(s));
     out.push(check_wal_sender_timeout(s));
