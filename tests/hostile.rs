@@ -145,3 +145,61 @@ async fn a_fifty_megabyte_bio_passes_within_the_pods_memory_and_is_truncated() {
         peak / (1024 * 1024)
     );
 }
+
+/// The revoke of sql/role.sql, for the role the tests' sidecar runs as.
+fn emit_message_revoke(role: &str) -> String {
+    let role_sql = include_str!("../sql/role.sql");
+    let block = role_sql
+        .split_inclusive("\n$$;")
+        .find(|s| s.contains("REVOKE EXECUTE"))
+        .expect("sql/role.sql revokes pg_logical_emit_message");
+    let start = block.find("DO $$").expect("a DO block");
+    block[start..].replace("hubspot_sidecar", role)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_300_mb_message_from_a_connect_only_role_is_refused_and_delivery_goes_on() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    db.batch_execute(&emit_message_revoke("postgres"))
+        .await
+        .unwrap();
+    let app = format!("{name}_app");
+    db.batch_execute(&format!("CREATE ROLE {app} LOGIN"))
+        .await
+        .unwrap();
+    let app_db = sql(&url.replacen("postgres://postgres@", &format!("postgres://{app}@"), 1)).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let (portal, token) = emu.create_portal();
+    emu.add_contact(portal, "ada@example.com", &[]);
+    let spot = seed_spot(&db, "Emitters").await;
+    let member = seed_member(&db, spot, "ada@example.com", "accepted").await;
+    sidecar.connect_with_token(spot, &token).await;
+
+    let err = app_db
+        .query_one(
+            "SELECT pg_logical_emit_message(true, 'x', repeat('x', 300 * 1024 * 1024))",
+            &[],
+        )
+        .await
+        .expect_err("refused by the database");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{err}"
+    );
+
+    db.execute(
+        "UPDATE members SET headline = 'still here' WHERE id = $1",
+        &[&member],
+    )
+    .await
+    .unwrap();
+    wait_for("the next change within 10 s", 10 * SECOND, || async {
+        prop(&emu, portal, "ada@example.com", "meltingspot_headline").as_deref()
+            == Some("still here")
+    })
+    .await;
+    sidecar.stop().await;
+}
