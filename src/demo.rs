@@ -110,12 +110,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         .as_str()
         .unwrap_or_default()
         .to_string();
-    let page = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::limited(3))
-        .build()?
-        .get(&authorize)
-        .send()
-        .await?;
+    let page = browse_oauth(&authorize).await?;
     anyhow::ensure!(
         page.status().is_success(),
         "the OAuth callback answered {}",
@@ -209,6 +204,40 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 struct PageLinks {
     settings: String,
     overview: String,
+}
+
+/// Follows a connect's URL as a browser would: the sidecar's start (which
+/// sets the cookie binding the authorization to this browser), HubSpot's
+/// authorize page (the emulator approves at once), then the callback with
+/// that cookie. By hand rather than with a cookie jar, which the service
+/// itself never needs.
+async fn browse_oauth(start: &str) -> anyhow::Result<reqwest::Response> {
+    let browser = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let location = |r: &reqwest::Response| {
+        r.headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{} answered {} without a redirect", r.url(), r.status())
+            })
+    };
+    let started = browser.get(start).send().await?;
+    let cookie = started
+        .headers()
+        .get(reqwest::header::SET_COOKIE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_default()
+        .to_string();
+    let approved = browser.get(location(&started)?).send().await?;
+    Ok(browser
+        .get(location(&approved)?)
+        .header(reqwest::header::COOKIE, cookie)
+        .send()
+        .await?)
 }
 
 /// Asks the admin API for the settings page's link, as MeltingSpot's web

@@ -203,3 +203,85 @@ async fn a_300_mb_message_from_a_connect_only_role_is_refused_and_delivery_goes_
     .await;
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorization_completed_in_another_browser_connects_nothing() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let spot = seed_spot(&db, "Bound").await;
+    let (victim_portal, _) = emu.create_portal();
+    emu.set_next_grant_portal(Some(victim_portal));
+    let (status, body) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot}/hubspot/connect"),
+            Some(serde_json::json!({})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let no_redirects = || {
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap()
+    };
+    // The Spot admin opens the link, and hands HubSpot's authorize URL to
+    // a HubSpot admin of another company, who approves it.
+    let admin = no_redirects();
+    let (authorize, cookie) = open_start(&admin, body["authorize_url"].as_str().unwrap()).await;
+    let other = no_redirects();
+    let approved = other.get(&authorize).send().await.unwrap();
+    let callback = approved.headers()["location"].to_str().unwrap().to_string();
+    let page = other.get(&callback).send().await.unwrap();
+    assert_eq!(page.status().as_u16(), 403);
+    let text = page.text().await.unwrap();
+    assert!(text.contains("started in another browser"), "{text}");
+    assert_eq!(sidecar.integration(spot).await["status"], "inactive");
+    assert!(
+        emu.properties(victim_portal).is_empty(),
+        "nothing written to the other portal"
+    );
+
+    // The admin's own browser still completes it.
+    let approved = admin.get(&authorize).send().await.unwrap();
+    let callback = approved.headers()["location"].to_str().unwrap().to_string();
+    let page = admin
+        .get(&callback)
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    assert_eq!(sidecar.integration(spot).await["status"], "active");
+    sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_callback_page_never_shows_what_the_query_says() {
+    let (url, name) = fresh_db().await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let resp = reqwest::Client::new()
+        .get(sidecar.url("/oauth/hubspot/callback"))
+        .query(&[
+            ("error", "access_denied"),
+            (
+                "error_description",
+                "Your account is locked: call +1 555 0100 now",
+            ),
+        ])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let text = resp.text().await.unwrap();
+    assert!(!text.contains("555 0100"), "{text}");
+    assert!(!text.contains("access_denied"), "{text}");
+    assert!(
+        text.contains("HubSpot did not authorize the connection"),
+        "{text}"
+    );
+    sidecar.stop().await;
+}

@@ -202,34 +202,61 @@ async fn a_forged_or_replayed_state_is_refused() {
             Some(serde_json::json!({})),
         )
         .await;
-    let authorize = url::Url::parse(body["authorize_url"].as_str().unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let start = body["authorize_url"].as_str().unwrap().to_string();
+    assert!(
+        start.starts_with(&sidecar.url("/oauth/hubspot/start?ticket=")),
+        "{start}"
+    );
+    let (authorize, cookie) = open_start(&http, &start).await;
+    // The ticket opens once: a second browser gets no authorization of it.
+    assert_eq!(
+        http.get(&start).send().await.unwrap().status().as_u16(),
+        400
+    );
+    let authorize = url::Url::parse(&authorize).unwrap();
     let state = authorize
         .query_pairs()
         .find(|(k, _)| k == "state")
         .map(|(_, v)| v.into_owned())
         .unwrap();
-    let http = reqwest::Client::new();
-    let callback = |state: String| {
+    let callback = |state: String, cookie: Option<String>| {
         let http = http.clone();
         let url = sidecar.url("/oauth/hubspot/callback");
         async move {
-            http.get(url)
-                .query(&[("code", "whatever"), ("state", state.as_str())])
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+            let mut req = http
+                .get(url)
+                .query(&[("code", "whatever"), ("state", state.as_str())]);
+            if let Some(c) = cookie {
+                req = req.header("cookie", c);
+            }
+            req.send().await.unwrap().status().as_u16()
         }
     };
     // Re-pointed at another Spot: the signature no longer matches.
     let forged = state.replacen(&format!("{spot}."), &format!("{other}."), 1);
-    assert_eq!(callback(forged).await, 400);
-    assert_eq!(callback("1.abc.99999999999.c2lnbmF0dXJl".into()).await, 400);
+    assert_eq!(callback(forged, Some(cookie.clone())).await, 400);
+    assert_eq!(
+        callback(
+            "1.abc.99999999999.c2lnbmF0dXJl".into(),
+            Some(cookie.clone())
+        )
+        .await,
+        400
+    );
+    // In a browser that did not start it (no cookie, or another's): 403, nothing used up.
+    assert_eq!(callback(state.clone(), None).await, 403);
+    assert_eq!(
+        callback(state.clone(), Some("hubspot_sidecar_oauth=forged".into())).await,
+        403
+    );
     // A genuine state is accepted once (the code is bad, so the exchange fails: 502)…
-    assert_eq!(callback(state.clone()).await, 502);
+    assert_eq!(callback(state.clone(), Some(cookie.clone())).await, 502);
     // …and refused when replayed.
-    assert_eq!(callback(state).await, 400);
+    assert_eq!(callback(state, Some(cookie)).await, 400);
     assert_eq!(sidecar.integration(other).await["status"], "inactive");
     assert_eq!(sidecar.integration(spot).await["status"], "inactive");
     sidecar.stop().await;

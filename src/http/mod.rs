@@ -1,5 +1,6 @@
 //! HTTP: admin API (SPEC §6), the pages (`ui`), metrics, health.
 
+mod oauth;
 pub mod server;
 mod throttle;
 mod ui;
@@ -89,7 +90,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/spots/{spot_id}/hubspot/resync", post(resync))
         .route("/api/spots/{spot_id}/hubspot/ui-link", post(ui_link))
         .route("/api/spots/{spot_id}/hubspot/reconcile", post(reconcile))
-        .route("/oauth/hubspot/callback", get(oauth_callback))
+        .merge(oauth::routes())
         .merge(ui::routes())
         .merge(webhooks::routes())
         .layer(axum::middleware::from_fn_with_state(
@@ -124,6 +125,7 @@ impl From<IntegrationError> for ApiError {
             IntegrationError::UnknownSpot(_) => ApiError(StatusCode::NOT_FOUND, e.to_string()),
             IntegrationError::Refused(m) => ApiError(StatusCode::BAD_REQUEST, m),
             IntegrationError::HubSpotUnavailable(m) => ApiError(StatusCode::BAD_GATEWAY, m),
+            IntegrationError::Forbidden(m) => ApiError(StatusCode::FORBIDDEN, m),
             IntegrationError::Db(e) => e.into(),
         }
     }
@@ -210,9 +212,7 @@ async fn guard_credentials(
     resp
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
+pub(crate) use crate::integrations::signed::constant_time_eq;
 
 fn spot_id(raw: &str) -> Result<i64, ApiError> {
     raw.parse::<i64>().ok().filter(|id| *id > 0).ok_or_else(|| {
@@ -350,71 +350,6 @@ async fn connect(
         }
         Some(token) => Json(s.integrations.connect_with_token(id, &token).await?).into_response(),
     })
-}
-
-#[derive(Deserialize)]
-struct CallbackQuery {
-    code: Option<String>,
-    state: Option<String>,
-    error: Option<String>,
-    error_description: Option<String>,
-}
-
-/// `GET /oauth/hubspot/callback`: the state authenticates the request.
-async fn oauth_callback(
-    State(s): State<AppState>,
-    headers: HeaderMap,
-    Query(q): Query<CallbackQuery>,
-) -> Response {
-    let page = |status, title: &str, text: &str| ui::oauth_result(status, title, text, None);
-    if require_leader(&s).is_err() {
-        return page(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "HubSpot was not connected yet",
-            "This replica of the sidecar stands by. Start the connection again in a moment.",
-        );
-    }
-    if let Some(e) = q.error {
-        let detail = q.error_description.unwrap_or_default();
-        return page(
-            StatusCode::BAD_REQUEST,
-            "HubSpot was not connected",
-            &format!("{e}: {detail}"),
-        );
-    }
-    let (Some(code), Some(state)) = (q.code, q.state) else {
-        return page(
-            StatusCode::BAD_REQUEST,
-            "HubSpot was not connected",
-            "The request lacks code or state.",
-        );
-    };
-    match s
-        .integrations
-        .complete_oauth(&s.secret_key, &code, &state)
-        .await
-    {
-        Ok(spot) => ui::oauth_result(
-            StatusCode::OK,
-            "HubSpot is connected",
-            "You can close this window and return to MeltingSpot.",
-            ui::settings_page_of_session(&s, &headers, spot),
-        ),
-        Err(IntegrationError::Refused(m)) => {
-            page(StatusCode::BAD_REQUEST, "HubSpot was not connected", &m)
-        }
-        Err(IntegrationError::HubSpotUnavailable(m)) => {
-            page(StatusCode::BAD_GATEWAY, "HubSpot was not connected", &m)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "could not complete the OAuth connection");
-            page(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "HubSpot was not connected",
-                "Please try again.",
-            )
-        }
-    }
 }
 
 /// `POST ui-link`: a link that opens the Spot's settings page once, within

@@ -18,6 +18,9 @@ pub struct OAuthApp {
     pub client_id: String,
     pub client_secret: String,
     pub redirect_uri: String,
+    /// `SIDECAR_PUBLIC_URL/oauth/hubspot/start`: where a connect sends the
+    /// browser first, to bind the authorization to it.
+    pub start_uri: String,
     pub auth_base: String,
 }
 

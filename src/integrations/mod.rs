@@ -32,6 +32,10 @@ pub enum IntegrationError {
     /// HubSpot could not be reached or answered unexpectedly.
     #[error("{0}")]
     HubSpotUnavailable(String),
+    /// The request comes from someone it is not for (an OAuth callback in
+    /// another browser than the one that started it).
+    #[error("{0}")]
+    Forbidden(String),
     /// Our database failed.
     #[error("database: {0}")]
     Db(#[from] DbError),
@@ -269,23 +273,52 @@ impl Integrations {
         }
     }
 
-    /// Starts the OAuth flow: the URL to send the admin's browser to, with a
-    /// signed state bound to the Spot, valid 10 minutes, usable once.
+    /// Starts the OAuth flow: the sidecar URL to send the admin's browser
+    /// to, once, within 10 minutes. Opening it binds the authorization to
+    /// that browser (`open_oauth_ticket`): a callback in any other browser
+    /// is refused, so an authorize URL handed to someone else (RFC 6749
+    /// §10.12) cannot connect the Spot to their portal.
     pub async fn start_oauth(
         &self,
         secret_key: &[u8; 32],
         spot_id: i64,
     ) -> Result<String, IntegrationError> {
         self.require_spot(spot_id).await?;
-        let Some(app) = &self.oauth else {
-            return Err(IntegrationError::Refused(
-                "OAuth is not configured: set HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET, or send {\"access_token\": \"…\"}".into(),
-            ));
-        };
-        let issued = self
+        let app = self.oauth_app()?;
+        let ticket = self
+            .issue_one_time(secret_key, Purpose::OAuthStart, spot_id)
+            .await?;
+        let mut url = url::Url::parse(&app.start_uri)
+            .map_err(|e| IntegrationError::Refused(format!("SIDECAR_PUBLIC_URL: {e}")))?;
+        url.query_pairs_mut().append_pair("ticket", &ticket.token);
+        Ok(url.into())
+    }
+
+    /// Opens a connect's ticket, once: HubSpot's authorize URL, with a
+    /// signed state bound to the Spot (valid 10 minutes, usable once), and
+    /// the binding the browser keeps as a cookie until the callback.
+    pub async fn open_oauth_ticket(
+        &self,
+        secret_key: &[u8; 32],
+        ticket: &str,
+    ) -> Result<(String, String), IntegrationError> {
+        let spot_id = self
+            .consume_one_time(secret_key, Purpose::OAuthStart, ticket)
+            .await?;
+        let app = self.oauth_app()?;
+        let state = self
             .issue_one_time(secret_key, Purpose::OAuthState, spot_id)
             .await?;
-        Ok(app.authorize_url(&issued))
+        let binding = signed::derive(secret_key, Purpose::OAuthBinding, &state.nonce);
+        Ok((app.authorize_url(&state.token), binding))
+    }
+
+    fn oauth_app(&self) -> Result<&OAuthApp, IntegrationError> {
+        self.oauth.as_ref().ok_or_else(|| {
+            IntegrationError::Refused(
+                "OAuth is not configured: set HUBSPOT_CLIENT_ID and HUBSPOT_CLIENT_SECRET, or send {\"access_token\": \"…\"}".into(),
+            )
+        })
     }
 
     /// A signed token for `purpose`, bound to the Spot, valid 10 minutes,
@@ -295,7 +328,7 @@ impl Integrations {
         secret_key: &[u8; 32],
         purpose: Purpose,
         spot_id: i64,
-    ) -> Result<String, IntegrationError> {
+    ) -> Result<signed::Issued, IntegrationError> {
         let issued = signed::issue(secret_key, purpose, spot_id, signed::STATE_TTL_SECS);
         store::issue_one_time(
             &*self.db.client().await?,
@@ -305,7 +338,7 @@ impl Integrations {
             issued.expires_at,
         )
         .await?;
-        Ok(issued.token)
+        Ok(issued)
     }
 
     /// Accepts a token `issue_one_time` made, once: its Spot.
@@ -335,8 +368,10 @@ impl Integrations {
         spot_id: i64,
     ) -> Result<String, IntegrationError> {
         self.require_spot(spot_id).await?;
-        self.issue_one_time(secret_key, Purpose::SettingsLink, spot_id)
-            .await
+        Ok(self
+            .issue_one_time(secret_key, Purpose::SettingsLink, spot_id)
+            .await?
+            .token)
     }
 
     /// Accepts a settings link once: the Spot whose page it opens.
@@ -398,7 +433,22 @@ impl Integrations {
         secret_key: &[u8; 32],
         code: &str,
         state: &str,
+        binding: Option<&str>,
     ) -> Result<i64, IntegrationError> {
+        // Only in the browser that opened the ticket; checked before the
+        // state is used up, so a refused callback changes nothing.
+        let verified = signed::verify(secret_key, Purpose::OAuthState, state)
+            .map_err(|e| IntegrationError::Refused(e.to_string()))?;
+        let expected = signed::derive(secret_key, Purpose::OAuthBinding, &verified.nonce);
+        if !binding.is_some_and(|b| signed::constant_time_eq(b.as_bytes(), expected.as_bytes())) {
+            warn!(
+                spot_id = verified.spot_id,
+                "an OAuth callback came from a browser that did not start the connection; refused"
+            );
+            return Err(IntegrationError::Forbidden(
+                "This connection was started in another browser. Start it again from the Spot's HubSpot settings, in this browser.".into(),
+            ));
+        }
         let spot_id = self
             .consume_one_time(secret_key, Purpose::OAuthState, state)
             .await?;

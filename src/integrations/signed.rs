@@ -25,6 +25,12 @@ pub enum Purpose {
     OperatorSession,
     /// A session's CSRF token, derived from the session's nonce.
     Csrf,
+    /// The ticket a connect hands out: the sidecar URL the admin's browser
+    /// opens once to start the authorization (single use, recorded).
+    OAuthStart,
+    /// The cookie that binds an OAuth `state` to the browser that opened
+    /// the ticket, derived from the state's nonce.
+    OAuthBinding,
 }
 
 impl Purpose {
@@ -36,8 +42,15 @@ impl Purpose {
             Purpose::SpotSession => "spot_session",
             Purpose::OperatorSession => "operator_session",
             Purpose::Csrf => "csrf",
+            Purpose::OAuthStart => "oauth_start",
+            Purpose::OAuthBinding => "oauth_binding",
         }
     }
+}
+
+/// Whether two secrets are equal, in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// How long a user has to finish an OAuth authorization or open a link.

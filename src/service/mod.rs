@@ -95,6 +95,7 @@ pub async fn run(
             client_id: id.clone(),
             client_secret: secret.clone(),
             redirect_uri: format!("{}/oauth/hubspot/callback", cfg.public_url),
+            start_uri: format!("{}/oauth/hubspot/start", cfg.public_url),
             auth_base: cfg.hubspot.auth_base.clone(),
         }),
         _ => None,

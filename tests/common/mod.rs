@@ -266,9 +266,15 @@ pub async fn oauth_connect(sidecar: &Sidecar, spot_id: i64) -> (u16, String) {
         .to_string();
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
         .build()
         .unwrap();
-    let resp = browser.get(&authorize).send().await.expect("authorize");
+    let (hubspot_authorize, _) = open_start(&browser, &authorize).await;
+    let resp = browser
+        .get(&hubspot_authorize)
+        .send()
+        .await
+        .expect("authorize");
     assert_eq!(resp.status().as_u16(), 302, "authorize redirects");
     let location = resp
         .headers()
@@ -285,6 +291,28 @@ pub async fn oauth_connect(sidecar: &Sidecar, spot_id: i64) -> (u16, String) {
         resp.status().as_u16(),
         resp.text().await.unwrap_or_default(),
     )
+}
+
+/// Opens a connect's start URL in `browser` (which must not follow
+/// redirects): HubSpot's authorize URL it redirects to, and the binding
+/// cookie it set (`name=value`).
+pub async fn open_start(browser: &reqwest::Client, start: &str) -> (String, String) {
+    let resp = browser.get(start).send().await.expect("start");
+    assert_eq!(resp.status().as_u16(), 302, "start redirects to HubSpot");
+    let location = resp
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .expect("Location")
+        .to_string();
+    let cookie = resp
+        .headers()
+        .get("set-cookie")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .expect("the binding cookie")
+        .to_string();
+    (location, cookie)
 }
 
 /// A local SMTP listener that accepts every message and keeps its text.
@@ -484,6 +512,7 @@ pub async fn oauth_connect_process(http: &reqwest::Client, listen: &str, spot_id
     assert_eq!(status, 200, "{body}");
     let browser = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::limited(3))
+        .cookie_store(true)
         .build()
         .unwrap();
     browser

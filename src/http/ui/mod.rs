@@ -247,7 +247,7 @@ fn session(state: &AppState, headers: &HeaderMap, kind: SessionKind) -> Option<S
 }
 
 /// The value of cookie `name` in the request.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+pub(super) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()

@@ -509,6 +509,7 @@ mod tests {
             client_id: "emulator-client-id".into(),
             client_secret: "emulator-client-secret".into(),
             redirect_uri: "http://localhost:9187/oauth/hubspot/callback".into(),
+            start_uri: "http://localhost:9187/oauth/hubspot/start".into(),
             auth_base: emu.base_url(),
         };
         let browser = reqwest::Client::builder()
