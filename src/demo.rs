@@ -130,7 +130,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         resp.text().await?
     );
     println!("• turned on contact creation and every activity category");
-    let links = page_links(&http, &api, &admin, spot).await?;
+    // The Spot admin the settings page is opened for (the seed has some).
+    let spot_admin: i64 = db
+        .query_one(
+            "SELECT id FROM members WHERE spot_id = $1 AND role = 'admin' AND status = 'accepted'
+              ORDER BY id LIMIT 1",
+            &[&spot],
+        )
+        .await?
+        .get(0);
+    let links = page_links(&http, &api, &admin, spot, spot_admin).await?;
     if args.open {
         for link in [&links.settings, &links.overview] {
             open_in_browser(link);
@@ -183,7 +192,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     if args.keep_running && !interrupted {
         // The link printed earlier may be used or expired by now: a fresh one.
-        let links = page_links(&http, &api, &admin, spot).await?;
+        let links = page_links(&http, &api, &admin, spot, spot_admin).await?;
         println!("• still serving the pages; Ctrl-C ends the demo");
         println!(
             "  settings page (opens once, within 10 min): {}",
@@ -247,10 +256,12 @@ async fn page_links(
     api: &str,
     admin: &str,
     spot: i64,
+    spot_admin: i64,
 ) -> anyhow::Result<PageLinks> {
     let resp = http
         .post(format!("{api}/api/spots/{spot}/hubspot/ui-link"))
         .bearer_auth(admin)
+        .json(&serde_json::json!({"member_id": spot_admin}))
         .send()
         .await?;
     anyhow::ensure!(

@@ -285,3 +285,172 @@ async fn the_callback_page_never_shows_what_the_query_says() {
     );
     sidecar.stop().await;
 }
+
+/// Opens a settings link in a cookie-keeping browser; returns the browser
+/// and the page's CSRF token.
+async fn open_settings(sidecar: &Sidecar, spot: i64, member: i64) -> (reqwest::Client, String) {
+    let (status, body) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot}/hubspot/ui-link"),
+            Some(serde_json::json!({"member_id": member})),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let browser = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
+    let page = browser
+        .get(body["url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 200);
+    let html = page.text().await.unwrap();
+    let csrf = html
+        .split("name=\"csrf-token\" content=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .expect("the page's CSRF token")
+        .to_string();
+    (browser, csrf)
+}
+
+async fn change_setting(
+    sidecar: &Sidecar,
+    browser: &reqwest::Client,
+    csrf: &str,
+    spot: i64,
+) -> u16 {
+    browser
+        .post(sidecar.url(&format!("/settings/spots/{spot}/settings")))
+        .header("x-csrf-token", csrf)
+        .json(&serde_json::json!({"create_contacts": true}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_sessions_belong_to_an_admin_and_end_when_they_should() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let spot = seed_spot(&db, "Sessions").await;
+    let (_, token) = emu.create_portal();
+    sidecar.connect_with_token(spot, &token).await;
+    let ada = spot_admin(&db, spot).await;
+    let grace: i64 = db
+        .query_one(
+            "INSERT INTO members (spot_id, email, status, role) VALUES ($1, 'grace@example.com', 'accepted', 'admin') RETURNING id",
+            &[&spot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let member = seed_member(&db, spot, "linus@example.com", "accepted").await;
+
+    // A link is only for an accepted admin of the Spot, named.
+    for body in [
+        serde_json::json!({"member_id": member}),
+        serde_json::json!({"member_id": 999_999}),
+    ] {
+        let (status, v) = sidecar
+            .api(
+                reqwest::Method::POST,
+                &format!("/api/spots/{spot}/hubspot/ui-link"),
+                Some(body),
+            )
+            .await;
+        assert_eq!(status, 403, "{v}");
+    }
+    let (status, _) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot}/hubspot/ui-link"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 400);
+
+    // Ada's session changes settings, and the audit trail names her.
+    let (ada_browser, ada_csrf) = open_settings(&sidecar, spot, ada).await;
+    assert_eq!(
+        change_setting(&sidecar, &ada_browser, &ada_csrf, spot).await,
+        200
+    );
+    let (_, events) = sidecar
+        .api(
+            reqwest::Method::GET,
+            &format!("/api/spots/{spot}/hubspot/events"),
+            None,
+        )
+        .await;
+    assert_eq!(events["events"][0]["source"], "settings_page", "{events}");
+    assert_eq!(events["events"][0]["member_id"], ada, "{events}");
+
+    // Ada is no longer an admin: her very next change is refused.
+    db.execute("UPDATE members SET role = 'member' WHERE id = $1", &[&ada])
+        .await
+        .unwrap();
+    assert_eq!(
+        change_setting(&sidecar, &ada_browser, &ada_csrf, spot).await,
+        403
+    );
+
+    // Grace's session works until the operator ends the Spot's sessions.
+    let (grace_browser, grace_csrf) = open_settings(&sidecar, spot, grace).await;
+    assert_eq!(
+        change_setting(&sidecar, &grace_browser, &grace_csrf, spot).await,
+        200
+    );
+    let (status, _) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot}/hubspot/sessions/end"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        change_setting(&sidecar, &grace_browser, &grace_csrf, spot).await,
+        403
+    );
+    let page = grace_browser
+        .get(sidecar.url(&format!("/settings/spots/{spot}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 403);
+
+    // A new link works again; ending every session of every Spot ends it too.
+    let (grace_browser, grace_csrf) = open_settings(&sidecar, spot, grace).await;
+    assert_eq!(
+        change_setting(&sidecar, &grace_browser, &grace_csrf, spot).await,
+        200
+    );
+    let (status, _) = sidecar
+        .api(reqwest::Method::POST, "/api/sessions/end", None)
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        change_setting(&sidecar, &grace_browser, &grace_csrf, spot).await,
+        403
+    );
+
+    // Sign out clears the session in that browser.
+    let (browser, csrf) = open_settings(&sidecar, spot, grace).await;
+    let out = browser
+        .post(sidecar.url(&format!("/settings/spots/{spot}/signout")))
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status().as_u16(), 200);
+    assert_eq!(change_setting(&sidecar, &browser, &csrf, spot).await, 403);
+    sidecar.stop().await;
+}

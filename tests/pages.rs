@@ -81,8 +81,7 @@ impl Browser {
         };
         let deadline = Instant::now() + 30 * SECOND;
         let client = loop {
-            match ClientBuilder::rustls()
-                .expect("rustls")
+            match ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
                 .capabilities(caps.clone())
                 .connect(&format!("http://127.0.0.1:{port}"))
                 .await
@@ -173,12 +172,13 @@ impl Browser {
 }
 
 /// `POST ui-link` for the Spot: the URL MeltingSpot's web app sends the admin to.
-async fn settings_link(sidecar: &Sidecar, spot: i64) -> String {
+async fn settings_link(sidecar: &Sidecar, db: &tokio_postgres::Client, spot: i64) -> String {
+    let admin = spot_admin(db, spot).await;
     let (status, body) = sidecar
         .api(
             reqwest::Method::POST,
             &format!("/api/spots/{spot}/hubspot/ui-link"),
-            None,
+            Some(serde_json::json!({"member_id": admin})),
         )
         .await;
     assert_eq!(status, 200, "ui-link answered {body}");
@@ -199,7 +199,7 @@ async fn a_spot_admin_connects_turns_members_on_repairs_a_failure_and_disconnect
     // The link opens the page with a session for this Spot.
     browser
         .client
-        .goto(&settings_link(&sidecar, spot).await)
+        .goto(&settings_link(&sidecar, &db, spot).await)
         .await
         .unwrap();
     browser.wait_text("#status", "Inactive", 10 * SECOND).await;
@@ -504,7 +504,7 @@ async fn tampered_used_expired_links_forged_requests_and_other_spots_are_refused
     assert_eq!(resp.status(), 401);
 
     // A tampered link (another Spot's id under the same signature) opens nothing.
-    let link = settings_link(&sidecar, mine).await;
+    let link = settings_link(&sidecar, &db, mine).await;
     let tampered = link.replacen(&format!("link={mine}."), &format!("link={theirs}."), 1);
     assert_ne!(tampered, link);
     let browser = http_client();
@@ -519,7 +519,7 @@ async fn tampered_used_expired_links_forged_requests_and_other_spots_are_refused
     assert_eq!(open_link(&http_client(), &link).await, 403, "used once");
 
     // An expired link opens nothing.
-    let stale = settings_link(&sidecar, mine).await;
+    let stale = settings_link(&sidecar, &db, mine).await;
     db.execute(
         "UPDATE hubspot_sync.one_time_tokens SET expires_at = now() - interval '1 second'
           WHERE purpose = 'settings_link' AND used_at IS NULL",
@@ -546,7 +546,7 @@ async fn tampered_used_expired_links_forged_requests_and_other_spots_are_refused
         403
     );
     let other = http_client();
-    let their_link = settings_link(&sidecar, theirs).await;
+    let their_link = settings_link(&sidecar, &db, theirs).await;
     assert_eq!(open_link(&other, &their_link).await, 303);
     let their_csrf = page_csrf(&other, &sidecar.url(&format!("/settings/spots/{theirs}"))).await;
     assert_eq!(
@@ -581,7 +581,7 @@ async fn tampered_used_expired_links_forged_requests_and_other_spots_are_refused
 
     // The session cookie is HttpOnly and SameSite=Lax.
     let resp = http_client()
-        .get(settings_link(&sidecar, mine).await)
+        .get(settings_link(&sidecar, &db, mine).await)
         .send()
         .await
         .unwrap();

@@ -89,6 +89,11 @@ pub fn router(state: AppState) -> Router {
         .route("/api/spots/{spot_id}/hubspot/conflicts", get(conflicts))
         .route("/api/spots/{spot_id}/hubspot/resync", post(resync))
         .route("/api/spots/{spot_id}/hubspot/ui-link", post(ui_link))
+        .route(
+            "/api/spots/{spot_id}/hubspot/sessions/end",
+            post(end_spot_sessions),
+        )
+        .route("/api/sessions/end", post(end_all_sessions))
         .route("/api/spots/{spot_id}/hubspot/reconcile", post(reconcile))
         .merge(oauth::routes())
         .merge(ui::routes())
@@ -352,18 +357,59 @@ async fn connect(
     })
 }
 
-/// `POST ui-link`: a link that opens the Spot's settings page once, within
-/// 10 minutes, with a session for that Spot only.
-async fn ui_link(
+/// `{"member_id": N}`: the admin the settings link is for.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UiLinkBody {
+    member_id: i64,
+}
+
+/// `POST …/sessions/end`: ends every settings session of the Spot.
+async fn end_spot_sessions(
     State(s): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
     let id = spot_id(&raw)?;
+    s.integrations
+        .end_sessions(Some(id), crate::integrations::ChangeSource::AdminApi)
+        .await?;
+    Ok(Json(json!({"spot_id": id, "sessions_ended": true})).into_response())
+}
+
+/// `POST /api/sessions/end`: ends every settings session of every Spot,
+/// without rotating any key.
+async fn end_all_sessions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    s.integrations
+        .end_sessions(None, crate::integrations::ChangeSource::AdminApi)
+        .await?;
+    Ok(Json(json!({"sessions_ended": true})).into_response())
+}
+
+/// `POST ui-link`: a link that opens the Spot's settings page once, within
+/// 10 minutes, with a session for that Spot only.
+async fn ui_link(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    body: Option<Json<UiLinkBody>>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let id = spot_id(&raw)?;
+    let Some(Json(UiLinkBody { member_id })) = body else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "send {\"member_id\": N}: the Spot admin the link and its session are for".into(),
+        ));
+    };
     let token = s
         .integrations
-        .issue_settings_link(&s.secret_key, id)
+        .issue_settings_link(&s.secret_key, id, member_id)
         .await?;
     let url = format!("{}{}", s.public_url, ui::settings_link_path(&token));
     Ok(

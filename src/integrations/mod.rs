@@ -304,7 +304,8 @@ impl Integrations {
     ) -> Result<(String, String), IntegrationError> {
         let spot_id = self
             .consume_one_time(secret_key, Purpose::OAuthStart, ticket)
-            .await?;
+            .await?
+            .spot_id;
         let app = self.oauth_app()?;
         let state = self
             .issue_one_time(secret_key, Purpose::OAuthState, spot_id)
@@ -330,6 +331,17 @@ impl Integrations {
         spot_id: i64,
     ) -> Result<signed::Issued, IntegrationError> {
         let issued = signed::issue(secret_key, purpose, spot_id, signed::STATE_TTL_SECS);
+        self.record_one_time(purpose, spot_id, &issued).await?;
+        Ok(issued)
+    }
+
+    /// Records a token so that it is accepted once.
+    async fn record_one_time(
+        &self,
+        purpose: Purpose,
+        spot_id: i64,
+        issued: &signed::Issued,
+    ) -> Result<(), IntegrationError> {
         store::issue_one_time(
             &*self.db.client().await?,
             purpose.label(),
@@ -338,7 +350,7 @@ impl Integrations {
             issued.expires_at,
         )
         .await?;
-        Ok(issued)
+        Ok(())
     }
 
     /// Accepts a token `issue_one_time` made, once: its Spot.
@@ -347,7 +359,7 @@ impl Integrations {
         secret_key: &[u8; 32],
         purpose: Purpose,
         token: &str,
-    ) -> Result<i64, IntegrationError> {
+    ) -> Result<signed::Verified, IntegrationError> {
         let verified = signed::verify(secret_key, purpose, token)
             .map_err(|e| IntegrationError::Refused(e.to_string()))?;
         let consumed =
@@ -358,30 +370,101 @@ impl Integrations {
                 "This link was already used or has expired; start again.".into(),
             ));
         }
-        Ok(verified.spot_id)
+        Ok(verified)
     }
 
-    /// A link token that opens the Spot's settings page once, within 10 minutes.
+    /// A link that opens the Spot's settings page once, within 10 minutes,
+    /// for `member_id`, who must be an accepted admin of the Spot: the
+    /// session it starts is theirs, checked again on every request.
     pub async fn issue_settings_link(
         &self,
         secret_key: &[u8; 32],
         spot_id: i64,
+        member_id: i64,
     ) -> Result<String, IntegrationError> {
         self.require_spot(spot_id).await?;
-        Ok(self
-            .issue_one_time(secret_key, Purpose::SettingsLink, spot_id)
-            .await?
-            .token)
+        let standing = self.standing(spot_id, member_id).await?;
+        if !standing.admin {
+            return Err(IntegrationError::Forbidden(format!(
+                "member {member_id} is not an accepted admin of Spot {spot_id}"
+            )));
+        }
+        let holder = signed::Holder {
+            member_id,
+            spot_epoch: standing.spot_epoch,
+            global_epoch: standing.global_epoch,
+        };
+        let issued = signed::issue_held(
+            secret_key,
+            Purpose::SettingsLink,
+            spot_id,
+            holder,
+            signed::STATE_TTL_SECS,
+        );
+        self.record_one_time(Purpose::SettingsLink, spot_id, &issued)
+            .await?;
+        Ok(issued.token)
     }
 
-    /// Accepts a settings link once: the Spot whose page it opens.
+    /// Accepts a settings link once: the Spot whose page it opens, and for
+    /// whom (still an accepted admin, with sessions not ended since).
     pub async fn open_settings_link(
         &self,
         secret_key: &[u8; 32],
         token: &str,
-    ) -> Result<i64, IntegrationError> {
-        self.consume_one_time(secret_key, Purpose::SettingsLink, token)
-            .await
+    ) -> Result<(i64, signed::Holder), IntegrationError> {
+        let verified = self
+            .consume_one_time(secret_key, Purpose::SettingsLink, token)
+            .await?;
+        let holder = signed::Holder::of_nonce(&verified.nonce)
+            .ok_or_else(|| IntegrationError::Refused("This link names no admin.".into()))?;
+        self.check_holder(verified.spot_id, holder).await?;
+        Ok((verified.spot_id, holder))
+    }
+
+    /// The member's standing in the Spot, and the session epochs.
+    pub async fn standing(
+        &self,
+        spot_id: i64,
+        member_id: i64,
+    ) -> Result<store::sessions::Standing, IntegrationError> {
+        Ok(store::sessions::standing(&*self.db.client().await?, spot_id, member_id).await?)
+    }
+
+    /// A settings session (or link) still holds: its member is still an
+    /// accepted admin of the Spot, and no one ended its sessions since.
+    pub async fn check_holder(
+        &self,
+        spot_id: i64,
+        holder: signed::Holder,
+    ) -> Result<(), IntegrationError> {
+        let now = self.standing(spot_id, holder.member_id).await?;
+        if now.spot_epoch != holder.spot_epoch || now.global_epoch != holder.global_epoch {
+            return Err(IntegrationError::Refused(
+                "This session was ended by an operator.".into(),
+            ));
+        }
+        if !now.admin {
+            return Err(IntegrationError::Forbidden(
+                "You are no longer an admin of this Spot.".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends every settings session of the Spot (`Some`) or of every Spot.
+    pub async fn end_sessions(
+        &self,
+        spot_id: Option<i64>,
+        source: ChangeSource,
+    ) -> Result<(), IntegrationError> {
+        if let Some(spot) = spot_id {
+            self.require_spot(spot).await?;
+        }
+        let mut client = self.db.client().await?;
+        store::sessions::end_sessions(&mut client, spot_id, source).await?;
+        info!(?spot_id, "settings sessions ended");
+        Ok(())
     }
 
     /// Connects with a service key or private-app token, at once.
@@ -451,7 +534,8 @@ impl Integrations {
         }
         let spot_id = self
             .consume_one_time(secret_key, Purpose::OAuthState, state)
-            .await?;
+            .await?
+            .spot_id;
         let Some(app) = &self.oauth else {
             return Err(IntegrationError::Refused("OAuth is not configured.".into()));
         };

@@ -66,9 +66,67 @@ pub struct Issued {
     pub expires_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// Whom a settings link or session is for, carried in its signed nonce:
+/// the member, and the session epochs current when it was issued (an
+/// operator bumps them to end sessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holder {
+    /// The admin it was issued to.
+    pub member_id: i64,
+    /// The Spot's session epoch then.
+    pub spot_epoch: i64,
+    /// The epoch of every Spot's sessions then.
+    pub global_epoch: i64,
+}
+
+impl Holder {
+    /// Reads the holder back from a nonce `issue_held` made.
+    pub fn of_nonce(nonce: &str) -> Option<Holder> {
+        let mut parts = nonce.split('-');
+        let holder = Holder {
+            member_id: parts.next()?.parse().ok()?,
+            spot_epoch: parts.next()?.parse().ok()?,
+            global_epoch: parts.next()?.parse().ok()?,
+        };
+        parts.next()?;
+        parts.next().is_none().then_some(holder)
+    }
+}
+
 /// Issues a token for `purpose` and `spot_id`, valid `ttl_secs`.
 pub fn issue(key: &[u8; 32], purpose: Purpose, spot_id: i64, ttl_secs: i64) -> Issued {
-    let nonce = hex::encode(rand::random::<[u8; 16]>());
+    issue_with_nonce(key, purpose, spot_id, ttl_secs, random_nonce())
+}
+
+/// Issues a token that also names its holder (in its nonce, under the signature).
+pub fn issue_held(
+    key: &[u8; 32],
+    purpose: Purpose,
+    spot_id: i64,
+    holder: Holder,
+    ttl_secs: i64,
+) -> Issued {
+    let nonce = format!(
+        "{}-{}-{}-{}",
+        holder.member_id,
+        holder.spot_epoch,
+        holder.global_epoch,
+        random_nonce()
+    );
+    issue_with_nonce(key, purpose, spot_id, ttl_secs, nonce)
+}
+
+fn random_nonce() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+fn issue_with_nonce(
+    key: &[u8; 32],
+    purpose: Purpose,
+    spot_id: i64,
+    ttl_secs: i64,
+    nonce: String,
+) -> Issued {
     let expires_at = chrono::Utc::now() + chrono::Duration::seconds(ttl_secs);
     let payload = format!("{spot_id}.{nonce}.{}", expires_at.timestamp());
     let sig = URL_SAFE_NO_PAD.encode(mac(key, purpose, &payload).finalize().into_bytes());

@@ -10,6 +10,7 @@ pub mod outbox;
 pub mod portal_changes;
 pub mod reconcile;
 pub mod secrets;
+pub mod sessions;
 
 pub use activities::*;
 pub use dead_letters::*;
@@ -66,6 +67,7 @@ const MIGRATIONS: &[(i32, &str)] = &[
         12,
         include_str!("../../sql/migrations/0012_portal_changes.sql"),
     ),
+    (13, include_str!("../../sql/migrations/0013_sessions.sql")),
 ];
 
 /// Applies the embedded migrations once, serialised by an advisory lock so

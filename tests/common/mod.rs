@@ -225,6 +225,30 @@ pub async fn seed_member(db: &Client, spot_id: i64, email: &str, status: &str) -
     .get(0)
 }
 
+/// An accepted admin of the Spot (the first one, or a new one): whom a
+/// settings link is for.
+pub async fn spot_admin(db: &Client, spot_id: i64) -> i64 {
+    if let Some(row) = db
+        .query_opt(
+            "SELECT id FROM members WHERE spot_id = $1 AND role = 'admin' AND status = 'accepted'
+              ORDER BY id LIMIT 1",
+            &[&spot_id],
+        )
+        .await
+        .expect("read admins")
+    {
+        return row.get(0);
+    }
+    db.query_one(
+        "INSERT INTO members (spot_id, email, status, role)
+         VALUES ($1::bigint, 'admin-of-' || $1::bigint || '@example.com', 'accepted', 'admin') RETURNING id",
+        &[&spot_id],
+    )
+    .await
+    .expect("insert an admin")
+    .get(0)
+}
+
 /// A contact's property, from the emulator.
 pub fn prop(emu: &Emulator, portal: u64, email: &str, name: &str) -> Option<String> {
     emu.contact_by_email(portal, email)

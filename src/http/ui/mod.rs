@@ -187,12 +187,14 @@ pub(super) struct Session {
     pub spot_id: i64,
     /// What every state-changing request of the session must carry.
     pub csrf: String,
+    /// The admin a settings session belongs to (None for the operator).
+    pub holder: Option<signed::Holder>,
 }
 
 /// The kinds of session, each in its own cookie: one per Spot (an admin of
 /// two Spots keeps both tabs working), one for the operator.
 #[derive(Clone, Copy)]
-enum SessionKind {
+pub(super) enum SessionKind {
     Spot(i64),
     Operator,
 }
@@ -240,9 +242,15 @@ fn session(state: &AppState, headers: &HeaderMap, kind: SessionKind) -> Option<S
     if verified.spot_id != kind.spot_id() {
         return None;
     }
+    let holder = match kind {
+        // A Spot's session without its admin is not one of ours.
+        SessionKind::Spot(_) => Some(signed::Holder::of_nonce(&verified.nonce)?),
+        SessionKind::Operator => None,
+    };
     Some(Session {
         spot_id: verified.spot_id,
         csrf: signed::derive(&state.secret_key, Purpose::Csrf, &verified.nonce),
+        holder,
     })
 }
 
@@ -258,19 +266,32 @@ pub(super) fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> 
         .map(|(_, v)| v)
 }
 
-/// `Set-Cookie` for a new session of `kind`.
-fn start_session(state: &AppState, kind: SessionKind) -> HeaderValue {
-    let issued = signed::issue(
-        &kind.key(state),
-        kind.purpose(),
-        kind.spot_id(),
-        SESSION_TTL_SECS,
-    );
+/// `Set-Cookie` for a new session of `kind`; a Spot's session names its admin.
+fn start_session(
+    state: &AppState,
+    kind: SessionKind,
+    holder: Option<signed::Holder>,
+) -> HeaderValue {
+    let issued = match holder {
+        Some(h) => signed::issue_held(
+            &kind.key(state),
+            kind.purpose(),
+            kind.spot_id(),
+            h,
+            SESSION_TTL_SECS,
+        ),
+        None => signed::issue(
+            &kind.key(state),
+            kind.purpose(),
+            kind.spot_id(),
+            SESSION_TTL_SECS,
+        ),
+    };
     set_cookie(state, kind, &issued.token, SESSION_TTL_SECS)
 }
 
 /// `Set-Cookie` that ends the session of `kind`.
-fn end_session(state: &AppState, kind: SessionKind) -> HeaderValue {
+pub(super) fn end_session(state: &AppState, kind: SessionKind) -> HeaderValue {
     set_cookie(state, kind, "", 0)
 }
 
@@ -295,8 +316,10 @@ fn csrf_ok(session: &Session, given: Option<&str>) -> bool {
 
 /// Why a page request is not served.
 pub(super) enum Refusal {
-    /// No session for this Spot (none, expired, or another Spot's).
+    /// No session for this Spot (none, expired, ended, or another Spot's).
     NotThisSpot,
+    /// The session's admin is no longer an accepted admin of the Spot.
+    NoLongerAdmin,
     /// No operator session: the login form.
     SignIn,
     /// A state-changing request without the session's CSRF token.
@@ -312,6 +335,10 @@ impl Refusal {
             Refusal::NotThisSpot => (
                 StatusCode::FORBIDDEN,
                 "this page's session for the Spot has ended: open the HubSpot tab from MeltingSpot again",
+            ),
+            Refusal::NoLongerAdmin => (
+                StatusCode::FORBIDDEN,
+                "you are no longer an admin of this Spot",
             ),
             Refusal::SignIn => (StatusCode::UNAUTHORIZED, "sign in again"),
             Refusal::Csrf => (
@@ -340,6 +367,11 @@ impl IntoResponse for Refusal {
                 StatusCode::FORBIDDEN,
                 "You are not signed in to this Spot",
                 "Open the HubSpot tab from this Spot's settings in MeltingSpot.",
+            ),
+            Refusal::NoLongerAdmin => refusal(
+                StatusCode::FORBIDDEN,
+                "You are no longer an admin of this Spot",
+                "Only the Spot's admins manage its HubSpot integration.",
             ),
             Refusal::SignIn => operator::login_page(StatusCode::UNAUTHORIZED, None),
             Refusal::Csrf => refusal(

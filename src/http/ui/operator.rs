@@ -34,6 +34,7 @@ pub(super) fn routes() -> Router<AppState> {
             "/ui/spots/{spot_id}/suppressions/lift",
             post(lift_suppression),
         )
+        .route("/ui/spots/{spot_id}/sessions/end", post(end_sessions))
 }
 
 pub(super) fn login_page(status: StatusCode, problem: Option<&str>) -> Response {
@@ -68,7 +69,7 @@ async fn login(State(state): State<AppState>, Form(f): Form<LoginForm>) -> Respo
     let mut resp = see_other("/ui");
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        start_session(&state, SessionKind::Operator),
+        start_session(&state, SessionKind::Operator, None),
     );
     resp
 }
@@ -290,6 +291,7 @@ impl DoneQuery {
                 "Resynchronisation started: every member's values are sent again.".into()
             }
             ("disconnected", _) => "Disconnected.".into(),
+            ("sessions", _) => "Every settings session of this Spot has ended.".into(),
             ("lifted", _) => "Suppression lifted: the member is written (and created, if creation is on) on its next change.".into(),
             _ => return None,
         };
@@ -372,7 +374,10 @@ async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<Strin
                 "<tr><td>{}</td><td>{}</td><td>{}</td><td><code>{}</code></td><td>{}</td></tr>",
                 when(Some(e.at)),
                 esc(&e.kind),
-                esc(&e.source),
+                match e.member_id {
+                    Some(m) => format!("{} (member {m})", esc(&e.source)),
+                    None => esc(&e.source),
+                },
                 esc(&e.changes.to_string()),
                 e.detail.as_deref().map(esc).unwrap_or_default(),
             )
@@ -427,6 +432,7 @@ async fn spot_page(state: &AppState, s: &Session, id: i64, outcome: Option<Strin
             "",
         ));
     }
+    actions.push_str(&action("sessions/end", "End settings sessions", "", ""));
     if view.status != Status::Inactive {
         actions.push_str(&format!(
             "<form method=\"post\" action=\"/ui/spots/{id}/disconnect\" data-confirm=\"Disconnect Spot {id} from HubSpot? \
@@ -625,6 +631,27 @@ async fn disconnect(
                 .disconnect(id, ChangeSource::OperatorPage)
                 .await?;
             Ok(Done::Redirect("done=disconnected".into()))
+        },
+    )
+    .await
+}
+
+async fn end_sessions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+    Form(f): Form<CsrfForm>,
+) -> Response {
+    act(
+        state,
+        &headers,
+        &raw,
+        f.csrf.as_deref(),
+        |st, id| async move {
+            st.integrations
+                .end_sessions(Some(id), ChangeSource::OperatorPage)
+                .await?;
+            Ok(Done::Redirect("done=sessions".into()))
         },
     )
     .await

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::{esc, page, refusal, see_other, session, start_session, Refusal, Session, SessionKind};
 use crate::http::{require_leader, spot_id, ApiError, AppState, SettingsBody};
-use crate::integrations::ChangeSource;
+use crate::integrations::{ChangeSource, IntegrationError};
 use crate::store::{IntegrationView, Status};
 
 /// The path a settings link opens (the admin API prefixes the public URL).
@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/settings/spots/{spot_id}/connect", post(connect))
         .route("/settings/spots/{spot_id}/settings", post(change))
         .route("/settings/spots/{spot_id}/disconnect", post(disconnect))
+        .route("/settings/spots/{spot_id}/signout", post(sign_out))
 }
 
 #[derive(Deserialize)]
@@ -57,11 +58,11 @@ async fn open(State(state): State<AppState>, Query(q): Query<OpenQuery>) -> Resp
         .open_settings_link(&state.secret_key, &link)
         .await
     {
-        Ok(spot) => {
+        Ok((spot, holder)) => {
             let mut resp = see_other(&page_path(spot));
             resp.headers_mut().insert(
                 header::SET_COOKIE,
-                start_session(&state, SessionKind::Spot(spot)),
+                start_session(&state, SessionKind::Spot(spot), Some(holder)),
             );
             resp
         }
@@ -74,15 +75,32 @@ async fn open(State(state): State<AppState>, Query(q): Query<OpenQuery>) -> Resp
 }
 
 /// The session for the Spot in the path, or the refusal to answer: no
-/// session, or another Spot's.
-fn spot_session(state: &AppState, headers: &HeaderMap, raw: &str) -> Result<Session, Refusal> {
+/// session, another Spot's, one an operator ended, or one whose admin is no
+/// longer an accepted admin of the Spot (checked on every request, so a
+/// removed admin is refused at once).
+async fn spot_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: &str,
+) -> Result<Session, Refusal> {
     let id = spot_id(raw).map_err(Refusal::Api)?;
-    session(state, headers, SessionKind::Spot(id)).ok_or(Refusal::NotThisSpot)
+    let s = session(state, headers, SessionKind::Spot(id)).ok_or(Refusal::NotThisSpot)?;
+    let holder = s.holder.ok_or(Refusal::NotThisSpot)?;
+    match state.integrations.check_holder(id, holder).await {
+        Ok(()) => Ok(s),
+        Err(IntegrationError::Forbidden(_)) => Err(Refusal::NoLongerAdmin),
+        Err(IntegrationError::Refused(_)) => Err(Refusal::NotThisSpot),
+        Err(e) => Err(Refusal::Api(e.into())),
+    }
 }
 
 /// The same, for a state-changing request: it must carry the CSRF header.
-fn acting_session(state: &AppState, headers: &HeaderMap, raw: &str) -> Result<Session, Refusal> {
-    let s = spot_session(state, headers, raw)?;
+async fn acting_session(
+    state: &AppState,
+    headers: &HeaderMap,
+    raw: &str,
+) -> Result<Session, Refusal> {
+    let s = spot_session(state, headers, raw).await?;
     let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
     if !super::csrf_ok(&s, given) {
         return Err(Refusal::Csrf);
@@ -91,12 +109,44 @@ fn acting_session(state: &AppState, headers: &HeaderMap, raw: &str) -> Result<Se
     Ok(s)
 }
 
+/// Who made a change through this session, for the audit trail.
+fn source(s: &Session) -> ChangeSource {
+    ChangeSource::SettingsPage {
+        member_id: s.holder.map_or(0, |h| h.member_id),
+    }
+}
+
+/// Signs out: the session's cookie is cleared (the page shows it ended).
+async fn sign_out(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(raw): Path<String>,
+) -> Response {
+    let id = match spot_id(&raw) {
+        Ok(id) => id,
+        Err(e) => return e.into_response(),
+    };
+    // Only with the session's CSRF token: a foreign page cannot sign anyone out.
+    if let Some(s) = session(&state, &headers, SessionKind::Spot(id)) {
+        let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
+        if !super::csrf_ok(&s, given) {
+            return Refusal::Csrf.api().into_response();
+        }
+    }
+    let mut resp = Json(json!({"signed_out": true})).into_response();
+    resp.headers_mut().insert(
+        header::SET_COOKIE,
+        super::end_session(&state, SessionKind::Spot(id)),
+    );
+    resp
+}
+
 async fn show(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Response {
-    let s = match spot_session(&state, &headers, &raw) {
+    let s = match spot_session(&state, &headers, &raw).await {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
@@ -130,7 +180,9 @@ async fn status(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let s = spot_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let s = spot_session(&state, &headers, &raw)
+        .await
+        .map_err(Refusal::api)?;
     Ok(Json(state.integrations.view(s.spot_id).await?))
 }
 
@@ -141,7 +193,9 @@ async fn connect(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Response, ApiError> {
-    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let s = acting_session(&state, &headers, &raw)
+        .await
+        .map_err(Refusal::api)?;
     let url = state
         .integrations
         .start_oauth(&state.secret_key, s.spot_id)
@@ -156,17 +210,14 @@ async fn change(
     Path(raw): Path<String>,
     body: Result<Json<SettingsBody>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
+    let s = acting_session(&state, &headers, &raw)
+        .await
+        .map_err(Refusal::api)?;
     let Json(body) =
         body.map_err(|_| ApiError(StatusCode::BAD_REQUEST, "the request is malformed".into()))?;
     let view = state
         .integrations
-        .change_settings(
-            s.spot_id,
-            body.create_contacts,
-            body.activities,
-            ChangeSource::SettingsPage,
-        )
+        .change_settings(s.spot_id, body.create_contacts, body.activities, source(&s))
         .await?;
     Ok(Json(view))
 }
@@ -176,11 +227,10 @@ async fn disconnect(
     headers: HeaderMap,
     Path(raw): Path<String>,
 ) -> Result<Json<IntegrationView>, ApiError> {
-    let s = acting_session(&state, &headers, &raw).map_err(Refusal::api)?;
-    let view = state
-        .integrations
-        .disconnect(s.spot_id, ChangeSource::SettingsPage)
-        .await?;
+    let s = acting_session(&state, &headers, &raw)
+        .await
+        .map_err(Refusal::api)?;
+    let view = state.integrations.disconnect(s.spot_id, source(&s)).await?;
     Ok(Json(view))
 }
 
@@ -297,6 +347,7 @@ fn render(name: &str, view: &IntegrationView) -> String {
             "<button type=\"button\" class=\"danger\" data-action=\"disconnect\">Disconnect HubSpot</button>",
         );
     }
+    buttons.push_str("<button type=\"button\" data-action=\"sign-out\">Sign out</button>");
     let portal = view
         .portal_id
         .filter(|_| view.status != Status::Inactive)

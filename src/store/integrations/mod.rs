@@ -134,8 +134,12 @@ async fn emit_settings(
 pub enum ChangeSource {
     /// The admin API (MeltingSpot's web app on behalf of a Spot admin).
     AdminApi,
-    /// The Spot admin's settings page (a session a one-time link started).
-    SettingsPage,
+    /// The Spot admin's settings page: a session a one-time link started
+    /// for this member.
+    SettingsPage {
+        /// The admin whose session it is.
+        member_id: i64,
+    },
     /// The operator overview (`/ui`, signed in with the admin token).
     OperatorPage,
     /// HubSpot's OAuth redirect, authenticated by the signed state.
@@ -151,11 +155,19 @@ impl ChangeSource {
     pub fn as_str(self) -> &'static str {
         match self {
             ChangeSource::AdminApi => "admin_api",
-            ChangeSource::SettingsPage => "settings_page",
+            ChangeSource::SettingsPage { .. } => "settings_page",
             ChangeSource::OperatorPage => "operator_page",
             ChangeSource::OAuthCallback => "oauth_callback",
             ChangeSource::Delivery => "delivery",
             ChangeSource::Stream => "stream",
+        }
+    }
+
+    /// The member who made the change, when a person of the Spot did.
+    pub fn member_id(self) -> Option<i64> {
+        match self {
+            ChangeSource::SettingsPage { member_id } => Some(member_id),
+            _ => None,
         }
     }
 }
@@ -170,9 +182,16 @@ pub(crate) async fn record_event(
     detail: Option<&str>,
 ) -> Result<(), DbError> {
     tx.execute(
-        "INSERT INTO hubspot_sync.integration_events (spot_id, kind, source, changes, detail)
-         VALUES ($1, $2, $3, $4, $5)",
-        &[&spot_id, &kind, &source.as_str(), &changes, &detail],
+        "INSERT INTO hubspot_sync.integration_events (spot_id, kind, source, changes, detail, member_id)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        &[
+            &spot_id,
+            &kind,
+            &source.as_str(),
+            &changes,
+            &detail,
+            &source.member_id(),
+        ],
     )
     .await?;
     Ok(())
@@ -196,6 +215,8 @@ pub struct IntegrationEvent {
     pub changes: serde_json::Value,
     /// The error of a failure.
     pub detail: Option<String>,
+    /// The member whose settings session made the change.
+    pub member_id: Option<i64>,
     /// When it happened.
     pub at: DateTime<Utc>,
 }
@@ -209,7 +230,7 @@ pub async fn integration_events(
 ) -> Result<Vec<IntegrationEvent>, DbError> {
     let rows = db
         .query(
-            "SELECT id, kind, source, changes, detail, created_at FROM hubspot_sync.integration_events
+            "SELECT id, kind, source, changes, detail, created_at, member_id FROM hubspot_sync.integration_events
               WHERE spot_id = $1 AND id < COALESCE($2, 9223372036854775807)
               ORDER BY id DESC LIMIT $3",
             &[&spot_id, &before, &limit],
@@ -223,6 +244,7 @@ pub async fn integration_events(
             source: r.get(2),
             changes: r.get(3),
             detail: r.get(4),
+            member_id: r.get(6),
             at: r.get(5),
         })
         .collect())

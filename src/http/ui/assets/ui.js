@@ -79,6 +79,21 @@
     if (ev.origin === location.origin && ev.data === "hubspot-connect-done") location.reload();
   });
 
+  // Sign out ends this browser's session; the page then says so.
+  const signOut = document.querySelector('[data-action="sign-out"]');
+  if (signOut) {
+    signOut.addEventListener("click", async function () {
+      signOut.disabled = true;
+      try {
+        await post("/signout");
+        location.reload();
+      } catch (e) {
+        signOut.disabled = false;
+        say(e.message, true);
+      }
+    });
+  }
+
   // Disconnect asks in a dialog; the dialog keeps the focus while open.
   const dialog = document.getElementById("confirm-disconnect");
   const opener = document.querySelector('[data-action="disconnect"]');
