@@ -41,9 +41,16 @@ use hubspot_emulator::{Emulator, EmulatorConfig, Faults};
 use hubspot_sidecar::config::{Config, LogFormat};
 use hubspot_sidecar::pg_cluster::PgCluster;
 use hubspot_sidecar::service;
-use hubspot_sidecar::store::{self, secrets::Sealer, ChangeSource, MarkerKey};
+use hubspot_sidecar::store::secrets::{KeyRing, Sealer, TokenSlot};
+
+use hubspot_sidecar::store::{self, ChangeSource, MarkerKey};
 
 const KEY: [u8; 32] = [9u8; 32];
+
+/// Seals tokens as the sidecar under test (SIDECAR_SECRET_KEY = `KEY`) does.
+fn sealer() -> Sealer {
+    Sealer::new(std::sync::Arc::new(KeyRing::new(&KEY, &[])))
+}
 
 #[derive(Clone)]
 struct Args {
@@ -166,7 +173,7 @@ async fn seed_spot(
     }
     let credentials = store::Credentials {
         kind: store::AuthKind::Token,
-        access_token_enc: Sealer::new(&KEY).seal(&token),
+        access_token_enc: sealer().seal(&token, TokenSlot::Access(spot)),
         refresh_token_enc: None,
         expires_at: None,
     };
@@ -832,7 +839,7 @@ async fn fleet(
             &[&ids],
         )
         .await?;
-    let sealer = Sealer::new(&KEY);
+    let sealer = sealer();
     let markers = MarkerKey::new(&KEY);
     let mut portals = Vec::with_capacity(spots);
     for (i, &spot) in ids.iter().enumerate() {
@@ -841,14 +848,14 @@ async fn fleet(
             let (access, refresh) = b.emu.grant_oauth_tokens(portal);
             store::Credentials {
                 kind: store::AuthKind::OAuth,
-                access_token_enc: sealer.seal(&access),
-                refresh_token_enc: Some(sealer.seal(&refresh)),
+                access_token_enc: sealer.seal(&access, TokenSlot::Access(spot)),
+                refresh_token_enc: Some(sealer.seal(&refresh, TokenSlot::Refresh(spot))),
                 expires_at: Some(chrono::Utc::now() + chrono::Duration::minutes(30)),
             }
         } else {
             store::Credentials {
                 kind: store::AuthKind::Token,
-                access_token_enc: sealer.seal(&key),
+                access_token_enc: sealer.seal(&key, TokenSlot::Access(spot)),
                 refresh_token_enc: None,
                 expires_at: None,
             }

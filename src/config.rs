@@ -60,6 +60,11 @@ pub struct RunArgs {
     /// 32-byte key, hex or base64: encrypts tokens at rest, signs OAuth state.
     #[arg(long, env = "SIDECAR_SECRET_KEY", hide_env_values = true)]
     pub secret_key: Option<String>,
+    /// Previous SIDECAR_SECRET_KEY values, comma-separated: still open and
+    /// verify what they sealed or signed, while everything is sealed again
+    /// under the current key.
+    #[arg(long, env = "SIDECAR_SECRET_KEY_PREVIOUS", hide_env_values = true)]
+    pub secret_key_previous: Option<String>,
     /// REST base URL of the HubSpot API (tests point it at the emulator).
     #[arg(
         long,
@@ -194,6 +199,8 @@ pub struct Config {
     pub admin_token: String,
     /// SIDECAR_SECRET_KEY, decoded: encrypts tokens at rest and signs OAuth state.
     pub secret_key: [u8; 32],
+    /// SIDECAR_SECRET_KEY_PREVIOUS, decoded: keys being rotated out.
+    pub secret_key_previous: Vec<[u8; 32]>,
     /// HubSpot API, OAuth app and activity settings.
     pub hubspot: HubSpotConfig,
     /// SIDECAR_FAIL_AFTER: time with no successful call before a portal enters `failed`.
@@ -287,6 +294,7 @@ impl Config {
             public_url: "http://localhost:9187".into(),
             admin_token: admin_token.to_string(),
             secret_key,
+            secret_key_previous: Vec::new(),
             hubspot: HubSpotConfig {
                 api_base: hubspot_base.to_string(),
                 auth_base: hubspot_base.to_string(),
@@ -409,6 +417,15 @@ impl RunArgs {
         })?;
         check_admin_token(&admin_token)?;
         let secret_key = parse_secret_key(self.secret_key.as_deref())?;
+        let secret_key_previous = self
+            .secret_key_previous
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(|k| parse_key("SIDECAR_SECRET_KEY_PREVIOUS", Some(k)))
+            .collect::<Result<Vec<_>, _>>()?;
         let activity_api = match self.hubspot_activity_api.as_str() {
             "app-events" => ActivityApi::AppEvents,
             "timeline-v3" => ActivityApi::TimelineV3,
@@ -454,6 +471,7 @@ impl RunArgs {
             public_url: self.public_url.trim_end_matches('/').to_string(),
             admin_token,
             secret_key,
+            secret_key_previous,
             hubspot: HubSpotConfig {
                 api_base: self.hubspot_api_base.trim_end_matches('/').to_string(),
                 auth_base: self.hubspot_auth_base.trim_end_matches('/').to_string(),
@@ -534,27 +552,29 @@ fn check_api_version(version: &str) -> Result<(), ConfigError> {
 
 /// Decodes SIDECAR_SECRET_KEY: 32 bytes as 64 hex digits or base64.
 pub fn parse_secret_key(value: Option<&str>) -> Result<[u8; 32], ConfigError> {
+    parse_key("SIDECAR_SECRET_KEY", value)
+}
+
+/// A 32-byte key in hex or base64, for `var`.
+fn parse_key(var: &'static str, value: Option<&str>) -> Result<[u8; 32], ConfigError> {
     use base64::Engine;
     const FIX: &str = "set it to 32 random bytes as hex or base64, e.g. `openssl rand -hex 32`";
     let raw = value
         .map(str::trim)
         .filter(|v| !v.is_empty())
-        .ok_or(ConfigError::Missing {
-            var: "SIDECAR_SECRET_KEY",
-            fix: FIX,
-        })?;
+        .ok_or(ConfigError::Missing { var, fix: FIX })?;
     let bytes = if raw.len() == 64 && raw.chars().all(|c| c.is_ascii_hexdigit()) {
         hex::decode(raw).ok()
     } else {
         base64::engine::general_purpose::STANDARD.decode(raw).ok()
     };
     let bytes = bytes.ok_or_else(|| ConfigError::Invalid {
-        var: "SIDECAR_SECRET_KEY",
+        var,
         problem: "neither hex nor base64".into(),
         fix: FIX,
     })?;
     bytes.try_into().map_err(|b: Vec<u8>| ConfigError::Invalid {
-        var: "SIDECAR_SECRET_KEY",
+        var,
         problem: format!("{} bytes instead of 32", b.len()),
         fix: FIX,
     })

@@ -22,6 +22,8 @@ pub enum RetryCause {
     Auth,
     /// A 429: flow control, never a failure.
     RateLimited,
+    /// This sidecar's configuration (a token no key opens): never fails a Spot.
+    Configuration,
 }
 
 impl RetryCause {
@@ -32,6 +34,7 @@ impl RetryCause {
             RetryCause::Database => "database",
             RetryCause::Auth => "auth",
             RetryCause::RateLimited => "rate_limited",
+            RetryCause::Configuration => "configuration",
         }
     }
 }
@@ -211,6 +214,13 @@ impl DeliveryRetried<'_> {
             }
             RetryCause::HubSpot | RetryCause::Database => {
                 warn!(error, retry_in_ms, "delivery failed")
+            }
+            RetryCause::Configuration => {
+                tracing::error!(
+                    error,
+                    retry_in_ms,
+                    "delivery cannot run: this sidecar's configuration"
+                )
             }
         }
     }

@@ -113,6 +113,10 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Connections closed at once because `MAX_CONNECTIONS` were open.
     pub http_connections_refused: IntCounter,
+    /// Stored tokens not yet sealed under the current SIDECAR_SECRET_KEY.
+    pub tokens_sealed_with_previous_key: IntGauge,
+    /// Stored tokens no key of the ring opens.
+    pub tokens_undecryptable: IntGauge,
 }
 
 macro_rules! reg {
@@ -535,6 +539,20 @@ impl Metrics {
                 IntCounter::new(
                     p("http_connections_refused_total"),
                     "HTTP connections closed as they were accepted because 512 were open"
+                )
+            ),
+            tokens_sealed_with_previous_key: reg!(
+                r,
+                IntGauge::new(
+                    p("tokens_sealed_with_previous_key"),
+                    "Stored tokens not sealed under the current SIDECAR_SECRET_KEY after the start's re-seal pass (0: SIDECAR_SECRET_KEY_PREVIOUS can be dropped)"
+                )
+            ),
+            tokens_undecryptable: reg!(
+                r,
+                IntGauge::new(
+                    p("tokens_undecryptable"),
+                    "Stored tokens no key opens (SIDECAR_SECRET_KEY changed without SIDECAR_SECRET_KEY_PREVIOUS)"
                 )
             ),
             registry: r,

@@ -43,9 +43,12 @@ pub fn classify(error: &DeliverError, auth: AuthKind, refreshed: bool) -> Dispos
         {
             Disposition::Refresh
         }
-        DeliverError::HubSpot(HubSpotError::Auth { .. })
-        | DeliverError::NoOAuthApp
-        | DeliverError::Decrypt(_) => Disposition::Fail(FailCause::Auth),
+        DeliverError::HubSpot(HubSpotError::Auth { .. }) | DeliverError::NoOAuthApp => {
+            Disposition::Fail(FailCause::Auth)
+        }
+        // The sidecar's own keys, not the Spot's credentials: never a
+        // failure of the Spot, never a mail to its admins.
+        DeliverError::Decrypt(_) => Disposition::Retry(RetryCause::Configuration),
         DeliverError::Superseded | DeliverError::HubSpot(HubSpotError::Fenced) => Disposition::Stop,
         DeliverError::Db(_) | DeliverError::HubSpot(HubSpotError::FenceUnchecked(_)) => {
             Disposition::Retry(RetryCause::Database)

@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use super::{DeliverContext, DeliverError};
 use crate::failpoints::{crash_point, TOKEN_REFRESHED};
 use crate::internal_events::TokenRefreshed;
+use crate::store::secrets::TokenSlot;
 use crate::store::{self, AuthKind, LiveIntegration};
 
 /// OAuth access tokens are refreshed at most this long before they expire…
@@ -85,15 +86,19 @@ impl TokenCache {
         spot: &LiveIntegration,
     ) -> Result<String, DeliverError> {
         if spot.credentials_kind == AuthKind::Token {
-            return Ok(ctx.sealer.open(&spot.access_token_enc)?);
+            return Ok(ctx
+                .sealer
+                .open(&spot.access_token_enc, TokenSlot::Access(spot.spot_id))?);
         }
         let key = (spot.spot_id, spot.activation);
         let current = match self.refreshed.get(&key) {
             Some(t) => t.clone(),
             None => OAuthTokens {
-                access: ctx.sealer.open(&spot.access_token_enc)?,
+                access: ctx
+                    .sealer
+                    .open(&spot.access_token_enc, TokenSlot::Access(spot.spot_id))?,
                 refresh: match &spot.refresh_token_enc {
-                    Some(r) => ctx.sealer.open(r)?,
+                    Some(r) => ctx.sealer.open(r, TokenSlot::Refresh(spot.spot_id))?,
                     None => String::new(),
                 },
                 issued_at: spot.issued_at,
@@ -168,8 +173,9 @@ impl TokenCache {
             &*ctx.db.client().await?,
             spot_id,
             key.1,
-            &ctx.sealer.seal(&tokens.access),
-            &ctx.sealer.seal(&tokens.refresh),
+            &ctx.sealer.seal(&tokens.access, TokenSlot::Access(spot_id)),
+            &ctx.sealer
+                .seal(&tokens.refresh, TokenSlot::Refresh(spot_id)),
             tokens.expires_at,
         )
         .await?;

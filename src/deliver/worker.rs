@@ -323,8 +323,19 @@ impl SpotWorker {
             retry_in: pause,
         }
         .emit(&self.ctx.metrics);
-        if cause == RetryCause::HubSpot {
-            self.run_failure_clock(fence, e).await;
+        match cause {
+            RetryCause::HubSpot => self.run_failure_clock(fence, e).await,
+            RetryCause::Configuration => {
+                if let Ok(c) = self.ctx.db.client().await {
+                    let text = format!("Configuration of this sidecar, not HubSpot: {e}");
+                    if let Err(de) =
+                        store::record_config_error(&c, fence.spot_id, fence.activation, &text).await
+                    {
+                        warn!(error = %de, "could not record the configuration error");
+                    }
+                }
+            }
+            _ => {}
         }
         pause
     }

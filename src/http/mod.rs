@@ -35,8 +35,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// SIDECAR_ADMIN_TOKEN.
     pub admin_token: Arc<str>,
-    /// SIDECAR_SECRET_KEY (signs the OAuth state, the page links and sessions).
-    pub secret_key: [u8; 32],
+    /// The key ring's signing keys (the OAuth state, the page links and sessions).
+    pub signing: crate::integrations::signed::SigningKeys,
     /// SIDECAR_PUBLIC_URL: where browsers reach this sidecar.
     pub public_url: Arc<str>,
     /// SIDECAR_SLOT, for the operator overview.
@@ -350,7 +350,7 @@ async fn connect(
     let body = body.map(|b| b.0).unwrap_or_default();
     Ok(match body.access_token {
         None => {
-            let url = s.integrations.start_oauth(&s.secret_key, id).await?;
+            let url = s.integrations.start_oauth(&s.signing, id).await?;
             Json(json!({"authorize_url": url})).into_response()
         }
         Some(token) => Json(s.integrations.connect_with_token(id, &token).await?).into_response(),
@@ -409,7 +409,7 @@ async fn ui_link(
     };
     let token = s
         .integrations
-        .issue_settings_link(&s.secret_key, id, member_id)
+        .issue_settings_link(&s.signing, id, member_id)
         .await?;
     let url = format!("{}{}", s.public_url, ui::settings_link_path(&token));
     Ok(

@@ -66,7 +66,7 @@ async fn start(State(s): State<AppState>, Query(q): Query<StartQuery>) -> Respon
     };
     match s
         .integrations
-        .open_oauth_ticket(&s.secret_key, &ticket)
+        .open_oauth_ticket(&s.signing, &ticket)
         .await
     {
         Ok((authorize_url, binding)) => {
@@ -142,7 +142,7 @@ async fn callback(
     let binding = ui::cookie(&headers, BINDING_COOKIE);
     let mut resp = match s
         .integrations
-        .complete_oauth(&s.secret_key, &code, &state, binding)
+        .complete_oauth(&s.signing, &code, &state, binding)
         .await
     {
         Ok(spot) => ui::oauth_result(

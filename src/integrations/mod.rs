@@ -10,7 +10,9 @@ use crate::hubspot::oauth::{OAuthApp, Tokens};
 use crate::hubspot::ratelimit::Limiters;
 use crate::hubspot::{HubSpotClient, HubSpotError};
 use crate::store::{
-    self, secrets::Sealer, AuthKind, Credentials, Db, DbError, IntegrationEvent, IntegrationView,
+    self,
+    secrets::{Sealer, TokenSlot},
+    AuthKind, Credentials, Db, DbError, IntegrationEvent, IntegrationView,
 };
 use crate::translate::{ActivitiesPatch, MarkerKey};
 
@@ -211,11 +213,10 @@ impl Integrations {
                     .into(),
             ));
         }
-        let token = self.sealer.open(&live.access_token_enc).map_err(|e| {
-            IntegrationError::Refused(format!(
-                "the Spot's token cannot be read with this SIDECAR_SECRET_KEY: {e}"
-            ))
-        })?;
+        let token = self
+            .sealer
+            .open(&live.access_token_enc, TokenSlot::Access(spot_id))
+            .map_err(|e| IntegrationError::Refused(e.to_string()))?;
         let portal = crate::hubspot::Portal {
             client: self.hubspot.clone(),
             token,
@@ -280,7 +281,7 @@ impl Integrations {
     /// §10.12) cannot connect the Spot to their portal.
     pub async fn start_oauth(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         spot_id: i64,
     ) -> Result<String, IntegrationError> {
         self.require_spot(spot_id).await?;
@@ -299,7 +300,7 @@ impl Integrations {
     /// the binding the browser keeps as a cookie until the callback.
     pub async fn open_oauth_ticket(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         ticket: &str,
     ) -> Result<(String, String), IntegrationError> {
         let spot_id = self
@@ -326,7 +327,7 @@ impl Integrations {
     /// recorded so that it is accepted once.
     async fn issue_one_time(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         purpose: Purpose,
         spot_id: i64,
     ) -> Result<signed::Issued, IntegrationError> {
@@ -356,7 +357,7 @@ impl Integrations {
     /// Accepts a token `issue_one_time` made, once: its Spot.
     async fn consume_one_time(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         purpose: Purpose,
         token: &str,
     ) -> Result<signed::Verified, IntegrationError> {
@@ -378,7 +379,7 @@ impl Integrations {
     /// session it starts is theirs, checked again on every request.
     pub async fn issue_settings_link(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         spot_id: i64,
         member_id: i64,
     ) -> Result<String, IntegrationError> {
@@ -410,7 +411,7 @@ impl Integrations {
     /// whom (still an accepted admin, with sessions not ended since).
     pub async fn open_settings_link(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         token: &str,
     ) -> Result<(i64, signed::Holder), IntegrationError> {
         let verified = self
@@ -498,7 +499,7 @@ impl Integrations {
         activities_need_oauth(Some(AuthKind::Token), current.activities.any())?;
         let creds = Credentials {
             kind: AuthKind::Token,
-            access_token_enc: self.sealer.seal(token),
+            access_token_enc: self.sealer.seal(token, TokenSlot::Access(spot_id)),
             refresh_token_enc: None,
             expires_at: None,
         };
@@ -513,7 +514,7 @@ impl Integrations {
     /// Returns the Spot that was connected.
     pub async fn complete_oauth(
         &self,
-        secret_key: &[u8; 32],
+        secret_key: &signed::SigningKeys,
         code: &str,
         state: &str,
         binding: Option<&str>,
@@ -522,8 +523,9 @@ impl Integrations {
         // state is used up, so a refused callback changes nothing.
         let verified = signed::verify(secret_key, Purpose::OAuthState, state)
             .map_err(|e| IntegrationError::Refused(e.to_string()))?;
-        let expected = signed::derive(secret_key, Purpose::OAuthBinding, &verified.nonce);
-        if !binding.is_some_and(|b| signed::constant_time_eq(b.as_bytes(), expected.as_bytes())) {
+        if !binding.is_some_and(|b| {
+            signed::derived_matches(secret_key, Purpose::OAuthBinding, &verified.nonce, b)
+        }) {
             warn!(
                 spot_id = verified.spot_id,
                 "an OAuth callback came from a browser that did not start the connection; refused"
@@ -559,8 +561,13 @@ impl Integrations {
         };
         let creds = Credentials {
             kind: AuthKind::OAuth,
-            access_token_enc: self.sealer.seal(&tokens.access_token),
-            refresh_token_enc: Some(self.sealer.seal(&tokens.refresh_token)),
+            access_token_enc: self
+                .sealer
+                .seal(&tokens.access_token, TokenSlot::Access(spot_id)),
+            refresh_token_enc: Some(
+                self.sealer
+                    .seal(&tokens.refresh_token, TokenSlot::Refresh(spot_id)),
+            ),
             expires_at: Some(tokens.expires_at()),
         };
         self.activate(
@@ -604,7 +611,7 @@ impl Integrations {
         };
         self.wake.integration_changed(spot_id);
         if let Some(old) = replaced.refresh_token_enc {
-            match self.sealer.open(&old) {
+            match self.sealer.open(&old, TokenSlot::Refresh(spot_id)) {
                 Ok(old) if Some(old.as_str()) != new_refresh_token => self.revoke_later(old),
                 _ => {}
             }
@@ -671,7 +678,9 @@ impl Integrations {
         };
         self.wake.integration_changed(spot_id);
         info!(spot_id, "integration disconnected");
-        if let Some(token) = erased.and_then(|sealed| self.sealer.open(&sealed).ok()) {
+        if let Some(token) =
+            erased.and_then(|sealed| self.sealer.open(&sealed, TokenSlot::Refresh(spot_id)).ok())
+        {
             self.revoke_later(token);
         }
         self.view(spot_id).await

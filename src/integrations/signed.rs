@@ -1,6 +1,6 @@
 //! Signed, expiring tokens bound to a Spot: the OAuth `state`, the settings
 //! page's one-time link, and the page sessions. One mechanism for all of
-//! them: HMAC-SHA256 under SIDECAR_SECRET_KEY over the purpose and the
+//! them: HMAC-SHA256 under the key ring's signing key over the purpose and the
 //! payload, so a token issued for one purpose never passes for another (an
 //! OAuth state cannot open a session). Single use, where a purpose needs it,
 //! is the store's: the nonce is recorded and consumed once.
@@ -11,6 +11,39 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// The keys tokens are signed and verified with: the first signs, every
+/// one verifies (the previous keys of a rotation, and the raw secrets that
+/// signed before the key ring), so a rotation ends no session and no link.
+#[derive(Clone)]
+pub struct SigningKeys {
+    keys: std::sync::Arc<Vec<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for SigningKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKeys(..)")
+    }
+}
+
+impl SigningKeys {
+    /// `keys[0]` signs; all verify. An empty list is a programming error.
+    pub fn new(keys: Vec<[u8; 32]>) -> SigningKeys {
+        assert!(!keys.is_empty(), "at least the current signing key");
+        SigningKeys {
+            keys: std::sync::Arc::new(keys),
+        }
+    }
+
+    /// One key (tests, tools).
+    pub fn single(key: [u8; 32]) -> SigningKeys {
+        SigningKeys::new(vec![key])
+    }
+
+    fn current(&self) -> &[u8; 32] {
+        &self.keys[0]
+    }
+}
 
 /// What a token is for; signed with it, so it cannot be used for another.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,13 +127,13 @@ impl Holder {
 }
 
 /// Issues a token for `purpose` and `spot_id`, valid `ttl_secs`.
-pub fn issue(key: &[u8; 32], purpose: Purpose, spot_id: i64, ttl_secs: i64) -> Issued {
-    issue_with_nonce(key, purpose, spot_id, ttl_secs, random_nonce())
+pub fn issue(keys: &SigningKeys, purpose: Purpose, spot_id: i64, ttl_secs: i64) -> Issued {
+    issue_with_nonce(keys.current(), purpose, spot_id, ttl_secs, random_nonce())
 }
 
 /// Issues a token that also names its holder (in its nonce, under the signature).
 pub fn issue_held(
-    key: &[u8; 32],
+    keys: &SigningKeys,
     purpose: Purpose,
     spot_id: i64,
     holder: Holder,
@@ -113,7 +146,7 @@ pub fn issue_held(
         holder.global_epoch,
         random_nonce()
     );
-    issue_with_nonce(key, purpose, spot_id, ttl_secs, nonce)
+    issue_with_nonce(keys.current(), purpose, spot_id, ttl_secs, nonce)
 }
 
 fn random_nonce() -> String {
@@ -145,15 +178,35 @@ fn mac(key: &[u8; 32], purpose: Purpose, payload: &str) -> HmacSha256 {
     mac
 }
 
-/// A value derived from `input` for `purpose` (a session's CSRF token).
-pub fn derive(key: &[u8; 32], purpose: Purpose, input: &str) -> String {
-    URL_SAFE_NO_PAD.encode(derive_key(key, purpose, input))
+/// A value derived from `input` for `purpose` under the current key (a
+/// session's CSRF token, an OAuth binding).
+pub fn derive(keys: &SigningKeys, purpose: Purpose, input: &str) -> String {
+    URL_SAFE_NO_PAD.encode(derive_one(keys.current(), purpose, input))
 }
 
-/// A key derived from `input` for `purpose`: tokens signed with it stop
-/// verifying when `input` changes (operator sessions end with the admin token).
-pub fn derive_key(key: &[u8; 32], purpose: Purpose, input: &str) -> [u8; 32] {
+/// Whether `given` is the value derived from `input` for `purpose` under
+/// any of the keys (constant time): what a page got before a rotation
+/// still holds after it.
+pub fn derived_matches(keys: &SigningKeys, purpose: Purpose, input: &str, given: &str) -> bool {
+    keys.keys.iter().any(|k| {
+        let expected = URL_SAFE_NO_PAD.encode(derive_one(k, purpose, input));
+        constant_time_eq(expected.as_bytes(), given.as_bytes())
+    })
+}
+
+fn derive_one(key: &[u8; 32], purpose: Purpose, input: &str) -> [u8; 32] {
     mac(key, purpose, input).finalize().into_bytes().into()
+}
+
+/// Keys derived from `input` for `purpose`: tokens signed with them stop
+/// verifying when `input` changes (operator sessions end with the admin token).
+pub fn derive_key(keys: &SigningKeys, purpose: Purpose, input: &str) -> SigningKeys {
+    SigningKeys::new(
+        keys.keys
+            .iter()
+            .map(|k| derive_one(k, purpose, input))
+            .collect(),
+    )
 }
 
 /// A token whose signature and expiry hold: its Spot and nonce.
@@ -180,14 +233,18 @@ pub enum TokenError {
 }
 
 /// Checks `token`'s signature for `purpose` and its expiry.
-pub fn verify(key: &[u8; 32], purpose: Purpose, token: &str) -> Result<Verified, TokenError> {
+pub fn verify(keys: &SigningKeys, purpose: Purpose, token: &str) -> Result<Verified, TokenError> {
     let (payload, sig) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
     let sig = URL_SAFE_NO_PAD
         .decode(sig)
         .map_err(|_| TokenError::Malformed)?;
-    mac(key, purpose, payload)
-        .verify_slice(&sig)
-        .map_err(|_| TokenError::BadSignature)?;
+    if !keys
+        .keys
+        .iter()
+        .any(|key| mac(key, purpose, payload).verify_slice(&sig).is_ok())
+    {
+        return Err(TokenError::BadSignature);
+    }
     let mut parts = payload.split('.');
     let (Some(spot), Some(nonce), Some(exp), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -211,7 +268,7 @@ mod tests {
 
     #[test]
     fn issued_tokens_verify_and_forgeries_do_not() {
-        let key = [3u8; 32];
+        let key = SigningKeys::single([3u8; 32]);
         let issued = issue(&key, Purpose::OAuthState, 42, STATE_TTL_SECS);
         let v = verify(&key, Purpose::OAuthState, &issued.token).unwrap();
         assert_eq!(v.spot_id, 42);
@@ -223,7 +280,11 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         assert_eq!(
-            verify(&[4u8; 32], Purpose::OAuthState, &issued.token),
+            verify(
+                &SigningKeys::single([4u8; 32]),
+                Purpose::OAuthState,
+                &issued.token
+            ),
             Err(TokenError::BadSignature)
         );
         assert_eq!(
@@ -234,7 +295,7 @@ mod tests {
 
     #[test]
     fn a_token_of_one_purpose_is_refused_for_another() {
-        let key = [3u8; 32];
+        let key = SigningKeys::single([3u8; 32]);
         let state = issue(&key, Purpose::OAuthState, 7, STATE_TTL_SECS);
         assert_eq!(
             verify(&key, Purpose::SpotSession, &state.token),
@@ -250,7 +311,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_are_refused() {
-        let key = [3u8; 32];
+        let key = SigningKeys::single([3u8; 32]);
         let issued = issue(&key, Purpose::SettingsLink, 1, -1);
         assert_eq!(
             verify(&key, Purpose::SettingsLink, &issued.token),

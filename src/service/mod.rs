@@ -79,11 +79,15 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     crate::replication::slot::ResyncCause::zero_counters(&metrics);
     let health = Arc::new(Health::default());
-    let sealer = Sealer::new(&cfg.secret_key);
+    let ring = Arc::new(crate::store::secrets::KeyRing::new(
+        &cfg.secret_key,
+        &cfg.secret_key_previous,
+    ));
+    let sealer = Sealer::new(ring.clone());
     let wake = crate::deliver::Wake::default();
     let limiters = Limiters::new(cfg.hubspot.rate_limit);
     let fences = Fences::default();
-    let markers = MarkerKey::new(&cfg.secret_key);
+    let markers = MarkerKey::with_previous(&cfg.secret_key, &cfg.secret_key_previous);
     let hubspot = HubSpotClient::new(
         &cfg.hubspot.api_base,
         &cfg.hubspot.api_version,
@@ -126,7 +130,7 @@ pub async fn run(
         metrics: metrics.clone(),
         health: health.clone(),
         admin_token: cfg.admin_token.as_str().into(),
-        secret_key: cfg.secret_key,
+        signing: ring.signing(),
         public_url: cfg.public_url.as_str().into(),
         slot: cfg.slot.as_str().into(),
         integrations: Integrations {
@@ -255,6 +259,33 @@ impl Shared<'_> {
                 .await
                 .context("applying hubspot_sync migrations")?;
             health.migrated.store(true, Ordering::Relaxed);
+            // A rotation's one pass: every token under the current key.
+            match store::secrets::reseal(&client, sealer).await {
+                Ok(r) => {
+                    metrics
+                        .tokens_sealed_with_previous_key
+                        .set(r.remaining as i64);
+                    metrics.tokens_undecryptable.set(r.undecryptable as i64);
+                    if r.resealed > 0 || r.remaining > 0 {
+                        info!(
+                            resealed = r.resealed,
+                            remaining = r.remaining,
+                            key_id = %sealer.key_id(),
+                            "sealed stored tokens again under the current SIDECAR_SECRET_KEY"
+                        );
+                    }
+                    if r.undecryptable > 0 {
+                        tracing::error!(
+                            tokens = r.undecryptable,
+                            "stored tokens cannot be decrypted with SIDECAR_SECRET_KEY or any \
+                             SIDECAR_SECRET_KEY_PREVIOUS: set the old key as previous (runbook: Key rotation)"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not re-seal stored tokens; the next start tries again")
+                }
+            }
         }
         // This term's tasks stop on `stop`, or as soon as the leadership is lost.
         let (term_tx, term) = watch::channel(false);

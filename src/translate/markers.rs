@@ -63,7 +63,9 @@ struct Signed {
 /// Signs and checks settings markers.
 #[derive(Clone)]
 pub struct MarkerKey {
-    key: [u8; 32],
+    /// The current secret's marker key first (it signs), then the previous
+    /// secrets' (they still verify markers written before a rotation).
+    keys: Vec<[u8; 32]>,
 }
 
 impl std::fmt::Debug for MarkerKey {
@@ -77,15 +79,26 @@ impl MarkerKey {
     /// with HMAC under a fixed label), so that no signature made for another
     /// purpose (the OAuth state) can ever pass as a marker's.
     pub fn new(secret_key: &[u8; 32]) -> MarkerKey {
-        let mut mac = HmacSha256::new_from_slice(secret_key).expect("HMAC takes any key length");
-        mac.update(b"hubspot-sidecar settings marker key v1");
+        MarkerKey::with_previous(secret_key, &[])
+    }
+
+    /// The marker keys of SIDECAR_SECRET_KEY and its previous values.
+    pub fn with_previous(secret_key: &[u8; 32], previous: &[[u8; 32]]) -> MarkerKey {
+        let derive = |secret: &[u8; 32]| -> [u8; 32] {
+            let mut mac = HmacSha256::new_from_slice(secret).expect("HMAC takes any key length");
+            mac.update(b"hubspot-sidecar settings marker key v1");
+            mac.finalize().into_bytes().into()
+        };
         MarkerKey {
-            key: mac.finalize().into_bytes().into(),
+            keys: std::iter::once(secret_key)
+                .chain(previous)
+                .map(derive)
+                .collect(),
         }
     }
 
-    fn mac(&self, settings: &SpotSettings) -> HmacSha256 {
-        let mut mac = HmacSha256::new_from_slice(&self.key).expect("HMAC takes any key length");
+    fn mac(&self, key: &[u8; 32], settings: &SpotSettings) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(key).expect("HMAC takes any key length");
         // The canonical bytes: the settings as this struct serialises them.
         mac.update(&serde_json::to_vec(settings).unwrap_or_default());
         mac
@@ -93,7 +106,7 @@ impl MarkerKey {
 
     /// The marker content for these settings.
     pub fn seal(&self, settings: &SpotSettings) -> String {
-        let mac = hex::encode(self.mac(settings).finalize().into_bytes());
+        let mac = hex::encode(self.mac(&self.keys[0], settings).finalize().into_bytes());
         serde_json::to_string(&Signed {
             settings: settings.clone(),
             mac,
@@ -114,9 +127,13 @@ impl MarkerKey {
         };
         let tag = hex::decode(&signed.mac).map_err(|_| bad.clone())?;
         // `verify_slice` compares in constant time.
-        self.mac(&signed.settings)
-            .verify_slice(&tag)
-            .map_err(|_| bad)?;
+        if !self
+            .keys
+            .iter()
+            .any(|key| self.mac(key, &signed.settings).verify_slice(&tag).is_ok())
+        {
+            return Err(bad);
+        }
         Ok(signed.settings)
     }
 }

@@ -187,6 +187,8 @@ pub(super) struct Session {
     pub spot_id: i64,
     /// What every state-changing request of the session must carry.
     pub csrf: String,
+    /// The session's nonce, which its CSRF token is derived from.
+    nonce: String,
     /// The admin a settings session belongs to (None for the operator).
     pub holder: Option<signed::Holder>,
 }
@@ -223,14 +225,12 @@ impl SessionKind {
 
     /// The signing key: an operator session is signed under the admin token
     /// too, so rotating SIDECAR_ADMIN_TOKEN ends every operator session.
-    fn key(self, state: &AppState) -> [u8; 32] {
+    fn key(self, state: &AppState) -> signed::SigningKeys {
         match self {
-            SessionKind::Spot(_) => state.secret_key,
-            SessionKind::Operator => signed::derive_key(
-                &state.secret_key,
-                Purpose::OperatorSession,
-                &state.admin_token,
-            ),
+            SessionKind::Spot(_) => state.signing.clone(),
+            SessionKind::Operator => {
+                signed::derive_key(&state.signing, Purpose::OperatorSession, &state.admin_token)
+            }
         }
     }
 }
@@ -249,7 +249,8 @@ fn session(state: &AppState, headers: &HeaderMap, kind: SessionKind) -> Option<S
     };
     Some(Session {
         spot_id: verified.spot_id,
-        csrf: signed::derive(&state.secret_key, Purpose::Csrf, &verified.nonce),
+        csrf: signed::derive(&state.signing, Purpose::Csrf, &verified.nonce),
+        nonce: verified.nonce.clone(),
         holder,
     })
 }
@@ -310,8 +311,9 @@ fn set_cookie(state: &AppState, kind: SessionKind, value: &str, max_age: i64) ->
 }
 
 /// Whether `given` is the session's CSRF token (constant time).
-fn csrf_ok(session: &Session, given: Option<&str>) -> bool {
-    given.is_some_and(|g| super::constant_time_eq(g.as_bytes(), session.csrf.as_bytes()))
+/// (Under any key of the ring: a page loaded before a rotation keeps working.)
+fn csrf_ok(state: &AppState, session: &Session, given: Option<&str>) -> bool {
+    given.is_some_and(|g| signed::derived_matches(&state.signing, Purpose::Csrf, &session.nonce, g))
 }
 
 /// Why a page request is not served.

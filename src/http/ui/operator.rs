@@ -108,7 +108,7 @@ fn acting(
     change: bool,
 ) -> Result<Session, Refusal> {
     let s = signed_in(state, headers)?;
-    if !super::csrf_ok(&s, csrf) {
+    if !super::csrf_ok(state, &s, csrf) {
         return Err(Refusal::Csrf);
     }
     if change {

@@ -55,7 +55,7 @@ async fn open(State(state): State<AppState>, Query(q): Query<OpenQuery>) -> Resp
     };
     match state
         .integrations
-        .open_settings_link(&state.secret_key, &link)
+        .open_settings_link(&state.signing, &link)
         .await
     {
         Ok((spot, holder)) => {
@@ -102,7 +102,7 @@ async fn acting_session(
 ) -> Result<Session, Refusal> {
     let s = spot_session(state, headers, raw).await?;
     let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
-    if !super::csrf_ok(&s, given) {
+    if !super::csrf_ok(state, &s, given) {
         return Err(Refusal::Csrf);
     }
     require_leader(state).map_err(Refusal::Api)?;
@@ -129,7 +129,7 @@ async fn sign_out(
     // Only with the session's CSRF token: a foreign page cannot sign anyone out.
     if let Some(s) = session(&state, &headers, SessionKind::Spot(id)) {
         let given = headers.get("x-csrf-token").and_then(|v| v.to_str().ok());
-        if !super::csrf_ok(&s, given) {
+        if !super::csrf_ok(&state, &s, given) {
             return Refusal::Csrf.api().into_response();
         }
     }
@@ -198,7 +198,7 @@ async fn connect(
         .map_err(Refusal::api)?;
     let url = state
         .integrations
-        .start_oauth(&state.secret_key, s.spot_id)
+        .start_oauth(&state.signing, s.spot_id)
         .await?;
     Ok(Json(json!({"authorize_url": url})).into_response())
 }

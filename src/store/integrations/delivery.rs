@@ -230,6 +230,24 @@ pub async fn record_outcome(
     }
 }
 
+/// Shows a configuration error of this sidecar (a token no key of the ring
+/// opens) on the Spot's pages, without running its failure clock: the Spot
+/// is not failing, the sidecar is misconfigured.
+pub async fn record_config_error(
+    db: &Conn,
+    spot_id: i64,
+    activation: i64,
+    error: &str,
+) -> Result<(), DbError> {
+    db.execute(
+        "UPDATE hubspot_sync.integrations SET last_error = left($3, 1000), updated_at = now()
+          WHERE spot_id = $1 AND activation = $2",
+        &[&spot_id, &activation, &error],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Queues the next page of the Spot's members for the backfill (keyset on
 /// member id). Rows already queued by the stream are left alone. Returns the
 /// members in the page, the position after it, and whether the backfill is complete.
