@@ -614,3 +614,100 @@ async fn tampered_used_expired_links_forged_requests_and_other_spots_are_refused
     assert_eq!(sidecar.integration(mine).await["status"], "active");
     sidecar.stop().await;
 }
+
+/// Markup typed into every place a page shows text from the database.
+const HOSTILE: &str = r#""><img src=x onerror=alert(1)>"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_text_is_shown_as_text_on_both_pages() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(oauth_config(&url, &name, &emu)).await;
+    let spot = seed_spot(&db, HOSTILE).await;
+    let (portal, token) = emu.create_portal();
+    sidecar.connect_with_token(spot, &token).await;
+    // A dead letter whose reason and e-mail, an audit entry whose detail,
+    // and a suppressed e-mail: all the markup.
+    db.execute(
+        "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
+         VALUES ($1, 1, 'contact_properties', jsonb_build_object('email', $2::text), $2)",
+        &[&spot, &HOSTILE],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO hubspot_sync.integration_events (spot_id, kind, source, detail)
+         VALUES ($1, 'failed', 'delivery', $2)",
+        &[&spot, &HOSTILE],
+    )
+    .await
+    .unwrap();
+    db.execute(
+        "INSERT INTO hubspot_sync.suppressions (portal_id, email, reason) VALUES ($1, $2, 'privacy_deletion')",
+        &[&(portal as i64), &HOSTILE],
+    )
+    .await
+    .unwrap();
+    seed_member(&db, spot, HOSTILE, "accepted").await;
+
+    let mut browser = Browser::start("hostile-text").await;
+    browser.client.goto(&sidecar.url("/ui")).await.unwrap();
+    let field = browser.client.find(Locator::Css("#token")).await.unwrap();
+    field.send_keys(ADMIN_TOKEN).await.unwrap();
+    browser.click_button("Sign in").await;
+    browser.wait_text("#spots", "Spot", 10 * SECOND).await;
+    let injected = |b: &Browser| {
+        let client = b.client.clone();
+        async move {
+            client
+                .find_all(Locator::Css("img"))
+                .await
+                .map(|v| v.len())
+                .unwrap_or(0)
+        }
+    };
+    let text = |b: &Browser| {
+        let client = b.client.clone();
+        async move {
+            client
+                .find(Locator::Css("body"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(injected(&browser).await, 0, "the overview");
+    assert!(
+        text(&browser).await.contains(HOSTILE),
+        "the Spot's name, as text"
+    );
+
+    browser
+        .client
+        .goto(&sidecar.url(&format!("/ui/spots/{spot}")))
+        .await
+        .unwrap();
+    browser.wait_text("h1", "Spot", 10 * SECOND).await;
+    assert_eq!(injected(&browser).await, 0, "the Spot's operator page");
+    let body = text(&browser).await;
+    // Name, dead-letter reason and e-mail, audit detail, suppressed e-mail.
+    assert!(body.matches(HOSTILE).count() >= 5, "{body}");
+    browser.shot("hostile-operator").await;
+
+    browser
+        .client
+        .goto(&settings_link(&sidecar, &db, spot).await)
+        .await
+        .unwrap();
+    browser.wait_text("h1", "HubSpot", 10 * SECOND).await;
+    assert_eq!(injected(&browser).await, 0, "the settings page");
+    assert!(
+        text(&browser).await.contains(HOSTILE),
+        "the Spot's name, as text"
+    );
+    browser.end().await;
+    sidecar.stop().await;
+}
