@@ -1,10 +1,11 @@
 //! Settings markers: the transactional logical messages that carry a Spot's
 //! settings in commit order (SPEC §9 "stream order", §10).
 //!
-//! `pg_logical_emit_message` is executable by PUBLIC: any role that can
-//! connect to the database can put a message with our prefix into the WAL.
-//! So a marker is applied only when it carries an HMAC-SHA256 under a key
-//! derived from SIDECAR_SECRET_KEY (which never leaves the sidecar) and a
+//! `pg_logical_emit_message` is executable by PUBLIC unless `sql/role.sql`
+//! revoked it (doctor checks): any role that can connect may then put a
+//! message with our prefix into the WAL. So a marker is applied only when
+//! it carries an HMAC-SHA256 under a key derived from SIDECAR_SECRET_KEY
+//! (or, during a rotation, a previous one; it never leaves the sidecar) and a
 //! settings version newer than the last one the stream applied for the Spot.
 //! The version is `integrations.settings_version`, moved on in the same
 //! transaction that writes the marker, so versions grow in commit order.
