@@ -16,8 +16,11 @@ use crate::metrics::Metrics;
 use crate::store::portal_changes::{self, Applied, Mapped};
 use crate::store::Db;
 
-/// Events applied per transaction.
-const APPLY_BATCH: i64 = 100;
+/// Events applied per transaction: one. Each event locks contact-map rows
+/// in the order every writer does (Spot, then member); two events in one
+/// transaction could lock them out of that order against a completing
+/// round, and webhook events are few.
+const APPLY_BATCH: i64 = 1;
 
 /// Which member of one Spot keeps a merged record when more than one is
 /// mapped to the records merged: the member already on the new record (a
