@@ -71,20 +71,9 @@ async fn wait_backlog_empty(http: &reqwest::Client, listen: &str, spot: i64, kin
     wait_for(
         &format!("the {kind} backlog empties"),
         30 * SECOND,
-        || async { integration(http, listen, spot).await["backlog"][kind] == 0 },
+        || async { integration_of_process(http, listen, spot).await["backlog"][kind] == 0 },
     )
     .await;
-}
-
-async fn integration(http: &reqwest::Client, listen: &str, spot: i64) -> serde_json::Value {
-    api_call(
-        http,
-        &format!("http://{listen}/api/spots/{spot}/hubspot"),
-        reqwest::Method::GET,
-        None,
-    )
-    .await
-    .1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -246,7 +235,9 @@ async fn hubspot_accepted_outbox_rows_not_deleted() {
     wait_for(
         "the backlog empties after the resend",
         30 * SECOND,
-        || async { integration(&http, &listen, spot).await["backlog"]["properties"] == 0 },
+        || async {
+            integration_of_process(&http, &listen, spot).await["backlog"]["properties"] == 0
+        },
     )
     .await;
     assert!(updates(&emu) >= 2, "the accepted rows were sent again");
@@ -429,7 +420,7 @@ async fn token_refreshed_new_token_not_stored() {
     wait_ready(&http, &listen).await;
     wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
     assert_eq!(
-        integration(&http, &listen, spot).await["status"],
+        integration_of_process(&http, &listen, spot).await["status"],
         "active",
         "the stored refresh token still works after the crash"
     );

@@ -39,17 +39,6 @@ async fn metrics(http: &reqwest::Client, listen: &str) -> String {
         .unwrap()
 }
 
-async fn status(http: &reqwest::Client, listen: &str, spot: i64) -> serde_json::Value {
-    api_call(
-        http,
-        &format!("http://{listen}/api/spots/{spot}/hubspot"),
-        reqwest::Method::GET,
-        None,
-    )
-    .await
-    .1
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotation_with_the_previous_key_breaks_nothing_and_reseals_every_token() {
     let (url, slot) = fresh_db().await;
@@ -126,7 +115,10 @@ async fn a_rotation_with_the_previous_key_breaks_nothing_and_reseals_every_token
                 == Some("after the rotation")
         })
         .await;
-        assert_eq!(status(&http, &listen, spot).await["status"], "active");
+        assert_eq!(
+            integration_of_process(&http, &listen, spot).await["status"],
+            "active"
+        );
     }
     let mails: i64 = db
         .query_one("SELECT count(*) FROM hubspot_sync.notifications", &[])
@@ -210,13 +202,13 @@ async fn a_key_that_opens_no_token_is_a_configuration_error_never_a_spot_failure
         "the configuration error on the Spot's view",
         30 * SECOND,
         || async {
-            status(&http, &listen, spot).await["last_error"]
+            integration_of_process(&http, &listen, spot).await["last_error"]
                 .as_str()
                 .is_some_and(|e| e.contains("Configuration of this sidecar"))
         },
     )
     .await;
-    let view = status(&http, &listen, spot).await;
+    let view = integration_of_process(&http, &listen, spot).await;
     assert_eq!(view["status"], "active", "{view}");
     let mails: i64 = db
         .query_one("SELECT count(*) FROM hubspot_sync.notifications", &[])

@@ -588,6 +588,22 @@ impl Drop for Process {
     }
 }
 
+/// `GET /api/spots/{spot}/hubspot` of a sidecar process.
+pub async fn integration_of_process(
+    http: &reqwest::Client,
+    listen: &str,
+    spot: i64,
+) -> serde_json::Value {
+    api_call(
+        http,
+        &format!("http://{listen}/api/spots/{spot}/hubspot"),
+        reqwest::Method::GET,
+        None,
+    )
+    .await
+    .1
+}
+
 /// `POST …/connect` with a private-app token on a sidecar process; asserts 200.
 pub async fn connect_token(http: &reqwest::Client, listen: &str, spot: i64, token: &str) {
     let (status, body) = api_call(
