@@ -432,3 +432,39 @@ async fn webhook_requests_that_are_not_hubspots_change_nothing() {
     assert!(!m.contains("outcome=\"accepted\""), "{m}");
     sidecar.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_fix_follows_a_merged_contact_to_the_merged_record() {
+    let (emu, sidecar, db, _) = start(false).await;
+    let spot = seed_spot(&db, "Reconciled merges").await;
+    let (portal, token) = emu.create_portal();
+    let ada = emu.add_contact(portal, "ada@example.com", &[]);
+    let grace = seed_other(&emu, portal);
+    sidecar.connect_with_token(spot, &token).await;
+    wait_schema(&emu, portal).await;
+    let member = seed_member(&db, spot, "ada@example.com", "accepted").await;
+    set_headline(&db, member, "Ada's").await;
+    wait_value(&emu, portal, &ada, "meltingspot_headline", "Ada's").await;
+    let merged = emu.merge_contacts(portal, &grace, &ada);
+
+    // No change in the database: reconcile finds the contact gone, and
+    // --fix has delivery follow it to the merged record.
+    let (status, _) = sidecar
+        .api(
+            reqwest::Method::POST,
+            &format!("/api/spots/{spot}/hubspot/reconcile"),
+            Some(serde_json::json!({"fix": true})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    wait_value(&emu, portal, &merged, "meltingspot_headline", "Ada's").await;
+    assert_eq!(
+        value(&emu, portal, &merged, "meltingspot_member_id"),
+        Some(member.to_string())
+    );
+    assert!(
+        created_by_api(&emu, portal).is_empty(),
+        "no contact created"
+    );
+    sidecar.stop().await;
+}

@@ -64,8 +64,8 @@ pub async fn matched_contacts(
 /// Queues these members for delivery again, in one transaction: `drifted`
 /// rows marked `rewrite`, so delivery writes every value instead of
 /// skipping those the contact map believes HubSpot holds; `missing` (HubSpot
-/// no longer has their contact) with the contact forgotten, so delivery
-/// looks the e-mail up again. Only members still in the Spot, and only while
+/// no longer has their contact under that id: deleted or merged) the same
+/// way, so that delivery finds out which and follows it. Only members still in the Spot, and only while
 /// the integration is active on this portal. Returns how many were queued.
 pub async fn queue_for_delivery(
     db: &mut Client,
@@ -91,20 +91,11 @@ pub async fn queue_for_delivery(
     if !active {
         return Ok(0);
     }
-    // Then the contact map by member, as a completion locks it.
-    tx.execute(
-        "WITH k AS (
-             SELECT c.member_id FROM hubspot_sync.contact_map c
-              WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = ANY($3)
-              ORDER BY c.member_id
-                FOR UPDATE OF c
-         )
-         UPDATE hubspot_sync.contact_map c SET contact_id = NULL, written = '{}', updated_at = now()
-           FROM k
-          WHERE c.spot_id = $1 AND c.portal_id = $2 AND c.member_id = k.member_id",
-        &[&spot_id, &portal_id, &missing],
-    )
-    .await?;
+    // A missing contact keeps its record id: delivery's write is answered
+    // OBJECT_NOT_FOUND and reads the id back, so a merged contact is
+    // followed to the merged record and a deleted one is forgotten and its
+    // e-mail looked up again (`deliver::plan::settle_updates`). Forgetting
+    // it here would lose a merge: the merged-away e-mail no longer matches.
     let all: Vec<i64> = drifted.iter().chain(missing).copied().collect();
     let queued = super::portal_changes::queue_rewrites(&tx, spot_id, &all).await?;
     tx.commit().await?;
