@@ -453,9 +453,7 @@ pub(crate) fn batch_update(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
             }
             continue;
         };
-        if let Some(rec) = p.contacts.get_mut(&rid) {
-            apply(rec, &c.values, ctx.now);
-        }
+        p.contacts.update(rid, |rec| apply(rec, &c.values, ctx.now));
         if let Some(rec) = p.contacts.get(&rid) {
             results.push(contact_json(p, rec, &written_names(&c.values)));
         }
@@ -642,9 +640,7 @@ pub(crate) fn batch_upsert(st: &mut State, ctx: &Ctx, body: &[u8]) -> ApiResult 
         let (rid, is_new) = match existing {
             Some(rid) => {
                 let p = st.portal_mut(ctx.portal)?;
-                if let Some(rec) = p.contacts.get_mut(&rid) {
-                    apply(rec, &c.values, ctx.now);
-                }
+                p.contacts.update(rid, |rec| apply(rec, &c.values, ctx.now));
                 (rid, false)
             }
             None => {
@@ -730,8 +726,9 @@ pub(crate) fn update(st: &mut State, ctx: &Ctx, id: &str, body: &[u8]) -> ApiRes
             return Err(ApiError::conflict(exists_message(holder)));
         }
     }
-    let rec = p.contacts.get_mut(&rid).ok_or_else(not_found)?;
-    apply(rec, &values, ctx.now);
+    p.contacts
+        .update(rid, |rec| apply(rec, &values, ctx.now))
+        .ok_or_else(not_found)?;
     let rec = p.contacts.get(&rid).ok_or_else(not_found)?;
     Ok(Reply::ok(contact_json(p, rec, &written_names(&values))))
 }

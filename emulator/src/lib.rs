@@ -38,6 +38,7 @@
 //! ```
 
 mod auth;
+mod contact_store;
 mod contacts;
 mod ctx;
 mod errors;

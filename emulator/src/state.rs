@@ -11,6 +11,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
+use crate::contact_store::ContactStore;
 use crate::errors::ApiError;
 use crate::model::{
     Contact, CreatedBy, Faults, PropertyDef, PropertyGroup, PropertyOption, RequestStats,
@@ -234,7 +235,8 @@ pub(crate) const MERGED_OBJECT_IDS: &str = "hs_merged_object_ids";
 
 pub(crate) struct Portal {
     pub id: u64,
-    pub contacts: BTreeMap<u64, ContactRec>,
+    /// Live contacts, indexed by e-mail (see `contact_store`).
+    pub contacts: ContactStore,
     pub groups: BTreeMap<String, GroupRec>,
     pub props: BTreeMap<String, PropRec>,
     pub events: Vec<EventRec>,
@@ -265,7 +267,7 @@ impl Portal {
     fn new(id: u64, now: DateTime<Utc>) -> Portal {
         let mut p = Portal {
             id,
-            contacts: BTreeMap::new(),
+            contacts: ContactStore::default(),
             groups: BTreeMap::new(),
             props: BTreeMap::new(),
             events: Vec::new(),
@@ -349,30 +351,16 @@ impl Portal {
         self.props.get(name).filter(|p| !p.archived)
     }
 
-    /// Contact whose email matches, trimmed and case-insensitively.
+    /// Contact whose email matches, trimmed and case-insensitively (the lowest id if several).
     pub fn find_by_email(&self, email: &str) -> Option<u64> {
-        let wanted = email.trim().to_lowercase();
-        if wanted.is_empty() {
-            return None;
-        }
-        self.contacts
-            .values()
-            .find(|c| c.email().is_some_and(|e| e.trim().to_lowercase() == wanted))
-            .map(|c| c.id)
+        self.contacts.find_by_email(email)
     }
 
     /// Contact holding `email` as its primary or as an additional e-mail. HubSpot keeps both
     /// unique across contacts, so this is the conflict check of creates and e-mail changes;
     /// lookups by `idProperty=email` match the primary e-mail only ([`Portal::find_by_email`]).
     pub fn find_by_any_email(&self, email: &str) -> Option<u64> {
-        let wanted = email.trim().to_lowercase();
-        if wanted.is_empty() {
-            return None;
-        }
-        self.contacts
-            .values()
-            .find(|c| c.emails().any(|e| e.to_lowercase() == wanted))
-            .map(|c| c.id)
+        self.contacts.find_by_any_email(email)
     }
 
     /// The live record a read by `id` answers: the record itself, or the one it was merged
@@ -539,18 +527,24 @@ impl State {
         };
         let now = Utc::now();
         let p = self.ensure_portal(portal);
-        let rec = p.contacts.entry(id).or_insert_with(|| ContactRec {
-            id,
-            props: BTreeMap::new(),
-            created_by: CreatedBy::Seed,
-            created_at: now,
-            updated_at: now,
-        });
-        rec.props.insert("email".into(), email.trim().to_string());
-        for (k, v) in props {
-            rec.props.insert((*k).to_string(), (*v).to_string());
+        let fill = |rec: &mut ContactRec| {
+            rec.props.insert("email".into(), email.trim().to_string());
+            for (k, v) in props {
+                rec.props.insert((*k).to_string(), (*v).to_string());
+            }
+            rec.updated_at = now;
+        };
+        if p.contacts.update(id, fill).is_none() {
+            let mut rec = ContactRec {
+                id,
+                props: BTreeMap::new(),
+                created_by: CreatedBy::Seed,
+                created_at: now,
+                updated_at: now,
+            };
+            fill(&mut rec);
+            p.contacts.insert(id, rec);
         }
-        rec.updated_at = now;
         id.to_string()
     }
 

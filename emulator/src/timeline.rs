@@ -485,9 +485,12 @@ fn v3_one(st: &mut State, ctx: &Ctx, inp: V3EventIn) -> Result<Value, ApiError> 
             continue;
         };
         let value = p.prop(prop).and_then(|d| validate_value(d, v).ok());
-        if let (Some(value), Some(c)) = (value, p.contacts.get_mut(&object_id)) {
-            c.props.insert(prop.clone(), value);
-            c.updated_at = ctx.now;
+        if let Some(value) = value {
+            // Through `update`: a token may stamp `email`, which the e-mail index must see.
+            p.contacts.update(object_id, |c| {
+                c.props.insert(prop.clone(), value);
+                c.updated_at = ctx.now;
+            });
         }
     }
     let id = match inp
