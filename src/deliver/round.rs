@@ -140,7 +140,7 @@ pub(super) async fn deliver_properties(
         count(metrics, &tally);
         completions.push(completion);
     }
-    if !store::complete(db.client().await?, fence, &completions).await? {
+    if !store::complete(&mut *db.client().await?, fence, &completions).await? {
         return Err(DeliverError::Superseded);
     }
     Ok(())

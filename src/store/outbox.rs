@@ -316,15 +316,16 @@ pub struct Fence {
 /// per connection, like those of [`super::Conn`].
 pub(super) type ConnTransaction<'a> = deadpool_postgres::Transaction<'a>;
 
-/// Locks the integration row for share if the fence is still current.
-const HOLD_FENCE: &str = "SELECT 1 FROM hubspot_sync.integrations
-  WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
-    FOR SHARE";
-
 /// Locks the integration row for share if `fence` is still current, in this
 /// transaction: a reconnect or disconnect then waits for the transaction.
 pub(super) async fn hold_fence(tx: &ConnTransaction<'_>, fence: Fence) -> Result<bool, DbError> {
-    let statement = tx.prepare_cached(HOLD_FENCE).await?;
+    let statement = tx
+        .prepare_cached(
+            "SELECT 1 FROM hubspot_sync.integrations
+              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
+                FOR SHARE",
+        )
+        .await?;
     Ok(tx
         .query_opt(
             &statement,
@@ -462,7 +463,7 @@ impl Completion {
 /// false, and changes nothing, when `fence` is no longer current: record ids
 /// of another activation (maybe another portal) are never stored.
 pub async fn complete(
-    mut db: super::DbClient,
+    db: &mut super::Conn,
     fence: Fence,
     done: &[Completion],
 ) -> Result<bool, DbError> {
@@ -470,6 +471,10 @@ pub async fn complete(
     // Same lock order as the hand-off (integration, then outbox rows by
     // key), so the two never deadlock.
     done.sort_by_key(|c| c.key());
+    let tx = db.transaction().await?;
+    if !hold_fence(&tx, fence).await? {
+        return Ok(false);
+    }
     let portal = fence.portal_id;
     // Set-based, a statement per kind of write rather than per member: the
     // transaction holds its locks for a few round trips, whatever the batch.
@@ -571,17 +576,20 @@ pub async fn complete(
         delivered.1.push(marker.version);
     }
     let spot = fence.spot_id;
-    // The common round (contacts written, rows done) is pipelined: two
-    // round trips instead of five, the same statements in the same order.
-    if unmapped.is_empty() && dead.0.is_empty() && relook.0.is_empty() && conflicts.is_empty() {
-        return complete_pipelined(db, fence, OwnedMapRows::from(&map), delivered).await;
-    }
-    let tx = db.transaction().await?;
-    if !hold_fence(&tx, fence).await? {
-        return Ok(false);
-    }
     if !map.members.is_empty() {
-        let statement = tx.prepare_cached(UPSERT_CONTACT_MAP).await?;
+        let statement = tx
+            .prepare_cached(
+                "INSERT INTO hubspot_sync.contact_map AS c (spot_id, member_id, email, contact_id, written, updated_at, portal_id, former_contact_id)
+             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2, m.former
+               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+                    AS m(member_id, email, contact_id, written, former)
+              ORDER BY m.member_id
+             ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
+                SET email = excluded.email, contact_id = excluded.contact_id,
+                    written = excluded.written, updated_at = now(),
+                    former_contact_id = COALESCE(excluded.former_contact_id, c.former_contact_id)",
+            )
+            .await?;
         tx.execute(
             &statement,
             &[
@@ -629,28 +637,9 @@ pub async fn complete(
     }
     if !delivered.0.is_empty() {
         // A row whose version moved on meanwhile (a newer change) stays.
-        let statement = tx.prepare_cached(DELETE_DELIVERED).await?;
-        tx.execute(&statement, &[&spot, &delivered.0, &delivered.1])
-            .await?;
-    }
-    tx.commit().await?;
-    Ok(true)
-}
-
-/// A completion's contact-map rows ($1 Spot, $2 portal, then the columns).
-const UPSERT_CONTACT_MAP: &str = "INSERT INTO hubspot_sync.contact_map AS c (spot_id, member_id, email, contact_id, written, updated_at, portal_id, former_contact_id)
-             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2, m.former
-               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
-                    AS m(member_id, email, contact_id, written, former)
-              ORDER BY m.member_id
-             ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
-                SET email = excluded.email, contact_id = excluded.contact_id,
-                    written = excluded.written, updated_at = now(),
-                    former_contact_id = COALESCE(excluded.former_contact_id, c.former_contact_id)";
-
-/// Deletes delivered outbox rows ($1 Spot, members, versions); a row whose
-/// version moved on meanwhile (a newer change) stays.
-const DELETE_DELIVERED: &str = "WITH k AS (
+        let statement = tx
+            .prepare_cached(
+                "WITH k AS (
                  SELECT o.member_id
                    FROM hubspot_sync.property_outbox o
                    JOIN unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
@@ -660,114 +649,14 @@ const DELETE_DELIVERED: &str = "WITH k AS (
                     FOR UPDATE OF o
              )
              DELETE FROM hubspot_sync.property_outbox o
-              USING k WHERE o.spot_id = $1 AND o.member_id = k.member_id";
-
-/// `complete` for a round that only wrote contacts and finished rows (the
-/// common one): BEGIN with the fence, then the writes with COMMIT, each
-/// pair pipelined on the connection. Two round trips instead of five while
-/// the integration's row is held, and the same statements in the same order
-/// as the transaction below, so the same locks in the same order. Whatever
-/// fails, the connection goes back to the pool outside a transaction.
-///
-/// It runs as a task of its own, with the connection it owns: were the
-/// caller dropped between BEGIN and COMMIT, the exchange still ends (a
-/// plain connection, unlike a `Transaction`, cannot roll back on drop).
-async fn complete_pipelined(
-    db: super::DbClient,
-    fence: Fence,
-    map: OwnedMapRows,
-    delivered: (Vec<i64>, Vec<i64>),
-) -> Result<bool, DbError> {
-    tokio::spawn(async move { pipelined_exchange(&db, fence, &map, &delivered).await })
-        .await
-        .map_err(|e| DbError::Unavailable(format!("the completion stopped: {e}")))?
-}
-
-async fn pipelined_exchange(
-    db: &super::Conn,
-    fence: Fence,
-    map: &OwnedMapRows,
-    delivered: &(Vec<i64>, Vec<i64>),
-) -> Result<bool, DbError> {
-    let hold = db.prepare_cached(HOLD_FENCE).await?;
-    let upsert = db.prepare_cached(UPSERT_CONTACT_MAP).await?;
-    let delete = db.prepare_cached(DELETE_DELIVERED).await?;
-    let fence_params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
-        [&fence.spot_id, &fence.portal_id, &fence.activation];
-    // Futures are polled in order, so their requests go out in this order.
-    let (begun, held) = tokio::join!(
-        db.batch_execute("BEGIN"),
-        db.query_opt(&hold, &fence_params)
-    );
-    let held = match (begun, held) {
-        (Ok(()), Ok(row)) => row.is_some(),
-        (Err(e), _) | (_, Err(e)) => {
-            let _ = db.batch_execute("ROLLBACK").await;
-            return Err(e.into());
-        }
-    };
-    if !held {
-        db.batch_execute("ROLLBACK").await?;
-        return Ok(false);
+              USING k WHERE o.spot_id = $1 AND o.member_id = k.member_id",
+            )
+            .await?;
+        tx.execute(&statement, &[&spot, &delivered.0, &delivered.1])
+            .await?;
     }
-    let spot = fence.spot_id;
-    let upserted = async {
-        if map.members.is_empty() {
-            return Ok(0);
-        }
-        db.execute(
-            &upsert,
-            &[
-                &spot,
-                &fence.portal_id,
-                &map.members,
-                &map.emails,
-                &map.contact_ids,
-                &map.written,
-                &map.formers,
-            ],
-        )
-        .await
-    };
-    let deleted = async {
-        if delivered.0.is_empty() {
-            return Ok(0);
-        }
-        db.execute(&delete, &[&spot, &delivered.0, &delivered.1])
-            .await
-    };
-    // After an error the server answers COMMIT by rolling back.
-    let (upserted, deleted, committed) =
-        tokio::join!(upserted, deleted, db.batch_execute("COMMIT"));
-    match (upserted, deleted, committed) {
-        (Ok(_), Ok(_), Ok(())) => Ok(true),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
-            let _ = db.batch_execute("ROLLBACK").await;
-            Err(e.into())
-        }
-    }
-}
-
-/// `MapRows` owned, for the completion's own task.
-struct OwnedMapRows {
-    members: Vec<i64>,
-    emails: Vec<String>,
-    contact_ids: Vec<Option<String>>,
-    formers: Vec<Option<String>>,
-    written: Vec<serde_json::Value>,
-}
-
-impl From<&MapRows<'_>> for OwnedMapRows {
-    fn from(m: &MapRows<'_>) -> Self {
-        let owned = |v: &[Option<&str>]| v.iter().map(|s| s.map(str::to_string)).collect();
-        OwnedMapRows {
-            members: m.members.clone(),
-            emails: m.emails.iter().map(|s| s.to_string()).collect(),
-            contact_ids: owned(&m.contact_ids),
-            formers: owned(&m.formers),
-            written: m.written.clone(),
-        }
-    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The contact-map rows a completion writes, as columns for `unnest`.
