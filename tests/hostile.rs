@@ -307,13 +307,7 @@ async fn open_settings(sidecar: &Sidecar, spot: i64, member: i64) -> (reqwest::C
         .await
         .unwrap();
     assert_eq!(page.status().as_u16(), 200);
-    let html = page.text().await.unwrap();
-    let csrf = html
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|rest| rest.split('"').next())
-        .expect("the page's CSRF token")
-        .to_string();
+    let csrf = page_csrf_token(&page.text().await.unwrap());
     (browser, csrf)
 }
 

@@ -81,12 +81,7 @@ async fn a_rotation_with_the_previous_key_breaks_nothing_and_reseals_every_token
         .text()
         .await
         .unwrap();
-    let csrf = page
-        .split("name=\"csrf-token\" content=\"")
-        .nth(1)
-        .and_then(|r| r.split('"').next())
-        .unwrap()
-        .to_string();
+    let csrf = page_csrf_token(&page);
     child.kill().unwrap();
     child.wait().unwrap();
 

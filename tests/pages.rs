@@ -476,10 +476,7 @@ async fn open_link(client: &reqwest::Client, link: &str) -> u16 {
 /// The CSRF token the page carries.
 async fn page_csrf(client: &reqwest::Client, page: &str) -> String {
     let html = client.get(page).send().await.unwrap().text().await.unwrap();
-    let (_, rest) = html
-        .split_once("name=\"csrf-token\" content=\"")
-        .expect("the page carries a CSRF token");
-    rest.split('"').next().unwrap().to_string()
+    page_csrf_token(&html)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -249,6 +249,14 @@ pub async fn spot_admin(db: &Client, spot_id: i64) -> i64 {
     .get(0)
 }
 
+/// The CSRF token a page carries (its `csrf-token` meta tag).
+pub fn page_csrf_token(html: &str) -> String {
+    let (_, rest) = html
+        .split_once("name=\"csrf-token\" content=\"")
+        .expect("the page carries a CSRF token");
+    rest.split('"').next().unwrap_or_default().to_string()
+}
+
 /// A contact's property, from the emulator.
 pub fn prop(emu: &Emulator, portal: u64, email: &str, name: &str) -> Option<String> {
     emu.contact_by_email(portal, email)
