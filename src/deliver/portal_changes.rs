@@ -111,7 +111,7 @@ fn count(metrics: &Metrics, a: &Applied) {
         .with_label_values(&["recorded"])
         .inc_by(a.suppressed);
     info!(
-        events = a.events.len(),
+        events = a.events,
         remapped = a.remapped,
         forgotten = a.forgotten,
         conflicts = a.conflicts,

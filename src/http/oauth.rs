@@ -27,11 +27,7 @@ pub(super) fn routes() -> Router<AppState> {
 /// the 10 minutes the state is valid (or, with `value` empty, cleared).
 /// SameSite=Lax: HubSpot's redirect is a top-level navigation, which carries it.
 fn binding_cookie(state: &AppState, value: &str, max_age: i64) -> HeaderValue {
-    let secure = if state.public_url.starts_with("https://") {
-        "; Secure"
-    } else {
-        ""
-    };
+    let secure = ui::secure_attribute(state);
     let cookie = format!(
         "{BINDING_COOKIE}={value}; Path=/oauth/hubspot; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}"
     );

@@ -397,6 +397,46 @@ pub(super) fn is_oauth_refusal(error: &ApiError) -> bool {
 mod tests {
     use super::*;
 
+    /// Answers one request with `head` and `body` as they are, from a local port.
+    async fn answer_once(head: String, body: Vec<u8>) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut request = [0u8; 1024];
+            let _ = socket.read(&mut request).await;
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&body).await;
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn an_error_answer_is_cut_and_a_huge_announced_answer_is_refused_unread() {
+        let big = vec![b'x'; 100 * 1024];
+        let url = answer_once(
+            format!(
+                "HTTP/1.1 400 Bad Request\r\ncontent-length: {}\r\n\r\n",
+                big.len()
+            ),
+            big,
+        )
+        .await;
+        let resp = reqwest::get(&url).await.unwrap();
+        let text = read_capped(resp, 400).await.unwrap();
+        assert_eq!(text.len(), MAX_ERROR_BYTES);
+
+        let url = answer_once(
+            "HTTP/1.1 200 OK\r\ncontent-length: 209715200\r\n\r\n".into(),
+            Vec::new(),
+        )
+        .await;
+        let resp = reqwest::get(&url).await.unwrap();
+        let refused = read_capped(resp, 200).await.unwrap_err();
+        assert!(refused.contains("more than"), "{refused}");
+    }
+
     fn body(v: Value) -> ApiError {
         parse_error(&v)
     }

@@ -75,7 +75,7 @@ pub struct PendingEvent {
 #[derive(Debug, Default)]
 pub struct Applied {
     /// Events applied.
-    pub events: Vec<&'static str>,
+    pub events: usize,
     /// Spots with rows queued (to wake).
     pub queued_spots: HashSet<i64>,
     /// Members moved to a merged record.
@@ -136,7 +136,7 @@ pub async fn apply_pending(
         let Some(change) = &event.change else {
             continue;
         };
-        applied.events.push(change.kind());
+        applied.events += 1;
         apply(&tx, event.portal_id, change, &decide, &mut applied).await?;
     }
     let ids: Vec<i64> = pending.iter().map(|e| e.id).collect();

@@ -296,12 +296,17 @@ pub(super) fn end_session(state: &AppState, kind: SessionKind) -> HeaderValue {
     set_cookie(state, kind, "", 0)
 }
 
-fn set_cookie(state: &AppState, kind: SessionKind, value: &str, max_age: i64) -> HeaderValue {
-    let secure = if state.public_url.starts_with("https://") {
+/// `; Secure` when browsers reach the sidecar over https (every cookie it sets).
+pub(super) fn secure_attribute(state: &AppState) -> &'static str {
+    if state.public_url.starts_with("https://") {
         "; Secure"
     } else {
         ""
-    };
+    }
+}
+
+fn set_cookie(state: &AppState, kind: SessionKind, value: &str, max_age: i64) -> HeaderValue {
+    let secure = secure_attribute(state);
     let cookie = format!(
         "{}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
         kind.cookie()
