@@ -251,6 +251,74 @@ async fn a_resync_rewrites_current_values_and_shows_its_progress() {
     sidecar.stop().await;
 }
 
+/// A resync of a Spot several backfill pages large runs to its end on a
+/// portal whose budget is ample, with nothing else happening: a round that
+/// sends a partial batch while pages are left runs the next one itself. It
+/// used to wait for a signal that never came (5,000 members stopped at 3,000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_many_pages_runs_to_its_end_with_an_ample_budget() {
+    const N: usize = 5_000;
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = hubspot_emulator::Emulator::start(hubspot_emulator::EmulatorConfig {
+        rate_limit_per_10s: 10_000,
+        ..Default::default()
+    })
+    .await
+    .expect("start emulator");
+    let mut cfg = config(&url, &name, &emu.base_url());
+    cfg.hubspot.rate_limit = 10_000;
+    let sidecar = Sidecar::start(cfg).await;
+    let spot = seed_spot(&db, "Paged").await;
+    let (portal, token) = emu.create_portal();
+    db.execute(
+        "INSERT INTO members (spot_id, email, status, headline)
+         SELECT $1, 'p' || g || '@example.com', 'accepted', 'from the database'
+           FROM generate_series(1, $2::int) g",
+        &[&spot, &(N as i32)],
+    )
+    .await
+    .unwrap();
+    // A contact for the last member only: the rounds are mostly lookups,
+    // quick and far under the budget, and the last page's member shows the end.
+    let last = format!("p{N}@example.com");
+    emu.add_contact(portal, &last, &[]);
+    let last_headline = || {
+        emu.contact_by_email(portal, &last)
+            .and_then(|c| c.properties.get("meltingspot_headline").cloned())
+    };
+    sidecar.connect_with_token(spot, &token).await;
+    wait_for(
+        "the activation's backfill to reach the last member",
+        120 * SECOND,
+        || async { last_headline().as_deref() == Some("from the database") },
+    )
+    .await;
+
+    emu.add_contact(
+        portal,
+        &last,
+        &[("meltingspot_headline", "edited in HubSpot")],
+    );
+    let (status, v) = call(
+        &sidecar,
+        reqwest::Method::POST,
+        &format!("/api/spots/{spot}/hubspot/resync"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    wait_for(
+        "the resync to reach the last member",
+        120 * SECOND,
+        || async { last_headline().as_deref() == Some("from the database") },
+    )
+    .await;
+    let v = sidecar.integration(spot).await;
+    assert_eq!(v["backfill"]["queued"], N, "{v}");
+    sidecar.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_spot_list_is_paged_filtered_and_shows_failed_spots_first() {
     let (url, name) = fresh_db().await;
