@@ -141,3 +141,54 @@ async fn reconcile_finds_no_drift_then_the_exact_drift_and_fixes_it() {
     assert_eq!(code, 2);
     sidecar.stop().await;
 }
+
+/// Pages read from HubSpot at once are compared in order and none is lost
+/// or counted twice: 650 contacts, more pages than are read at once, drift
+/// on the first page and on the last.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconcile_of_many_pages_checks_every_contact_once() {
+    const N: usize = 650;
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spot = seed_spot(&db, "Many pages").await;
+    let (portal, token) = emu.create_portal();
+    for i in 1..=N {
+        emu.add_contact(portal, &format!("m{i}@example.com"), &[]);
+    }
+    db.execute(
+        "INSERT INTO members (spot_id, email, status, headline)
+         SELECT $1, 'm' || g || '@example.com', 'accepted', 'Original headline'
+           FROM generate_series(1, $2::int) g",
+        &[&spot, &(N as i32)],
+    )
+    .await
+    .unwrap();
+    sidecar.connect_with_token(spot, &token).await;
+    wait_headlines_converge(&db, &emu, portal, spot, 60 * SECOND).await;
+    sidecar.wait_backlog_empty(spot, "properties").await;
+
+    // Edited in HubSpot behind the sidecar's back: the first member and the last.
+    for email in ["m1@example.com", &format!("m{N}@example.com")] {
+        emu.add_contact(
+            portal,
+            email,
+            &[("meltingspot_headline", "Edited in HubSpot")],
+        );
+    }
+    let (code, out) = reconcile(&sidecar, spot, false).await;
+    assert_eq!(code, 1, "drift exits 1: {out}");
+    assert!(
+        out.contains(&format!("{N} contacts checked, 2 drifted (2 properties)")),
+        "{out}"
+    );
+    for email in ["m1@example.com", &format!("m{N}@example.com")] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(&format!("({email})")) && l.contains("Edited in HubSpot")),
+            "{email} listed: {out}"
+        );
+    }
+    sidecar.stop().await;
+}

@@ -21,6 +21,7 @@ pub mod cli;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::DateTime;
+use futures_util::stream::{FuturesOrdered, StreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::hubspot::properties::PROPERTIES;
@@ -190,44 +191,61 @@ pub async fn reconcile(
     let mut missing: Vec<i64> = Vec::new();
     let mut after = i64::MIN;
     let mut done = 0;
+    let mut last_page = false;
+    // Pages whose contacts are being read from HubSpot, compared in order.
+    let mut in_flight = FuturesOrdered::new();
     loop {
-        let page = store::matched_contacts(
-            &*db.client().await?,
-            spot_id,
-            portal_id,
-            after,
-            BATCH_LIMIT as i64,
-        )
-        .await?;
-        let Some(last) = page.last() else {
+        while !last_page && in_flight.len() < PAGES_IN_FLIGHT {
+            let page = store::matched_contacts(
+                &*db.client().await?,
+                spot_id,
+                portal_id,
+                after,
+                BATCH_LIMIT as i64,
+            )
+            .await?;
+            last_page = page.len() < BATCH_LIMIT;
+            let Some(last) = page.last() else {
+                break;
+            };
+            after = last.member_id;
+            let ids: Vec<i64> = page.iter().map(|c| c.member_id).collect();
+            let mut records: HashMap<i64, MemberRecord> =
+                store::member_records(&*db.client().await?, &ids)
+                    .await?
+                    .into_iter()
+                    .map(|r| (r.member_id, r))
+                    .collect();
+            let read = page.len();
+            // A member gone, or now of another Spot, is not this Spot's to prove (G4).
+            let live: Vec<(MatchedContact, MemberRecord)> = page
+                .into_iter()
+                .filter_map(|c| {
+                    records
+                        .remove(&c.member_id)
+                        .filter(|r| r.spot_id == spot_id)
+                        .map(|r| (c, r))
+                })
+                .collect();
+            report.skipped += read - live.len();
+            let mut contact_ids: Vec<String> =
+                live.iter().map(|(c, _)| c.contact_id.clone()).collect();
+            contact_ids.sort();
+            contact_ids.dedup();
+            let names = &names;
+            in_flight.push_back(async move {
+                let held = if contact_ids.is_empty() {
+                    Ok(HashMap::new())
+                } else {
+                    read_with_retries(portal, &contact_ids, names).await
+                };
+                (read, live, held)
+            });
+        }
+        let Some((read, live, held)) = in_flight.next().await else {
             break;
         };
-        after = last.member_id;
-        let ids: Vec<i64> = page.iter().map(|c| c.member_id).collect();
-        let records: HashMap<i64, MemberRecord> = store::member_records(&*db.client().await?, &ids)
-            .await?
-            .into_iter()
-            .map(|r| (r.member_id, r))
-            .collect();
-        // A member gone, or now of another Spot, is not this Spot's to prove (G4).
-        let live: Vec<(&MatchedContact, &MemberRecord)> = page
-            .iter()
-            .filter_map(|c| {
-                records
-                    .get(&c.member_id)
-                    .filter(|r| r.spot_id == spot_id)
-                    .map(|r| (c, r))
-            })
-            .collect();
-        report.skipped += page.len() - live.len();
-        let mut contact_ids: Vec<String> = live.iter().map(|(c, _)| c.contact_id.clone()).collect();
-        contact_ids.sort();
-        contact_ids.dedup();
-        let held = if contact_ids.is_empty() {
-            HashMap::new()
-        } else {
-            read_with_retries(portal, &contact_ids, &names).await?
-        };
+        let held = held?;
         for (c, rec) in live {
             report.checked += 1;
             let Some(values) = held.get(&c.contact_id) else {
@@ -235,7 +253,7 @@ pub async fn reconcile(
                 missing.push(c.member_id);
                 continue;
             };
-            let (derived, _) = crate::deliver::derive(rec);
+            let (derived, _) = crate::deliver::derive(&rec);
             let diffs = compare(&derived, values);
             if diffs.is_empty() {
                 continue;
@@ -254,15 +272,12 @@ pub async fn reconcile(
                     }),
             );
         }
-        done += page.len();
+        done += read;
         // Rows added since the count must not show more than 100%.
         progress(Progress {
             checked: done,
             total: total.max(done),
         });
-        if page.len() < BATCH_LIMIT {
-            break;
-        }
     }
     report.drifted_contacts = drifted.len();
     if fix {
@@ -273,6 +288,13 @@ pub async fn reconcile(
     }
     Ok(report)
 }
+
+/// Pages of 100 contacts read from HubSpot at once; the portal's shared
+/// limiter still spaces every call. One at a time, a reconcile was bound by
+/// the round trip, not by the budget: 50,000 contacts answered after 150 ms
+/// at 100 calls per 10 s took 79.8 s, 1.60x the budget's bound; 4 at once,
+/// 50.8 s, 1.02x (`cargo bench --bench pipeline -- --shape activation`).
+const PAGES_IN_FLIGHT: usize = 4;
 
 /// How many times one page's read is tried when HubSpot turns it away for now.
 const READ_TRIES: u32 = 5;
