@@ -19,11 +19,13 @@
 //! - **fleet**: 2,000 and 10,000 connected Spots on one sidecar process:
 //!   transactions/s on the primary, CPU and HubSpot calls while idle, RSS,
 //!   a burst of one change in each of 1,000 Spots (p99 commit-to-HubSpot,
-//!   calls per Spot), and a restart with every OAuth token due.
+//!   calls per Spot), a restart with every OAuth token due, and a takeover
+//!   by a standby when the leader is killed.
 //!
 //! - **activation**: one Spot of 100,000 members, half with a contact, on a
-//!   portal answering after 150 ms at 100 calls per 10 s: time against the
-//!   budget's bound, calls against the minimum.
+//!   portal answering after 150 ms at 100 calls per 10 s: its activation,
+//!   a resync and a reconcile, each timed against the budget's bound and
+//!   its calls against the minimum.
 //!
 //! `--quick` runs small versions of all five (CI).
 //! Options: `--transactions N --rows-per-tx R --spots S --members M`
@@ -732,6 +734,18 @@ async fn start_fleet_sidecar(
     listen: &str,
     rate_limit: u32,
 ) -> anyhow::Result<(common::Process, f64)> {
+    spawn_fleet_sidecar(db, emu, listen, rate_limit, "/readyz").await
+}
+
+/// Starts the release binary on the fleet's database; returns it once
+/// `until` answers 200 (`/healthz`: a standby that waits to lead).
+async fn spawn_fleet_sidecar(
+    db: &Db,
+    emu: &Emulator,
+    listen: &str,
+    rate_limit: u32,
+    until: &str,
+) -> anyhow::Result<(common::Process, f64)> {
     let t = Instant::now();
     let child = common::Process(
         common::oauth_sidecar_command(&db.url, &db.slot, &emu.base_url(), listen)
@@ -739,19 +753,25 @@ async fn start_fleet_sidecar(
             .env("HUBSPOT_RATE_LIMIT", rate_limit.to_string())
             .spawn()?,
     );
+    let took = wait_ready(listen, until, t).await?;
+    Ok((child, took))
+}
+
+/// Seconds from `since` until `path` answers 200 (at most 120 s).
+async fn wait_ready(listen: &str, path: &str, since: Instant) -> anyhow::Result<f64> {
     let http = reqwest::Client::new();
     loop {
         let ready = http
-            .get(format!("http://{listen}/readyz"))
+            .get(format!("http://{listen}{path}"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200);
         if ready {
-            return Ok((child, t.elapsed().as_secs_f64()));
+            return Ok(since.elapsed().as_secs_f64());
         }
         anyhow::ensure!(
-            t.elapsed() < Duration::from_secs(120),
-            "the sidecar was not ready within 120 s"
+            since.elapsed() < Duration::from_secs(120),
+            "{path} did not answer 200 within 120 s"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -990,41 +1010,52 @@ async fn fleet(
         percentile(&took, 0.95)
     );
 
-    let burst_calls0: u64 = targets
-        .iter()
-        .map(|(p, _, _)| b.emu.request_stats(*p).total)
-        .sum();
-    let cpu_before = (
-        cpu_seconds(pid),
-        postgres_cpu_seconds(),
-        cpu_seconds(std::process::id()),
-    );
-    let t = Instant::now();
-    let latencies = changes_reach_hubspot(&db.client, &b.emu, &targets, "burst").await?;
-    let wall = t.elapsed().as_secs_f64();
-    let cpu_after = (
-        cpu_seconds(pid),
-        postgres_cpu_seconds(),
-        cpu_seconds(std::process::id()),
-    );
+    // Three bursts, a few seconds apart: one run's p99 moves by a tenth of a
+    // second with what else the two cores are doing.
+    let mut p99s = Vec::new();
+    for round in 1..=BURSTS {
+        let burst_calls0: u64 = targets
+            .iter()
+            .map(|(p, _, _)| b.emu.request_stats(*p).total)
+            .sum();
+        let cpu_before = (
+            cpu_seconds(pid),
+            postgres_cpu_seconds(),
+            cpu_seconds(std::process::id()),
+        );
+        let t = Instant::now();
+        let tag = format!("burst {round}");
+        let latencies = changes_reach_hubspot(&db.client, &b.emu, &targets, &tag).await?;
+        let wall = t.elapsed().as_secs_f64();
+        let cpu_after = (
+            cpu_seconds(pid),
+            postgres_cpu_seconds(),
+            cpu_seconds(std::process::id()),
+        );
+        let burst_calls: u64 = targets
+            .iter()
+            .map(|(p, _, _)| b.emu.request_stats(*p).total)
+            .sum::<u64>()
+            - burst_calls0;
+        let p99 = percentile(&latencies, 0.99);
+        p99s.push(p99);
+        println!(
+            "  burst {round}, one change in each of {burst} Spots: commit-to-HubSpot p50 {:.3} s  p99 {p99:.3} s  max {:.3} s (goal p99 < 0.5 s; one call takes {:.3} s); {:.2} calls per Spot (goal 1); CPU over its {wall:.2} s (2 cores): sidecar {:.2} s, Postgres {:.2} s, this benchmark (load, emulator) {:.2} s",
+            percentile(&latencies, 0.5),
+            latencies.last().copied().unwrap_or(f64::NAN),
+            a.latency_ms as f64 / 1e3,
+            burst_calls as f64 / burst.max(1) as f64,
+            cpu_after.0 - cpu_before.0,
+            cpu_after.1 - cpu_before.1,
+            cpu_after.2 - cpu_before.2
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    p99s.sort_by(f64::total_cmp);
     println!(
-        "  the burst's CPU over {wall:.2} s (2 cores): sidecar {:.2} s, Postgres {:.2} s, this benchmark (load, emulator) {:.2} s",
-        cpu_after.0 - cpu_before.0,
-        cpu_after.1 - cpu_before.1,
-        cpu_after.2 - cpu_before.2
-    );
-    let burst_calls: u64 = targets
-        .iter()
-        .map(|(p, _, _)| b.emu.request_stats(*p).total)
-        .sum::<u64>()
-        - burst_calls0;
-    println!(
-        "  burst, one change in each of {burst} Spots: commit-to-HubSpot p50 {:.3} s  p99 {:.3} s  max {:.3} s (goal p99 < 0.5 s; one call takes {:.3} s); {:.2} calls per Spot (goal 1)",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.99),
-        latencies.last().copied().unwrap_or(f64::NAN),
-        a.latency_ms as f64 / 1e3,
-        burst_calls as f64 / burst.max(1) as f64
+        "  bursts: median p99 {:.3} s, worst {:.3} s (goal < 0.5 s)",
+        p99s[p99s.len() / 2],
+        p99s.last().copied().unwrap_or(f64::NAN)
     );
 
     // A restart (kill -9, as a failover is) with every OAuth token due,
@@ -1074,23 +1105,68 @@ async fn fleet(
         a.rate_limit,
         rss(pid) as f64 / 1e6
     );
+
+    // A takeover: a standby waits beside the leader; the leader is killed
+    // (-9) with every OAuth token due; the standby leads, and a change
+    // reaches HubSpot.
+    let standby_listen = common::free_addr();
+    let (standby, _) =
+        spawn_fleet_sidecar(&db, &b.emu, &standby_listen, a.rate_limit, "/healthz").await?;
+    db.client
+        .execute(
+            "UPDATE hubspot_sync.integrations SET token_expires_at = now() - interval '1 minute'
+              WHERE auth_kind = 'oauth'",
+            &[],
+        )
+        .await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let c_start = commits(&db.client).await?;
+    let killed = Instant::now();
     drop(child);
+    let took_over = wait_ready(&standby_listen, "/readyz", killed).await?;
+    let mut peak = 0i64;
+    let mut last = commits(&db.client).await?;
+    let until_ready = last - c_start;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = commits(&db.client).await?;
+        peak = peak.max(now - last - 1);
+        last = now;
+    }
+    let first = changes_reach_hubspot(&db.client, &b.emu, &oauth_target, "after takeover").await?;
+    let busiest = portals
+        .iter()
+        .map(|p| b.emu.request_stats(*p).peak_in_10s)
+        .max()
+        .unwrap_or(0);
+    println!(
+        "  takeover by a standby after kill -9 of the leader, {} OAuth tokens due: ready {took_over:.2} s after the kill (goal < 10 s; the standby looks for the lock every 2 s); {until_ready} transactions until ready, then at most {peak} in a second; first change reached HubSpot {:.3} s after its commit (goal < 1 s); busiest portal {busiest} calls in 10 s (limit {}); RSS {:.1} MB",
+        spots / 2,
+        first.first().copied().unwrap_or(f64::NAN),
+        a.rate_limit,
+        rss(standby.id()) as f64 / 1e6
+    );
+    drop(standby);
     Ok(())
 }
 
-/// (e) The activation of one large Spot, half of whose members have a
-/// contact, on a portal answering every call after `latency_ms`: its time
-/// against the budget's bound (calls / limit per 10 s) and its calls
-/// against the minimum (a lookup per 100 members, an update per 100
-/// matched).
+/// Bursts the fleet shape measures, one after the other.
+const BURSTS: usize = 3;
+
+/// (e) The activation, then a resync, then a reconcile of one large Spot,
+/// half of whose members have a contact, on a portal answering every call
+/// after `latency_ms`: each one's time against the budget's bound (calls /
+/// limit per 10 s) and its calls against the minimum (activation and
+/// resync: a lookup per 100 members and an update per 100 matched;
+/// reconcile: a read per 100 matched).
 async fn activation(b: &mut Bench, a: &Args, members: usize) -> anyhow::Result<()> {
     let matched = members / 2;
     println!(
-        "\n== activation: one Spot of {members} members, {matched} with a contact, calls answered after {} ms (limit {}/10 s)",
+        "\n== activation, resync and reconcile: one Spot of {members} members, {matched} with a contact, calls answered after {} ms (limit {}/10 s)",
         a.latency_ms, a.rate_limit
     );
     let mut db = b.database().await?;
-    let (_, portal) = seed_spot(&mut db.client, &b.emu, "Huge", members, matched).await?;
+    let (spot, portal) = seed_spot(&mut db.client, &b.emu, "Huge", members, matched).await?;
     // Connected a while ago: a start within 10 s of an integration's change
     // takes the portal's window as full (the process before it may have
     // called it), which a connect in the running process does not.
@@ -1107,29 +1183,106 @@ async fn activation(b: &mut Bench, a: &Args, members: usize) -> anyhow::Result<(
             ..Default::default()
         },
     );
+    let per_second = a.rate_limit as f64 / 10.0;
+    let lookups = members.div_ceil(100) as u64;
+    let updates = matched.div_ceil(100) as u64;
     let t = Instant::now();
-    let (_running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
+    let (running, stop, task) = start_sidecar(&db, &b.emu, a.rate_limit).await?;
     wait_backfills(&db.client, Duration::from_secs(3600)).await?;
-    let took = t.elapsed().as_secs_f64();
+    let report = |phase: &str, took: f64, before: &PhaseCalls, minimum: u64| {
+        let s = b.emu.request_stats(portal);
+        let now = PhaseCalls::of(&s);
+        // Initialization's calls (property group and properties) count too.
+        let calls = now.total - before.total;
+        let batch = (now.reads + now.updates) - (before.reads + before.updates);
+        let bound = calls as f64 / per_second;
+        println!(
+            "  {phase}: {took:.1} s; the budget allows {bound:.1} s for its {calls} calls: {:.2}x (goal <= 1.1x); batch calls {batch} (reads {}, updates {}) against a minimum of {minimum}: {:.2}x (goal <= 1.05x); peak {} calls in 10 s",
+            took / bound,
+            now.reads - before.reads,
+            now.updates - before.updates,
+            batch as f64 / minimum as f64,
+            s.peak_in_10s
+        );
+    };
+    report(
+        "activation",
+        t.elapsed().as_secs_f64(),
+        &PhaseCalls::default(),
+        lookups + updates,
+    );
+    // Each phase starts with the portal's window empty, as the bound assumes.
+    let quiet = Duration::from_secs(if a.quick { 1 } else { 11 });
+    let http = reqwest::Client::new();
+    let api = |path: &str| {
+        format!(
+            "http://{}/api/spots/{spot}/hubspot/{path}",
+            running.listen_addr
+        )
+    };
+
+    // Resync: every value written again. Record ids are known, so only the
+    // members without a contact are looked up again (the minimum here is
+    // the activation's, which looks every member up).
+    tokio::time::sleep(quiet).await;
+    let before = PhaseCalls::of(&b.emu.request_stats(portal));
+    let t = Instant::now();
+    let status = http
+        .post(api("resync"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await?
+        .status();
+    anyhow::ensure!(status.is_success(), "resync answered {status}");
+    wait_backfills(&db.client, Duration::from_secs(3600)).await?;
+    wait_backlog_empty(&db.client, Duration::from_secs(600)).await?;
+    report(
+        "resync",
+        t.elapsed().as_secs_f64(),
+        &before,
+        lookups + updates,
+    );
+
+    // Reconcile: every matched contact read back by id, 100 a call.
+    tokio::time::sleep(quiet).await;
+    let before = PhaseCalls::of(&b.emu.request_stats(portal));
+    let t = Instant::now();
+    let answer = http
+        .post(api("reconcile"))
+        .bearer_auth(common::ADMIN_TOKEN)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let last = answer.lines().last().unwrap_or_default();
+    anyhow::ensure!(last.contains("\"report\""), "reconcile ended with {last}");
+    anyhow::ensure!(
+        last.contains(&format!("\"checked\":{matched},")),
+        "reconcile did not check every matched contact: {last}"
+    );
+    report("reconcile", t.elapsed().as_secs_f64(), &before, updates);
+
     let _ = stop.send(true);
     let _ = task.await;
-    let s = b.emu.request_stats(portal);
-    let (reads, updates) = (
-        s.count_op("contacts.batch_read"),
-        s.count_op("contacts.batch_update"),
-    );
-    let minimum = members.div_ceil(100) as u64 + matched.div_ceil(100) as u64;
-    // Initialization's calls (property group and properties) count too.
-    let calls = s.total;
-    let bound = calls as f64 / (a.rate_limit as f64 / 10.0);
-    println!(
-        "  converged in {took:.1} s; the budget allows {bound:.1} s for its {calls} calls: {:.2}x (goal <= 1.1x); batch reads {reads} + updates {updates} = {} against a minimum of {minimum}: {:.2}x (goal <= 1.05x); peak {} calls in 10 s",
-        took / bound,
-        reads + updates,
-        (reads + updates) as f64 / minimum as f64,
-        s.peak_in_10s
-    );
     Ok(())
+}
+
+/// A portal's call counts at one moment, to count one phase's calls.
+#[derive(Default)]
+struct PhaseCalls {
+    total: u64,
+    reads: u64,
+    updates: u64,
+}
+
+impl PhaseCalls {
+    fn of(s: &hubspot_emulator::RequestStats) -> Self {
+        PhaseCalls {
+            total: s.total,
+            reads: s.count_op("contacts.batch_read"),
+            updates: s.count_op("contacts.batch_update"),
+        }
+    }
 }
 
 #[tokio::main]
