@@ -676,6 +676,31 @@ async fn commits(db: &tokio_postgres::Client) -> anyhow::Result<i64> {
 }
 
 /// CPU time the process has used (user + system), from /proc.
+/// Makes every OAuth token of the fleet due for a refresh.
+async fn expire_oauth_tokens(db: &tokio_postgres::Client) -> anyhow::Result<()> {
+    db.execute(
+        "UPDATE hubspot_sync.integrations SET token_expires_at = now() - interval '1 minute'
+          WHERE auth_kind = 'oauth'",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The most transactions committed in any one second of the next
+/// `seconds` (less the one each look is).
+async fn peak_transactions(db: &tokio_postgres::Client, seconds: u32) -> anyhow::Result<i64> {
+    let mut peak = 0i64;
+    let mut last = commits(db).await?;
+    for _ in 0..seconds {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = commits(db).await?;
+        peak = peak.max(now - last - 1);
+        last = now;
+    }
+    Ok(peak)
+}
+
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
@@ -1063,26 +1088,13 @@ async fn fleet(
     // a portal called in the last 10 s until they have (G6).
     tokio::time::sleep(Duration::from_secs(10)).await;
     drop(child);
-    db.client
-        .execute(
-            "UPDATE hubspot_sync.integrations SET token_expires_at = now() - interval '1 minute'
-              WHERE auth_kind = 'oauth'",
-            &[],
-        )
-        .await?;
+    expire_oauth_tokens(&db.client).await?;
     let c_start = commits(&db.client).await?;
     let (child, ready_secs) = start_fleet_sidecar(&db, &b.emu, &listen, a.rate_limit).await?;
     let pid = child.id();
     // Statements in the start's first seconds, by the second.
-    let mut peak = 0i64;
-    let mut last = commits(&db.client).await?;
-    let first_second = last - c_start;
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = commits(&db.client).await?;
-        peak = peak.max(now - last - 1);
-        last = now;
-    }
+    let first_second = commits(&db.client).await? - c_start;
+    let peak = peak_transactions(&db.client, 5).await?;
     // The first change after the start, to an OAuth Spot whose token is due.
     let oauth_target = targets
         .iter()
@@ -1112,27 +1124,14 @@ async fn fleet(
     let standby_listen = common::free_addr();
     let (standby, _) =
         spawn_fleet_sidecar(&db, &b.emu, &standby_listen, a.rate_limit, "/healthz").await?;
-    db.client
-        .execute(
-            "UPDATE hubspot_sync.integrations SET token_expires_at = now() - interval '1 minute'
-              WHERE auth_kind = 'oauth'",
-            &[],
-        )
-        .await?;
+    expire_oauth_tokens(&db.client).await?;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let c_start = commits(&db.client).await?;
     let killed = Instant::now();
     drop(child);
     let took_over = wait_ready(&standby_listen, "/readyz", killed).await?;
-    let mut peak = 0i64;
-    let mut last = commits(&db.client).await?;
-    let until_ready = last - c_start;
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = commits(&db.client).await?;
-        peak = peak.max(now - last - 1);
-        last = now;
-    }
+    let until_ready = commits(&db.client).await? - c_start;
+    let peak = peak_transactions(&db.client, 5).await?;
     let first = changes_reach_hubspot(&db.client, &b.emu, &oauth_target, "after takeover").await?;
     let busiest = portals
         .iter()
