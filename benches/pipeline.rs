@@ -1035,8 +1035,8 @@ async fn fleet(
         percentile(&took, 0.95)
     );
 
-    // Three bursts, a few seconds apart: one run's p99 moves by a tenth of a
-    // second with what else the two cores are doing.
+    // Three bursts, two seconds apart: one burst's p99 moves by up to 0.4 s
+    // with what else the two cores are doing.
     let mut p99s = Vec::new();
     for round in 1..=BURSTS {
         let burst_calls0: u64 = targets
