@@ -59,6 +59,11 @@ pub struct Metrics {
     pub delivery_spots: IntGauge,
     /// Delivery rounds in flight across the fleet (at most 1,024).
     pub delivery_rounds_in_flight: IntGauge,
+    /// Asks of delivery rounds for a shared statement, by `kind`.
+    pub delivery_shared_asks: IntCounterVec,
+    /// Statements that answered those asks, by `kind`: asks per statement is
+    /// how many rounds one statement served.
+    pub delivery_shared_statements: IntCounterVec,
     /// OAuth token refreshes, by `result`.
     pub token_refreshes: IntCounterVec,
     /// Integrations that entered `failed`, by `cause`.
@@ -416,6 +421,26 @@ impl Metrics {
                     "Delivery rounds in flight across all Spots"
                 )
             ),
+            delivery_shared_asks: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("delivery_shared_asks_total"),
+                        "Asks of delivery rounds for a statement they share, by kind (take, activities, members, contacts, fence, complete, success)"
+                    ),
+                    &["kind"]
+                )
+            ),
+            delivery_shared_statements: reg!(
+                r,
+                IntCounterVec::new(
+                    Opts::new(
+                        p("delivery_shared_statements_total"),
+                        "Statements that answered the asks of delivery rounds, by kind; a burst over many Spots runs few"
+                    ),
+                    &["kind"]
+                )
+            ),
             token_refreshes: reg!(
                 r,
                 IntCounterVec::new(
@@ -567,6 +592,12 @@ impl Metrics {
         }
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
+        }
+        for kind in crate::deliver::SHARED_KINDS {
+            m.delivery_shared_asks.with_label_values(&[kind]).inc_by(0);
+            m.delivery_shared_statements
+                .with_label_values(&[kind])
+                .inc_by(0);
         }
         for source in ["webhook", "update"] {
             m.contacts_remapped.with_label_values(&[source]).inc_by(0);

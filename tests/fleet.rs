@@ -39,6 +39,31 @@ async fn connected_spots(
     spots
 }
 
+/// Every portal of `spots` answers each call after `latency`.
+fn answer_after(
+    emu: &hubspot_emulator::Emulator,
+    spots: &[(i64, u64, i64, String)],
+    latency: Duration,
+) {
+    for (_, portal, _, _) in spots {
+        emu.set_faults(
+            Some(*portal),
+            Faults {
+                latency: Some(latency),
+                ..Default::default()
+            },
+        );
+    }
+}
+
+/// Batch updates each portal of `spots` has had so far.
+fn batch_updates(emu: &hubspot_emulator::Emulator, spots: &[(i64, u64, i64, String)]) -> Vec<u64> {
+    spots
+        .iter()
+        .map(|(_, p, _, _)| emu.request_stats(*p).count_op("contacts.batch_update"))
+        .collect()
+}
+
 /// Reads of the two outboxes by any session so far (every delivery round
 /// reads them; Postgres publishes a session's counts within about 10 s).
 async fn outbox_reads(db: &tokio_postgres::Client) -> i64 {
@@ -140,19 +165,8 @@ async fn a_burst_over_many_spots_goes_out_in_one_round_trip() {
     let spots = connected_spots(&sidecar, &db, &emu, 40).await;
     // Every call now takes a second: Spot after Spot, 40 changes would
     // take 40 s; together, about one.
-    for (_, portal, _, _) in &spots {
-        emu.set_faults(
-            Some(*portal),
-            Faults {
-                latency: Some(SECOND),
-                ..Default::default()
-            },
-        );
-    }
-    let updates_before: Vec<u64> = spots
-        .iter()
-        .map(|(_, p, _, _)| emu.request_stats(*p).count_op("contacts.batch_update"))
-        .collect();
+    answer_after(&emu, &spots, SECOND);
+    let updates_before = batch_updates(&emu, &spots);
     let started = Instant::now();
     for (_, _, member, _) in &spots {
         db.execute(
@@ -178,6 +192,152 @@ async fn a_burst_over_many_spots_goes_out_in_one_round_trip() {
             emu.request_stats(*portal).count_op("contacts.batch_update") - before,
             1,
             "one call per Spot"
+        );
+    }
+    sidecar.stop().await;
+}
+
+/// Asks of delivery rounds and the statements that answered them, by kind.
+fn shared_counts(sidecar: &Sidecar, kind: &str) -> (u64, u64) {
+    let m = &sidecar.running.metrics;
+    (
+        m.delivery_shared_asks.with_label_values(&[kind]).get(),
+        m.delivery_shared_statements
+            .with_label_values(&[kind])
+            .get(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bursts_rounds_share_their_statements_and_one_rounds_bad_rows_fail_only_it() {
+    let (url, name) = fresh_db().await;
+    let db = sql(&url).await;
+    let emu = emulator().await;
+    let sidecar = Sidecar::start(config(&url, &name, &emu.base_url())).await;
+    let spots = connected_spots(&sidecar, &db, &emu, 40).await;
+    answer_after(&emu, &spots, SECOND / 2);
+    // A database role's trigger refuses to store one member's contact: the
+    // completion of that Spot's round fails, in a transaction it shares
+    // with the other rounds ending at the same time.
+    let poisoned = spots[17].2;
+    db.batch_execute(&format!(
+        "CREATE FUNCTION public.refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+           IF NEW.member_id = {poisoned} THEN RAISE EXCEPTION 'refused by a trigger'; END IF;
+           RETURN NEW;
+         END $$;
+         CREATE TRIGGER refuse_one BEFORE INSERT OR UPDATE ON hubspot_sync.contact_map
+           FOR EACH ROW EXECUTE FUNCTION public.refuse_one();"
+    ))
+    .await
+    .unwrap();
+    let updates_before = batch_updates(&emu, &spots);
+    // One transaction changes a member in each of the 40 Spots: one
+    // hand-off, 40 rounds at once.
+    let members: Vec<i64> = spots.iter().map(|s| s.2).collect();
+    db.execute(
+        "UPDATE members SET headline = 'shared' WHERE id = ANY($1)",
+        &[&members],
+    )
+    .await
+    .unwrap();
+    wait_for("every contact holds the change", 60 * SECOND, || async {
+        spots.iter().all(|(_, portal, _, email)| {
+            prop(&emu, *portal, email, "meltingspot_headline").as_deref() == Some("shared")
+        })
+    })
+    .await;
+    // Every round but the poisoned one completed: its outbox row is gone.
+    let others: Vec<i64> = spots
+        .iter()
+        .filter(|s| s.2 != poisoned)
+        .map(|s| s.0)
+        .collect();
+    wait_for("the other rounds completed", 30 * SECOND, || async {
+        let left: i64 = db
+            .query_one(
+                "SELECT count(*) FROM hubspot_sync.property_outbox WHERE spot_id = ANY($1)",
+                &[&others],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        left == 0
+    })
+    .await;
+    let still: i64 = db
+        .query_one(
+            "SELECT count(*) FROM hubspot_sync.property_outbox WHERE member_id = $1",
+            &[&poisoned],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(still, 1, "the refused completion keeps its row for a retry");
+    // The others completed the first time: one write each, none sent again
+    // because a shared completion failed.
+    for ((_, portal, member, _), before) in spots.iter().zip(updates_before) {
+        if *member != poisoned {
+            assert_eq!(
+                emu.request_stats(*portal).count_op("contacts.batch_update") - before,
+                1,
+                "one call for the Spot of member {member}"
+            );
+        }
+    }
+    // The trigger goes; the refused row is delivered on its retry.
+    db.batch_execute("DROP TRIGGER refuse_one ON hubspot_sync.contact_map")
+        .await
+        .unwrap();
+    wait_for(
+        "the refused row delivered on its retry",
+        60 * SECOND,
+        || async {
+            let left: i64 = db
+                .query_one(
+                    "SELECT count(*) FROM hubspot_sync.property_outbox WHERE member_id = $1",
+                    &[&poisoned],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            left == 0
+        },
+    )
+    .await;
+    // A second burst: forty rounds, far fewer statements (without sharing,
+    // one per ask).
+    let kinds = ["take", "members", "contacts", "fence", "complete"];
+    let before: Vec<(u64, u64)> = kinds.iter().map(|k| shared_counts(&sidecar, k)).collect();
+    db.execute(
+        "UPDATE members SET headline = 'again' WHERE id = ANY($1)",
+        &[&members],
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "every round of the second burst completed",
+        60 * SECOND,
+        || async {
+            let left: i64 = db
+                .query_one("SELECT count(*) FROM hubspot_sync.property_outbox", &[])
+                .await
+                .unwrap()
+                .get(0);
+            left == 0
+                && spots.iter().all(|(_, portal, _, email)| {
+                    prop(&emu, *portal, email, "meltingspot_headline").as_deref() == Some("again")
+                })
+        },
+    )
+    .await;
+    for (kind, (asks0, statements0)) in kinds.iter().zip(before) {
+        let (asks, statements) = shared_counts(&sidecar, kind);
+        let (asks, statements) = (asks - asks0, statements - statements0);
+        assert!(asks >= 40, "{kind}: {asks} asks");
+        assert!(
+            statements * 2 <= asks,
+            "{kind}: {statements} statements answered {asks} asks"
         );
     }
     sidecar.stop().await;

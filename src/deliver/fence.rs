@@ -3,9 +3,11 @@
 //!
 //! Two parts, because each alone leaves a gap:
 //! - the database says which activation is current
-//!   (`store::is_current_led`); every call checks it after its rate-limit wait,
-//!   right before it goes out, and every write of a round checks it in the
-//!   round's transaction (`store::complete`);
+//!   (`store::current_fences`); every call checks it after its rate-limit
+//!   wait, right before it goes out, and every write of a round checks it in
+//!   the round's transaction (`store::complete`). The calls of many rounds
+//!   are checked by one statement that starts after each of them asked
+//!   (`shared`), so each check is as fresh as one of its own;
 //! - a per-Spot read-write lock in this process orders the two: a call holds
 //!   it shared from that check until its answer is in, and the reconnect or
 //!   disconnect holds it exclusively while it commits, so it waits for the
@@ -21,9 +23,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedRwLockWriteGuard, RwLock};
 
+use super::shared::{Coalesced, FenceKey};
 use crate::hubspot::{CallFence, FencePass, HubSpotError};
-use crate::leader::LeaderLock;
-use crate::store::{self, Db, Fence};
+use crate::store::Fence;
 
 /// The per-Spot locks of this process.
 #[derive(Clone, Default)]
@@ -52,42 +54,38 @@ impl Fences {
         self.lock(spot_id).write_owned().await
     }
 
-    /// The fence a round of `fence`'s activation passes before each call;
-    /// with `leader`, the call also needs this replica's leadership lock
-    /// still held.
+    /// The fence a round of `fence`'s activation passes before each call,
+    /// checked by `checks` (which also needs this replica's leadership lock
+    /// still held).
     pub(super) fn gate(
         &self,
-        db: &Db,
+        checks: &Arc<Coalesced<FenceKey, bool>>,
         fence: Fence,
-        leader: Option<LeaderLock>,
     ) -> Arc<dyn CallFence> {
         Arc::new(Gate {
             lock: self.lock(fence.spot_id),
-            db: db.clone(),
+            checks: checks.clone(),
             fence,
-            leader,
         })
     }
 }
 
 struct Gate {
     lock: Arc<RwLock<()>>,
-    db: Db,
+    checks: Arc<Coalesced<FenceKey, bool>>,
     fence: Fence,
-    leader: Option<LeaderLock>,
 }
 
 impl CallFence for Gate {
     fn pass(&self) -> Pin<Box<dyn Future<Output = Result<FencePass, HubSpotError>> + Send + '_>> {
         Box::pin(async move {
             let guard = self.lock.clone().read_owned().await;
-            let unchecked = |e: store::DbError| HubSpotError::FenceUnchecked(e.to_string());
-            let client = self.db.client().await.map_err(unchecked)?;
             let f = self.fence;
-            let led = self.leader.map(|l| (l.pid, l.class, l.key));
-            if store::is_current_led(&client, f.spot_id, f.portal_id, f.activation, led)
+            if self
+                .checks
+                .ask((f.spot_id, f.portal_id, f.activation))
                 .await
-                .map_err(unchecked)?
+                .map_err(|e| HubSpotError::FenceUnchecked(e.to_string()))?
             {
                 Ok(FencePass::holding(guard))
             } else {

@@ -17,6 +17,7 @@ pub(crate) use plan::derive;
 pub mod policy;
 mod round;
 mod scheduler;
+mod shared;
 mod tokens;
 mod wake;
 mod worker;
@@ -37,6 +38,7 @@ use crate::store::{self, Db};
 use crate::translate::MarkerKey;
 
 pub use fence::Fences;
+pub use shared::{Shared, SHARED_KINDS};
 pub use wake::Wake;
 
 /// What every worker shares.
@@ -52,10 +54,12 @@ pub struct DeliverContext {
     pub limiters: Limiters,
     /// Fences each call and write to the activation it belongs to.
     pub fences: Fences,
+    /// The statements rounds share (`shared`), on `db`; their fence checks
+    /// need this replica's leadership lock held, so no call is made once it
+    /// is gone.
+    pub shared: Arc<Shared>,
     /// Signs the settings markers a failure writes.
     pub markers: MarkerKey,
-    /// This replica's leadership lock: no call is made once it is gone.
-    pub leader: Option<crate::leader::LeaderLock>,
     pub fail_after: Duration,
     pub failed_retention: Duration,
     /// Signalled by the hand-off when new work was stored for a Spot.

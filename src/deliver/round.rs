@@ -6,24 +6,38 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use super::plan::{self, ItemResult, Records, Tally};
-use super::DeliverError;
+use super::shared::{ContactKeys, ContactStates};
+use super::{DeliverContext, DeliverError};
 use crate::failpoints::{crash_point, CONTACT_CREATED, HUBSPOT_ACCEPTED};
 use crate::hubspot::contacts::{existing_id, schema_missing_in, Resolution};
 use crate::hubspot::timeline::is_input_refusal;
-use crate::hubspot::timeline::ActivitySink;
 use crate::hubspot::{ApiError, CreateResult, Endpoint, HubSpotError, Portal};
 use crate::internal_events::{CrossSpotReferencesIgnored, DeadLettered};
 use crate::metrics::Metrics;
-use crate::store::{self, Db, Fence, Marker, QueuedActivity};
+use crate::store::{self, Db, Fence, Marker, QueuedActivity, RoundDone};
 
-/// Reads the members' records, keyed by member id.
-async fn records(metrics: &Metrics, db: &Db, member_ids: &[i64]) -> Result<Records, DeliverError> {
-    let records = store::member_records(&*db.client().await?, member_ids).await?;
+/// Reads the members' records, keyed by member id, and what the contact map
+/// knows of `keys` on the portal: two statements shared with the other
+/// rounds asking meanwhile (`shared`), run at once.
+async fn records_and_states(
+    ctx: &DeliverContext,
+    portal_id: i64,
+    member_ids: Vec<i64>,
+    keys: Vec<(i64, i64)>,
+) -> Result<(Records, ContactStates), DeliverError> {
+    let (records, states) = futures_util::future::try_join(
+        ctx.shared.members.ask(member_ids),
+        ctx.shared.contacts.ask(ContactKeys { portal_id, keys }),
+    )
+    .await?;
     let crossing: i64 = records.iter().map(|r| r.cross_spot_refs).sum();
     if crossing > 0 {
-        CrossSpotReferencesIgnored { count: crossing }.emit(metrics);
+        CrossSpotReferencesIgnored { count: crossing }.emit(&ctx.metrics);
     }
-    Ok(records.into_iter().map(|r| (r.member_id, r)).collect())
+    Ok((
+        records.into_iter().map(|r| (r.member_id, r)).collect(),
+        states,
+    ))
 }
 
 fn count(metrics: &Metrics, tally: &Tally) {
@@ -59,16 +73,16 @@ fn count(metrics: &Metrics, tally: &Tally) {
 
 /// Delivers the property changes of `markers` and stores how each ended.
 pub(super) async fn deliver_properties(
-    metrics: &Metrics,
-    db: &Db,
+    ctx: &DeliverContext,
     portal: &Portal,
     fence: Fence,
     markers: &[Marker],
 ) -> Result<(), DeliverError> {
+    let (metrics, db) = (&*ctx.metrics, &ctx.db);
     let member_ids: Vec<i64> = markers.iter().map(|m| m.member_id).collect();
-    let records = records(metrics, db, &member_ids).await?;
     let keys: Vec<(i64, i64)> = markers.iter().map(|m| (m.spot_id, m.member_id)).collect();
-    let mut states = store::contact_states(&*db.client().await?, fence.portal_id, &keys).await?;
+    let (records, mut states) =
+        records_and_states(ctx, fence.portal_id, member_ids, keys.clone()).await?;
     // A row `reconcile --fix` queued: HubSpot was proven to differ from what
     // the contact map says was written, so nothing is taken as written.
     for m in markers.iter().filter(|m| m.rewrite) {
@@ -140,7 +154,11 @@ pub(super) async fn deliver_properties(
         count(metrics, &tally);
         completions.push(completion);
     }
-    if !store::complete(&mut *db.client().await?, fence, &completions).await? {
+    let done = RoundDone {
+        fence,
+        done: completions,
+    };
+    if !ctx.shared.complete.ask(done).await? {
         return Err(DeliverError::Superseded);
     }
     Ok(())
@@ -353,27 +371,22 @@ fn named_ids(error: &ApiError) -> HashSet<String> {
 /// Delivers up to 100 queued timeline events and stores how each ended.
 /// Returns the soonest an event it put off (waiting for its contact) comes due.
 pub(super) async fn deliver_activities(
-    metrics: &Metrics,
-    db: &Db,
+    ctx: &DeliverContext,
     portal: &Portal,
     fence: Fence,
-    sink: &ActivitySink,
     queued: Vec<QueuedActivity>,
 ) -> Result<Option<std::time::Duration>, DeliverError> {
+    let (metrics, db, sink) = (&*ctx.metrics, &ctx.db, &ctx.sink);
     let mut member_ids: Vec<i64> = queued.iter().map(|q| q.member_id).collect();
     member_ids.sort_unstable();
     member_ids.dedup();
-    let records = records(metrics, db, &member_ids).await?;
     let keys: Vec<(i64, i64)> = queued.iter().map(|q| (q.spot_id, q.member_id)).collect();
-    let (states, creating) = {
-        let client = db.client().await?;
-        let states = store::contact_states(&client, fence.portal_id, &keys).await?;
-        let creating: HashSet<(i64, i64)> = store::pending_creations(&client, &keys)
-            .await?
-            .into_iter()
-            .collect();
-        (states, creating)
-    };
+    let (records, states) =
+        records_and_states(ctx, fence.portal_id, member_ids, keys.clone()).await?;
+    let creating: HashSet<(i64, i64)> = store::pending_creations(&*db.client().await?, &keys)
+        .await?
+        .into_iter()
+        .collect();
     let lookups = plan::emails_to_look_up(&records, &states, &keys);
     let (found, refused, suppressed) = look_up(db, portal, fence.portal_id, lookups).await?;
 

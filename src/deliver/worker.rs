@@ -249,11 +249,7 @@ impl SpotWorker {
             client: self.ctx.client.clone(),
             token,
             limiter: self.limiter.clone(),
-            fence: Some(
-                self.ctx
-                    .fences
-                    .gate(&self.ctx.db, spot.fence(), self.ctx.leader),
-            ),
+            fence: Some(self.ctx.fences.gate(&self.ctx.shared.fences, spot.fence())),
         })
     }
 
@@ -367,8 +363,7 @@ impl SpotWorker {
     async fn run_failure_clock(&mut self, fence: Fence, e: &DeliverError) {
         let recorded = match self.ctx.db.client().await {
             Ok(c) => {
-                store::record_outcome(&c, fence.spot_id, fence.activation, Some(&e.to_string()))
-                    .await
+                store::record_failure(&c, fence.spot_id, fence.activation, &e.to_string()).await
             }
             Err(de) => Err(de),
         };
@@ -500,12 +495,12 @@ impl SpotWorker {
                 Some(_) => {}
             }
         }
-        let (markers, locked) = store::take_due_markers(
-            &*self.ctx.db.client().await?,
-            fence.spot_id,
-            (BATCH_LIMIT * BATCHES_IN_FLIGHT) as i64,
-        )
-        .await?;
+        let (markers, locked) = self
+            .ctx
+            .shared
+            .take
+            .ask((fence.spot_id, (BATCH_LIMIT * BATCHES_IN_FLIGHT) as i64))
+            .await?;
         if markers.is_empty() {
             return Ok(if locked > 0 {
                 Round::Locked
@@ -528,8 +523,7 @@ impl SpotWorker {
         // portal's limiter still spaces every call within its budget.
         let delivered = futures_util::future::join_all(markers.chunks(BATCH_LIMIT).map(|batch| {
             let span = tracing::debug_span!("delivery_batch", items = batch.len());
-            round::deliver_properties(&self.ctx.metrics, &self.ctx.db, &portal, fence, batch)
-                .instrument(span)
+            round::deliver_properties(&self.ctx, &portal, fence, batch).instrument(span)
         }))
         .await;
         let mut failed: Option<(DeliverError, Vec<Marker>)> = None;
@@ -564,12 +558,12 @@ impl SpotWorker {
 
     async fn activity_round(&mut self, spot: &LiveIntegration) -> Result<Round, RoundError> {
         let fence = spot.fence();
-        let due = store::due_activities(
-            &*self.ctx.db.client().await?,
-            fence.spot_id,
-            BATCH_LIMIT as i64,
-        )
-        .await?;
+        let due = self
+            .ctx
+            .shared
+            .activities
+            .ask((fence.spot_id, BATCH_LIMIT as i64))
+            .await?;
         if due.is_empty() {
             return Ok(Round::Idle);
         }
@@ -583,16 +577,9 @@ impl SpotWorker {
         let span = tracing::debug_span!("activity_batch", items = due.len());
         let delivered = match self.portal(spot).await {
             Ok(portal) => {
-                round::deliver_activities(
-                    &self.ctx.metrics,
-                    &self.ctx.db,
-                    &portal,
-                    fence,
-                    &self.ctx.sink,
-                    due,
-                )
-                .instrument(span)
-                .await
+                round::deliver_activities(&self.ctx, &portal, fence, due)
+                    .instrument(span)
+                    .await
             }
             Err(e) => Err(e),
         };
@@ -616,13 +603,11 @@ impl SpotWorker {
         if self.backoff.failures() > 0 || after_401 || self.clock_may_run {
             self.backoff.reset();
             self.clock_may_run = false;
-            store::record_outcome(
-                &*self.ctx.db.client().await?,
-                fence.spot_id,
-                fence.activation,
-                None,
-            )
-            .await?;
+            self.ctx
+                .shared
+                .successes
+                .ask((fence.spot_id, fence.activation))
+                .await?;
         }
         Ok(())
     }

@@ -171,7 +171,7 @@ async fn connect(url: &str) -> Result<DbClient, DoctorError> {
     let db = Db::new(&cfg).map_err(|_| DoctorError::ConnectTimeout(target.clone()))?;
     db.client().await.map_err(|e| match e {
         DbError::Postgres(source) => DoctorError::Connect { target, source },
-        DbError::Unavailable(_) => DoctorError::ConnectTimeout(target),
+        DbError::Unavailable(_) | DbError::Shared(_) => DoctorError::ConnectTimeout(target),
     })
 }
 

@@ -213,37 +213,49 @@ pub struct QueuedActivity {
     pub url: Option<String>,
 }
 
-/// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of a Spot, in the order they are sent
-/// (read along `*_due_order_idx`, so it costs the batch, not the backlog).
+/// Reads up to `limit` due `hubspot_sync.activity_outbox` rows of each Spot
+/// asked, `asks` being `(spot_id, limit)` pairs, in the order they are sent
+/// (read along `*_due_order_idx`, so it costs the batches, not the backlog).
+/// One statement serves many rounds (`deliver::shared`); the answers come in
+/// the order of `asks`.
 pub async fn due_activities(
     db: &super::Conn,
-    spot_id: i64,
-    limit: i64,
-) -> Result<Vec<QueuedActivity>, DbError> {
+    asks: &[(i64, i64)],
+) -> Result<Vec<Vec<QueuedActivity>>, DbError> {
+    let spots: Vec<i64> = asks.iter().map(|a| a.0).collect();
+    let limits: Vec<i64> = asks.iter().map(|a| a.1).collect();
     let statement = db
         .prepare_cached(
-            "SELECT event_id, spot_id, member_id, activity, occurred_at, spot_name, title, url
-               FROM hubspot_sync.activity_outbox
-              WHERE spot_id = $1 AND next_attempt_at <= now()
-              ORDER BY next_attempt_at, occurred_at LIMIT $2",
+            "SELECT a.i, d.event_id, d.spot_id, d.member_id, d.activity, d.occurred_at,
+                    d.spot_name, d.title, d.url
+               FROM unnest($1::bigint[], $2::bigint[]) WITH ORDINALITY AS a(spot_id, lim, i)
+              CROSS JOIN LATERAL (
+                    SELECT * FROM hubspot_sync.activity_outbox o
+                     WHERE o.spot_id = a.spot_id AND o.next_attempt_at <= now()
+                     ORDER BY o.next_attempt_at, o.occurred_at LIMIT a.lim) d
+              ORDER BY a.i, d.next_attempt_at, d.occurred_at",
         )
         .await?;
-    let rows = db.query(&statement, &[&spot_id, &limit]).await?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            Some(QueuedActivity {
-                event_id: r.get(0),
-                spot_id: r.get(1),
-                member_id: r.get(2),
-                activity: ActivityType::from_name(r.get(3))?,
-                occurred_at: r.get(4),
-                spot_name: r.get(5),
-                title: r.get(6),
-                url: r.get(7),
-            })
-        })
-        .collect())
+    let rows = db.query(&statement, &[&spots, &limits]).await?;
+    let mut answers: Vec<Vec<QueuedActivity>> = vec![Vec::new(); asks.len()];
+    for r in &rows {
+        let Some(answer) = super::ask_of(r).and_then(|i| answers.get_mut(i)) else {
+            continue;
+        };
+        if let Some(activity) = ActivityType::from_name(r.get(4)) {
+            answer.push(QueuedActivity {
+                event_id: r.get(1),
+                spot_id: r.get(2),
+                member_id: r.get(3),
+                activity,
+                occurred_at: r.get(5),
+                spot_name: r.get(6),
+                title: r.get(7),
+                url: r.get(8),
+            });
+        }
+    }
+    Ok(answers)
 }
 
 /// How a queued event ended.

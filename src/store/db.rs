@@ -32,6 +32,10 @@ pub enum DbError {
     /// No connection could be opened or taken from the pool in time.
     #[error("no database connection: {0}")]
     Unavailable(String),
+    /// A statement that answered many delivery rounds at once failed (each
+    /// of them gets the same error).
+    #[error("{0}")]
+    Shared(std::sync::Arc<DbError>),
 }
 
 impl From<PoolError> for DbError {

@@ -30,6 +30,23 @@ use tokio_postgres::{Client, GenericClient};
 use crate::metrics::Metrics;
 use crate::translate::{SpotSettings, StreamSettings, Work};
 
+/// The ask a row answers, in a statement for many asks that numbers them
+/// `WITH ORDINALITY` (1-based) in its first column.
+fn ask_of(row: &tokio_postgres::Row) -> Option<usize> {
+    usize::try_from(row.get::<_, i64>(0) - 1).ok()
+}
+
+/// Which of `n` asks came back in `rows` (see [`ask_of`]).
+fn asks_answered(rows: &[tokio_postgres::Row], n: usize) -> Vec<bool> {
+    let mut answered = vec![false; n];
+    for i in rows.iter().filter_map(ask_of) {
+        if let Some(a) = answered.get_mut(i) {
+            *a = true;
+        }
+    }
+    answered
+}
+
 const MIGRATIONS: &[(i32, &str)] = &[
     (1, include_str!("../../sql/migrations/0001_init.sql")),
     (2, include_str!("../../sql/migrations/0002_lifecycle.sql")),

@@ -39,57 +39,90 @@ pub struct Marker {
 /// Also returns how many due rows of the batch it left because another
 /// transaction held them (a hand-off about to commit, a disconnect): the
 /// caller looks again shortly, as nothing else tells it when they are free.
+///
+/// One statement takes for many Spots at once, `asks` being `(spot_id,
+/// limit)` pairs: a burst over a thousand Spots costs the primary a few
+/// takes, not a thousand (`deliver::shared`). The answers come in the order
+/// of `asks`. A Spot asked twice gets its rows once, on its first ask (the
+/// scheduler runs one round per Spot, so it does not happen).
 pub async fn take_due_markers(
     db: &super::Conn,
-    spot_id: i64,
-    limit: i64,
-) -> Result<(Vec<Marker>, usize), DbError> {
+    asks: &[(i64, i64)],
+) -> Result<Vec<(Vec<Marker>, usize)>, DbError> {
+    let mut spots: Vec<i64> = Vec::with_capacity(asks.len());
+    let mut limits: Vec<i64> = Vec::with_capacity(asks.len());
+    for &(spot, limit) in asks {
+        if !spots.contains(&spot) {
+            spots.push(spot);
+            limits.push(limit);
+        }
+    }
     let statement = db
         .prepare_cached(
-            "WITH due AS (
-                 SELECT member_id FROM hubspot_sync.property_outbox
-                  WHERE spot_id = $1 AND next_attempt_at <= now()
-                  ORDER BY next_attempt_at, version LIMIT $2
+            "WITH asked AS (
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[]) AS a(spot_id, lim)
+             ), due AS (
+                 SELECT a.spot_id, d.member_id
+                   FROM asked a
+                  CROSS JOIN LATERAL (
+                        SELECT o.member_id FROM hubspot_sync.property_outbox o
+                         WHERE o.spot_id = a.spot_id AND o.next_attempt_at <= now()
+                         ORDER BY o.next_attempt_at, o.version LIMIT a.lim) d
              ), k AS (
                  -- A row locked by a hand-off (or a disconnect) is left for
                  -- the next round, a moment later (the count below):
                  -- taking never waits, so it cannot deadlock with any
                  -- writer, whatever order that one locks in.
-                 SELECT o.member_id FROM hubspot_sync.property_outbox o JOIN due USING (member_id)
-                  WHERE o.spot_id = $1
-                  ORDER BY o.member_id
+                 SELECT o.spot_id, o.member_id
+                   FROM due JOIN hubspot_sync.property_outbox o
+                     ON o.spot_id = due.spot_id AND o.member_id = due.member_id
+                  ORDER BY o.spot_id, o.member_id
                     FOR UPDATE OF o SKIP LOCKED
              ), took AS (
                  UPDATE hubspot_sync.property_outbox o SET taken = true
-                   FROM k WHERE o.spot_id = $1 AND o.member_id = k.member_id
+                   FROM k WHERE o.spot_id = k.spot_id AND o.member_id = k.member_id
                  RETURNING o.*
+             ), counted AS (
+                 SELECT spot_id, count(*) AS due FROM due GROUP BY spot_id
              )
-             -- One row even when nothing was taken, for the count of due rows.
-             SELECT t.spot_id, t.member_id, t.version, t.create_contact, t.enqueued_at, t.rewrite,
-                    d.due
-               FROM (SELECT count(*) AS due FROM due) d
-               LEFT JOIN took t ON true
-              ORDER BY t.next_attempt_at, t.version",
+             -- One row per Spot asked even when nothing was taken, for the
+             -- count of its due rows.
+             SELECT a.spot_id, t.member_id, t.version, t.create_contact, t.enqueued_at, t.rewrite,
+                    coalesce(c.due, 0)
+               FROM asked a
+               LEFT JOIN counted c ON c.spot_id = a.spot_id
+               LEFT JOIN took t ON t.spot_id = a.spot_id
+              ORDER BY a.spot_id, t.next_attempt_at, t.version",
         )
         .await?;
-    let rows = db.query(&statement, &[&spot_id, &limit]).await?;
-    let due = rows.first().map_or(0, |r| r.get::<_, i64>(6));
-    let markers: Vec<Marker> = rows
+    let rows = db.query(&statement, &[&spots, &limits]).await?;
+    let mut by_spot: HashMap<i64, (Vec<Marker>, i64)> = HashMap::with_capacity(spots.len());
+    for r in &rows {
+        let spot_id: i64 = r.get(0);
+        let entry = by_spot
+            .entry(spot_id)
+            .or_insert_with(|| (Vec::new(), r.get(6)));
+        if let Some(member_id) = r.get::<_, Option<i64>>(1) {
+            entry.0.push(Marker {
+                spot_id,
+                member_id,
+                version: r.get(2),
+                create_contact: r.get(3),
+                enqueued_at: r.get(4),
+                rewrite: r.get(5),
+            });
+        }
+    }
+    Ok(asks
         .iter()
-        .filter(|r| r.get::<_, Option<i64>>(1).is_some())
-        .map(|r| Marker {
-            spot_id: r.get(0),
-            member_id: r.get(1),
-            version: r.get(2),
-            create_contact: r.get(3),
-            enqueued_at: r.get(4),
-            rewrite: r.get(5),
+        .map(|(spot, _)| {
+            let (markers, due) = by_spot.remove(spot).unwrap_or_default();
+            let locked = usize::try_from(due)
+                .unwrap_or(0)
+                .saturating_sub(markers.len());
+            (markers, locked)
         })
-        .collect();
-    let locked = usize::try_from(due)
-        .unwrap_or(0)
-        .saturating_sub(markers.len());
-    Ok((markers, locked))
+        .collect())
 }
 
 /// The Spots with a row due now in either outbox: delivery's one look for
@@ -319,52 +352,62 @@ pub(super) type ConnTransaction<'a> = deadpool_postgres::Transaction<'a>;
 /// Locks the integration row for share if `fence` is still current, in this
 /// transaction: a reconnect or disconnect then waits for the transaction.
 pub(super) async fn hold_fence(tx: &ConnTransaction<'_>, fence: Fence) -> Result<bool, DbError> {
-    let statement = tx
-        .prepare_cached(
-            "SELECT 1 FROM hubspot_sync.integrations
-              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
-                FOR SHARE",
-        )
-        .await?;
-    Ok(tx
-        .query_opt(
-            &statement,
-            &[&fence.spot_id, &fence.portal_id, &fence.activation],
-        )
-        .await?
-        .is_some())
+    Ok(hold_fences(tx, &[fence]).await?.first() == Some(&true))
 }
 
-/// Reads the `hubspot_sync.contact_map` entries of these (spot, member) keys on this portal.
-pub async fn contact_states(
-    db: &super::Conn,
-    portal_id: i64,
-    keys: &[(i64, i64)],
-) -> Result<HashMap<(i64, i64), ContactState>, DbError> {
-    let spots: Vec<i64> = keys.iter().map(|k| k.0).collect();
-    let members: Vec<i64> = keys.iter().map(|k| k.1).collect();
-    let statement = db
+/// [`hold_fence`] for many fences at once, in the order of the Spots (the
+/// hand-off's order): whether each is current, in the order of `fences`.
+async fn hold_fences(tx: &ConnTransaction<'_>, fences: &[Fence]) -> Result<Vec<bool>, DbError> {
+    let spots: Vec<i64> = fences.iter().map(|f| f.spot_id).collect();
+    let portals: Vec<i64> = fences.iter().map(|f| f.portal_id).collect();
+    let activations: Vec<i64> = fences.iter().map(|f| f.activation).collect();
+    let statement = tx
         .prepare_cached(
-            "SELECT c.spot_id, c.member_id, c.email, c.contact_id, c.written
-               FROM hubspot_sync.contact_map c
-               JOIN unnest($1::bigint[], $2::bigint[]) k(spot_id, member_id)
-                 ON k.spot_id = c.spot_id AND k.member_id = c.member_id
-              WHERE c.portal_id = $3",
+            "SELECT f.i FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+                        WITH ORDINALITY AS f(spot_id, portal_id, activation, i)
+               JOIN hubspot_sync.integrations i
+                 ON i.spot_id = f.spot_id AND i.portal_id = f.portal_id
+                AND i.activation = f.activation AND i.status = 'active'
+              ORDER BY i.spot_id
+                FOR SHARE OF i",
         )
         .await?;
-    let rows = db
-        .query(&statement, &[&spots, &members, &portal_id])
+    let rows = tx
+        .query(&statement, &[&spots, &portals, &activations])
         .await?;
+    Ok(super::asks_answered(&rows, fences.len()))
+}
+
+/// Reads the `hubspot_sync.contact_map` entries of these (portal, spot,
+/// member) keys: an entry counts only on the portal it was made on. One
+/// statement serves many rounds, of many portals (`deliver::shared`).
+pub async fn contact_states(
+    db: &super::Conn,
+    keys: &[(i64, i64, i64)],
+) -> Result<HashMap<(i64, i64, i64), ContactState>, DbError> {
+    let portals: Vec<i64> = keys.iter().map(|k| k.0).collect();
+    let spots: Vec<i64> = keys.iter().map(|k| k.1).collect();
+    let members: Vec<i64> = keys.iter().map(|k| k.2).collect();
+    let statement = db
+        .prepare_cached(
+            "SELECT c.portal_id, c.spot_id, c.member_id, c.email, c.contact_id, c.written
+               FROM hubspot_sync.contact_map c
+               JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) k(portal_id, spot_id, member_id)
+                 ON k.spot_id = c.spot_id AND k.member_id = c.member_id
+                AND k.portal_id = c.portal_id",
+        )
+        .await?;
+    let rows = db.query(&statement, &[&portals, &spots, &members]).await?;
     Ok(rows
         .iter()
         .map(|r| {
-            let written: serde_json::Value = r.get(4);
+            let written: serde_json::Value = r.get(5);
             let written = serde_json::from_value(written).unwrap_or_default();
             (
-                (r.get(0), r.get(1)),
+                (r.get(0), r.get(1), r.get(2)),
                 ContactState {
-                    email: r.get(2),
-                    contact_id: r.get(3),
+                    email: r.get(3),
+                    contact_id: r.get(4),
                     written,
                 },
             )
@@ -458,37 +501,47 @@ impl Completion {
     }
 }
 
+/// What one round (of one activation) completed.
+#[derive(Clone, Debug)]
+pub struct RoundDone {
+    /// The activation the round delivered for.
+    pub fence: Fence,
+    /// How each of its rows ended.
+    pub done: Vec<Completion>,
+}
+
 /// Records completions and deletes their outbox rows, unless a newer change
-/// arrived meanwhile (the version moved on), in one transaction. Returns
-/// false, and changes nothing, when `fence` is no longer current: record ids
-/// of another activation (maybe another portal) are never stored.
-pub async fn complete(
-    db: &mut super::Conn,
-    fence: Fence,
-    done: &[Completion],
-) -> Result<bool, DbError> {
-    let mut done: Vec<&Completion> = done.iter().collect();
-    // Same lock order as the hand-off (integration, then outbox rows by
-    // key), so the two never deadlock.
-    done.sort_by_key(|c| c.key());
+/// arrived meanwhile (the version moved on), in one transaction for many
+/// rounds (`deliver::shared`). Returns, per round, whether its fence was
+/// current: a round whose fence is not changes nothing, so record ids of
+/// another activation (maybe another portal) are never stored.
+pub async fn complete(db: &mut super::Conn, rounds: &[RoundDone]) -> Result<Vec<bool>, DbError> {
     let tx = db.transaction().await?;
-    if !hold_fence(&tx, fence).await? {
-        return Ok(false);
-    }
-    let portal = fence.portal_id;
+    let fences: Vec<Fence> = rounds.iter().map(|r| r.fence).collect();
+    let current = hold_fences(&tx, &fences).await?;
+    let mut done: Vec<(&Completion, i64)> = rounds
+        .iter()
+        .zip(&current)
+        .filter(|(_, current)| **current)
+        .flat_map(|(r, _)| r.done.iter().map(|c| (c, r.fence.portal_id)))
+        .collect();
+    // Same lock order as the hand-off (integrations, then outbox rows by
+    // key), so the two never deadlock.
+    done.sort_by_key(|(c, _)| c.key());
     // Set-based, a statement per kind of write rather than per member: the
     // transaction holds its locks for a few round trips, whatever the batch.
     let mut map = MapRows::default();
-    let mut unmapped: Vec<i64> = Vec::new();
+    let mut unmapped = (Vec::<i64>::new(), Vec::<i64>::new(), Vec::<i64>::new());
     let mut dead = (
+        Vec::<i64>::new(),
         Vec::<i64>::new(),
         Vec::<serde_json::Value>::new(),
         Vec::<&str>::new(),
     );
-    let mut delivered = (Vec::<i64>::new(), Vec::<i64>::new());
-    let mut relook = (Vec::<i64>::new(), Vec::<i64>::new());
+    let mut delivered = (Vec::<i64>::new(), Vec::<i64>::new(), Vec::<i64>::new());
+    let mut relook = (Vec::<i64>::new(), Vec::<i64>::new(), Vec::<i64>::new());
     let mut conflicts = Vec::new();
-    for c in done {
+    for (c, portal) in done {
         let marker = match c {
             Completion::Written {
                 marker,
@@ -498,6 +551,7 @@ pub async fn complete(
             } => {
                 map.push(
                     marker,
+                    portal,
                     email,
                     Some(contact_id),
                     None,
@@ -507,8 +561,14 @@ pub async fn complete(
             }
             Completion::NoContact { marker, email } => {
                 match email {
-                    Some(email) => map.push(marker, email, None, None, serde_json::json!({})),
-                    None => unmapped.push(marker.member_id),
+                    Some(email) => {
+                        map.push(marker, portal, email, None, None, serde_json::json!({}))
+                    }
+                    None => {
+                        unmapped.0.push(marker.spot_id);
+                        unmapped.1.push(portal);
+                        unmapped.2.push(marker.member_id);
+                    }
                 }
                 marker
             }
@@ -521,6 +581,7 @@ pub async fn complete(
                 // The outbox row stays: the next round writes the properties.
                 map.push(
                     marker,
+                    portal,
                     email,
                     Some(contact_id),
                     former.as_ref(),
@@ -534,9 +595,17 @@ pub async fn complete(
                 former,
             } => {
                 // The outbox row stays, for a look-up that creates nothing.
-                map.push(marker, email, None, Some(former), serde_json::json!({}));
-                relook.0.push(marker.member_id);
-                relook.1.push(marker.version);
+                map.push(
+                    marker,
+                    portal,
+                    email,
+                    None,
+                    Some(former),
+                    serde_json::json!({}),
+                );
+                relook.0.push(marker.spot_id);
+                relook.1.push(marker.member_id);
+                relook.2.push(marker.version);
                 continue;
             }
             Completion::Conflict {
@@ -546,8 +615,15 @@ pub async fn complete(
                 former,
                 kept_member_id,
             } => {
-                map.push(marker, email, None, Some(former), serde_json::json!({}));
-                conflicts.push((marker.member_id, contact_id, *kept_member_id));
+                map.push(
+                    marker,
+                    portal,
+                    email,
+                    None,
+                    Some(former),
+                    serde_json::json!({}),
+                );
+                conflicts.push((marker, portal, contact_id, *kept_member_id));
                 marker
             }
             Completion::DeadLetter {
@@ -557,13 +633,15 @@ pub async fn complete(
                 payload,
                 reason,
             } => {
-                dead.0.push(marker.member_id);
-                dead.1.push(payload.clone());
-                dead.2.push(reason);
+                dead.0.push(marker.spot_id);
+                dead.1.push(marker.member_id);
+                dead.2.push(payload.clone());
+                dead.3.push(reason);
                 // Keep the mapping but forget what was written, so the next
                 // change sends every property again.
                 map.push(
                     marker,
+                    portal,
                     email,
                     contact_id.as_ref(),
                     None,
@@ -572,18 +650,18 @@ pub async fn complete(
                 marker
             }
         };
-        delivered.0.push(marker.member_id);
-        delivered.1.push(marker.version);
+        delivered.0.push(marker.spot_id);
+        delivered.1.push(marker.member_id);
+        delivered.2.push(marker.version);
     }
-    let spot = fence.spot_id;
     if !map.members.is_empty() {
         let statement = tx
             .prepare_cached(
                 "INSERT INTO hubspot_sync.contact_map AS c (spot_id, member_id, email, contact_id, written, updated_at, portal_id, former_contact_id)
-             SELECT $1, m.member_id, m.email, m.contact_id, m.written, now(), $2, m.former
-               FROM unnest($3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
-                    AS m(member_id, email, contact_id, written, former)
-              ORDER BY m.member_id
+             SELECT m.spot_id, m.member_id, m.email, m.contact_id, m.written, now(), m.portal_id, m.former
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[], $7::text[])
+                    AS m(spot_id, portal_id, member_id, email, contact_id, written, former)
+              ORDER BY m.spot_id, m.member_id
              ON CONFLICT (spot_id, portal_id, member_id) DO UPDATE
                 SET email = excluded.email, contact_id = excluded.contact_id,
                     written = excluded.written, updated_at = now(),
@@ -593,8 +671,8 @@ pub async fn complete(
         tx.execute(
             &statement,
             &[
-                &spot,
-                &portal,
+                &map.spots,
+                &map.portals,
                 &map.members,
                 &map.emails,
                 &map.contact_ids,
@@ -608,30 +686,39 @@ pub async fn complete(
         // Looked up again for a deleted contact: nothing is created for it.
         tx.execute(
             "UPDATE hubspot_sync.property_outbox o SET create_contact = false
-               FROM unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
-              WHERE o.spot_id = $1 AND o.member_id = u.member_id AND o.version = u.version",
-            &[&spot, &relook.0, &relook.1],
+               FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(spot_id, member_id, version)
+              WHERE o.spot_id = u.spot_id AND o.member_id = u.member_id AND o.version = u.version",
+            &[&relook.0, &relook.1, &relook.2],
         )
         .await?;
     }
-    for (member, contact, kept) in &conflicts {
-        super::portal_changes::insert_conflict(&*tx, spot, portal, *member, contact, *kept).await?;
+    for (marker, portal, contact, kept) in &conflicts {
+        super::portal_changes::insert_conflict(
+            &*tx,
+            marker.spot_id,
+            *portal,
+            marker.member_id,
+            contact,
+            *kept,
+        )
+        .await?;
     }
-    if !unmapped.is_empty() {
+    if !unmapped.0.is_empty() {
         tx.execute(
-            "DELETE FROM hubspot_sync.contact_map
-              WHERE spot_id = $1 AND portal_id = $2 AND member_id = ANY($3)",
-            &[&spot, &portal, &unmapped],
+            "DELETE FROM hubspot_sync.contact_map c
+              USING unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(spot_id, portal_id, member_id)
+              WHERE c.spot_id = u.spot_id AND c.portal_id = u.portal_id AND c.member_id = u.member_id",
+            &[&unmapped.0, &unmapped.1, &unmapped.2],
         )
         .await?;
     }
     if !dead.0.is_empty() {
         tx.execute(
             "INSERT INTO hubspot_sync.dead_letters (spot_id, member_id, kind, payload, reason)
-             SELECT $1, d.member_id, 'contact_properties', d.payload, left(d.reason, 1000)
-               FROM unnest($2::bigint[], $3::jsonb[], $4::text[]) WITH ORDINALITY AS d(member_id, payload, reason, n)
+             SELECT d.spot_id, d.member_id, 'contact_properties', d.payload, left(d.reason, 1000)
+               FROM unnest($1::bigint[], $2::bigint[], $3::jsonb[], $4::text[]) WITH ORDINALITY AS d(spot_id, member_id, payload, reason, n)
               ORDER BY d.n",
-            &[&spot, &dead.0, &dead.1, &dead.2],
+            &[&dead.0, &dead.1, &dead.2, &dead.3],
         )
         .await?;
     }
@@ -640,28 +727,29 @@ pub async fn complete(
         let statement = tx
             .prepare_cached(
                 "WITH k AS (
-                 SELECT o.member_id
+                 SELECT o.spot_id, o.member_id
                    FROM hubspot_sync.property_outbox o
-                   JOIN unnest($2::bigint[], $3::bigint[]) AS u(member_id, version)
-                     ON o.member_id = u.member_id AND o.version = u.version
-                  WHERE o.spot_id = $1
-                  ORDER BY o.member_id
+                   JOIN unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(spot_id, member_id, version)
+                     ON o.spot_id = u.spot_id AND o.member_id = u.member_id AND o.version = u.version
+                  ORDER BY o.spot_id, o.member_id
                     FOR UPDATE OF o
              )
              DELETE FROM hubspot_sync.property_outbox o
-              USING k WHERE o.spot_id = $1 AND o.member_id = k.member_id",
+              USING k WHERE o.spot_id = k.spot_id AND o.member_id = k.member_id",
             )
             .await?;
-        tx.execute(&statement, &[&spot, &delivered.0, &delivered.1])
+        tx.execute(&statement, &[&delivered.0, &delivered.1, &delivered.2])
             .await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(current)
 }
 
 /// The contact-map rows a completion writes, as columns for `unnest`.
 #[derive(Default)]
 struct MapRows<'a> {
+    spots: Vec<i64>,
+    portals: Vec<i64>,
     members: Vec<i64>,
     emails: Vec<&'a str>,
     contact_ids: Vec<Option<&'a str>>,
@@ -673,11 +761,14 @@ impl<'a> MapRows<'a> {
     fn push(
         &mut self,
         marker: &Marker,
+        portal_id: i64,
         email: &'a str,
         contact_id: Option<&'a String>,
         former: Option<&'a String>,
         written: serde_json::Value,
     ) {
+        self.spots.push(marker.spot_id);
+        self.portals.push(portal_id);
         self.members.push(marker.member_id);
         self.emails.push(email);
         self.contact_ids.push(contact_id.map(String::as_str));

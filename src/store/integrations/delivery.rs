@@ -102,37 +102,44 @@ pub async fn active_integration(
     Ok(row.as_ref().map(live_integration))
 }
 
-/// Whether this activation of the Spot is the active one and (when given)
-/// the leadership lock `(pid, class, key)` is still held by this replica's
-/// lock session: the check before every HubSpot call delivery makes.
-pub async fn is_current_led(
+/// Which of these `(spot_id, portal_id, activation)` fences are the active
+/// activation of their Spot, provided (when given) the leadership lock
+/// `(pid, class, key)` is still held by this replica's lock session: the
+/// check before every HubSpot call delivery makes. One statement checks the
+/// calls of many rounds (`deliver::shared`); the answers come in the order
+/// of `fences`.
+pub async fn current_fences(
     db: &Conn,
-    spot_id: i64,
-    portal_id: i64,
-    activation: i64,
+    fences: &[(i64, i64, i64)],
     lock: Option<(i32, i32, i32)>,
-) -> Result<bool, DbError> {
+) -> Result<Vec<bool>, DbError> {
     let (pid, class, key) = match lock {
         Some((pid, class, key)) => (Some(pid), class, key),
         None => (None, 0, 0),
     };
+    let spots: Vec<i64> = fences.iter().map(|f| f.0).collect();
+    let portals: Vec<i64> = fences.iter().map(|f| f.1).collect();
+    let activations: Vec<i64> = fences.iter().map(|f| f.2).collect();
     let statement = db
         .prepare_cached(
-            "SELECT 1 FROM hubspot_sync.integrations
-              WHERE spot_id = $1 AND portal_id = $2 AND activation = $3 AND status = 'active'
-                AND ($4::int IS NULL OR EXISTS (
-                     SELECT 1 FROM pg_locks
-                      WHERE locktype = 'advisory' AND granted AND pid = $4
-                        AND classid = $5::int::oid AND objid = $6::int::oid AND objsubid = 2))",
+            "SELECT f.i FROM unnest($1::bigint[], $2::bigint[], $3::bigint[])
+                        WITH ORDINALITY AS f(spot_id, portal_id, activation, i)
+               JOIN hubspot_sync.integrations i
+                 ON i.spot_id = f.spot_id AND i.portal_id = f.portal_id
+                AND i.activation = f.activation AND i.status = 'active'
+              WHERE $4::int IS NULL OR EXISTS (
+                    SELECT 1 FROM pg_locks
+                     WHERE locktype = 'advisory' AND granted AND pid = $4
+                       AND classid = $5::int::oid AND objid = $6::int::oid AND objsubid = 2)",
         )
         .await?;
-    Ok(db
-        .query_opt(
+    let rows = db
+        .query(
             &statement,
-            &[&spot_id, &portal_id, &activation, &pid, &class, &key],
+            &[&spots, &portals, &activations, &pid, &class, &key],
         )
-        .await?
-        .is_some())
+        .await?;
+    Ok(crate::store::asks_answered(&rows, fences.len()))
 }
 
 /// Marks this activation initialized (a newer activation is left alone).
@@ -191,43 +198,53 @@ pub async fn recently_called_portals(db: &Client) -> Result<Vec<(i64, f64)>, DbE
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Success clears the transient-failure clock; a failure starts it and keeps
-/// the latest error (this activation only). Returns how long the Spot has
-/// been failing.
-pub async fn record_outcome(
+/// A failure starts the transient-failure clock and keeps the latest error
+/// (this activation only). Returns how long the Spot has been failing.
+pub async fn record_failure(
     db: &Conn,
     spot_id: i64,
     activation: i64,
-    error: Option<&str>,
+    error: &str,
 ) -> Result<std::time::Duration, DbError> {
-    match error {
-        None => {
-            let statement = db
-                .prepare_cached(
-                    "UPDATE hubspot_sync.integrations SET last_success_at = now(), failing_since = NULL
-                      WHERE spot_id = $1 AND activation = $2",
-                )
-                .await?;
-            db.execute(&statement, &[&spot_id, &activation]).await?;
-            Ok(std::time::Duration::ZERO)
-        }
-        Some(e) => {
-            let row = db
-                .query_one(
-                    "WITH u AS (
-                         UPDATE hubspot_sync.integrations
-                            SET last_error = left($3, 1000), failing_since = COALESCE(failing_since, now()), updated_at = now()
-                          WHERE spot_id = $1 AND activation = $2
-                      RETURNING failing_since)
-                     SELECT COALESCE(EXTRACT(epoch FROM now() - min(failing_since)), 0)::float8 FROM u",
-                    &[&spot_id, &activation, &e],
-                )
-                .await?;
-            Ok(std::time::Duration::from_secs_f64(
-                row.get::<_, f64>(0).max(0.0),
-            ))
-        }
-    }
+    let row = db
+        .query_one(
+            "WITH u AS (
+                 UPDATE hubspot_sync.integrations
+                    SET last_error = left($3, 1000), failing_since = COALESCE(failing_since, now()), updated_at = now()
+                  WHERE spot_id = $1 AND activation = $2
+              RETURNING failing_since)
+             SELECT COALESCE(EXTRACT(epoch FROM now() - min(failing_since)), 0)::float8 FROM u",
+            &[&spot_id, &activation, &error],
+        )
+        .await?;
+    Ok(std::time::Duration::from_secs_f64(
+        row.get::<_, f64>(0).max(0.0),
+    ))
+}
+
+/// Success clears the transient-failure clock of these `(spot_id,
+/// activation)` pairs (that activation only), in one statement for many
+/// rounds (`deliver::shared`). Rows are locked in the Spots' order, the
+/// hand-off's, so the two never deadlock.
+pub async fn record_successes(db: &Conn, activations: &[(i64, i64)]) -> Result<(), DbError> {
+    let spots: Vec<i64> = activations.iter().map(|a| a.0).collect();
+    let ids: Vec<i64> = activations.iter().map(|a| a.1).collect();
+    let statement = db
+        .prepare_cached(
+            "WITH k AS (
+                 SELECT i.spot_id FROM hubspot_sync.integrations i
+                   JOIN unnest($1::bigint[], $2::bigint[]) AS a(spot_id, activation)
+                     ON i.spot_id = a.spot_id AND i.activation = a.activation
+                  ORDER BY i.spot_id
+                    FOR NO KEY UPDATE OF i
+             )
+             UPDATE hubspot_sync.integrations i
+                SET last_success_at = now(), failing_since = NULL
+               FROM k WHERE i.spot_id = k.spot_id",
+        )
+        .await?;
+    db.execute(&statement, &[&spots, &ids]).await?;
+    Ok(())
 }
 
 /// Shows a configuration error of this sidecar (a token no key of the ring
