@@ -751,6 +751,29 @@ async fn metric_sum(http: &reqwest::Client, listen: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// `(kind, asks, statements)` of the statements delivery rounds share, so
+/// far (`hubspot_sidecar_delivery_shared_*_total`).
+async fn shared_statements(http: &reqwest::Client, listen: &str) -> Vec<(&'static str, f64, f64)> {
+    let mut counts = Vec::new();
+    for kind in hubspot_sidecar::metrics::SHARED_KINDS {
+        let label = format!("{{kind=\"{kind}\"}}");
+        let asks = metric_sum(
+            http,
+            listen,
+            &format!("hubspot_sidecar_delivery_shared_asks_total{label}"),
+        )
+        .await;
+        let statements = metric_sum(
+            http,
+            listen,
+            &format!("hubspot_sidecar_delivery_shared_statements_total{label}"),
+        )
+        .await;
+        counts.push((kind, asks, statements));
+    }
+    counts
+}
+
 /// Starts the release binary on the fleet's database; returns it once
 /// /readyz answers 200, with the time that took.
 async fn start_fleet_sidecar(
@@ -1048,6 +1071,7 @@ async fn fleet(
             postgres_cpu_seconds(),
             cpu_seconds(std::process::id()),
         );
+        let shared_before = shared_statements(&http, &listen).await;
         let t = Instant::now();
         let tag = format!("burst {round}");
         let latencies = changes_reach_hubspot(&db.client, &b.emu, &targets, &tag).await?;
@@ -1073,6 +1097,19 @@ async fn fleet(
             cpu_after.0 - cpu_before.0,
             cpu_after.1 - cpu_before.1,
             cpu_after.2 - cpu_before.2
+        );
+        let shared: Vec<String> = shared_statements(&http, &listen)
+            .await
+            .into_iter()
+            .zip(shared_before)
+            .filter(|((_, asks, _), (_, asks0, _))| asks > asks0)
+            .map(|((kind, asks, statements), (_, asks0, statements0))| {
+                format!("{kind} {:.0}/{:.0}", statements - statements0, asks - asks0)
+            })
+            .collect();
+        println!(
+            "    statements the rounds shared, per kind (statements/asks): {}",
+            shared.join(", ")
         );
         tokio::time::sleep(Duration::from_secs(2)).await;
     }

@@ -6,6 +6,18 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The kinds of statement delivery rounds share (`deliver::shared`), as
+/// `delivery_shared_*_total` label them.
+pub const SHARED_KINDS: [&str; 7] = [
+    "take",
+    "activities",
+    "members",
+    "contacts",
+    "fence",
+    "complete",
+    "success",
+];
+
 /// All Prometheus metrics of one sidecar instance, registered in their own registry.
 pub struct Metrics {
     /// Registry holding every metric below; rendered by `/metrics`.
@@ -593,7 +605,7 @@ impl Metrics {
         for status in ["inactive", "active", "failed"] {
             m.integrations.with_label_values(&[status]).set(0);
         }
-        for kind in crate::deliver::SHARED_KINDS {
+        for kind in SHARED_KINDS {
             m.delivery_shared_asks.with_label_values(&[kind]).inc_by(0);
             m.delivery_shared_statements
                 .with_label_values(&[kind])

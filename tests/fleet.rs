@@ -56,6 +56,17 @@ fn answer_after(
     }
 }
 
+/// Whether every member of `spots` has `headline` on its contact.
+fn all_hold(
+    emu: &hubspot_emulator::Emulator,
+    spots: &[(i64, u64, i64, String)],
+    headline: &str,
+) -> bool {
+    spots.iter().all(|(_, portal, _, email)| {
+        prop(emu, *portal, email, "meltingspot_headline").as_deref() == Some(headline)
+    })
+}
+
 /// Batch updates each portal of `spots` has had so far.
 fn batch_updates(emu: &hubspot_emulator::Emulator, spots: &[(i64, u64, i64, String)]) -> Vec<u64> {
     spots
@@ -177,9 +188,7 @@ async fn a_burst_over_many_spots_goes_out_in_one_round_trip() {
         .unwrap();
     }
     wait_for("every contact holds the burst", 60 * SECOND, || async {
-        spots.iter().all(|(_, portal, _, email)| {
-            prop(&emu, *portal, email, "meltingspot_headline").as_deref() == Some("burst")
-        })
+        all_hold(&emu, &spots, "burst")
     })
     .await;
     let took = started.elapsed();
@@ -242,9 +251,7 @@ async fn a_bursts_rounds_share_their_statements_and_one_rounds_bad_rows_fail_onl
     .await
     .unwrap();
     wait_for("every contact holds the change", 60 * SECOND, || async {
-        spots.iter().all(|(_, portal, _, email)| {
-            prop(&emu, *portal, email, "meltingspot_headline").as_deref() == Some("shared")
-        })
+        all_hold(&emu, &spots, "shared")
     })
     .await;
     // Every round but the poisoned one completed: its outbox row is gone.
@@ -324,10 +331,7 @@ async fn a_bursts_rounds_share_their_statements_and_one_rounds_bad_rows_fail_onl
                 .await
                 .unwrap()
                 .get(0);
-            left == 0
-                && spots.iter().all(|(_, portal, _, email)| {
-                    prop(&emu, *portal, email, "meltingspot_headline").as_deref() == Some("again")
-                })
+            left == 0 && all_hold(&emu, &spots, "again")
         },
     )
     .await;

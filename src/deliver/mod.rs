@@ -38,7 +38,7 @@ use crate::store::{self, Db};
 use crate::translate::MarkerKey;
 
 pub use fence::Fences;
-pub use shared::{Shared, SHARED_KINDS};
+pub use shared::Shared;
 pub use wake::Wake;
 
 /// What every worker shares.

@@ -43,17 +43,6 @@ type Answers<A> = Pin<Box<dyn Future<Output = Result<Vec<A>, DbError>> + Send>>;
 type Statement<Q, A> = Box<dyn Fn(Db, Vec<Q>) -> Answers<A> + Send + Sync>;
 type Reply<A> = oneshot::Sender<Result<A, Arc<DbError>>>;
 
-/// The kinds of shared statement, as the metrics label them.
-pub const SHARED_KINDS: [&str; 7] = [
-    "take",
-    "activities",
-    "members",
-    "contacts",
-    "fence",
-    "complete",
-    "success",
-];
-
 /// Asks of one kind, answered together: `statement` gets the asks and
 /// returns one answer per ask, in their order.
 pub(super) struct Coalesced<Q, A> {
@@ -72,6 +61,7 @@ struct Pending<Q, A> {
 }
 
 impl<Q: Clone + Send + 'static, A: Send + 'static> Coalesced<Q, A> {
+    /// `kind` is one of `metrics::SHARED_KINDS`.
     fn new(db: Db, metrics: &Metrics, kind: &str, statement: Statement<Q, A>) -> Arc<Self> {
         Arc::new(Coalesced {
             db,
